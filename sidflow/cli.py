@@ -1,0 +1,140 @@
+"""The `sidflow` command line: every stage runs here exactly as it runs inside a Kubeflow component."""
+
+import argparse
+import json
+import os
+import sys
+
+from sidflow import config
+
+
+def _stage_parser(sub, name: str, cls, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    config.add_arguments(p, cls)
+    return p
+
+
+def _distill(args) -> int:
+    from sidflow.stages import distill
+
+    cfg = config.from_args(distill.DistillConfig, args)
+    n = _gpu_count(cfg.gpus)
+    if n > 1 and "WORLD_SIZE" not in os.environ:  # relaunch one process per GPU with torchrun
+        distill.validate(cfg, world_size=n)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               "-m", "sidflow.cli", *sys.argv[1:]]
+        os.execv(sys.executable, cmd)
+    if args.dry_run:
+        distill.validate(cfg, world_size=distill.world_size())
+        print(config.to_json(cfg))
+        return 0
+    result = distill.run(cfg)
+    print(distill.summary(result))
+    return 143 if result.interrupted else 0  # 128 + SIGTERM: the orchestrator retries and the run resumes
+
+
+def _gpu_count(gpus: str) -> int:
+    if gpus == "all":
+        import torch
+
+        return max(torch.cuda.device_count(), 1)
+    try:
+        n = int(gpus)
+    except ValueError:
+        raise ValueError(f"gpus={gpus!r} must be a count or 'all'") from None
+    if n < 1:
+        raise ValueError(f"gpus={gpus!r} must be at least 1")
+    return n
+
+
+def _download_teacher(args) -> int:
+    from sidflow.stages import download_teacher
+
+    result = download_teacher.run(config.from_args(download_teacher.DownloadTeacherConfig, args))
+    print(json.dumps({"uri": result.uri, "fingerprint": result.fingerprint, "skipped": result.skipped}))
+    return 0
+
+
+def _generate(args) -> int:
+    from PIL import Image
+
+    from sidflow.generator import load_generator, sample
+
+    gen, info = load_generator(args.model, args.device)
+    images = sample(gen, [args.prompt] * args.n, list(range(args.seed, args.seed + args.n)))
+    grid = images[0] if args.n == 1 else _grid(images)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    Image.fromarray(grid).save(args.out)
+    print(json.dumps({"out": args.out, "images": args.n, "steps": info["config"]["steps"]}))
+    return 0
+
+
+def _grid(images, cols: int | None = None):
+    import numpy as np
+
+    n, h, w, c = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, c), dtype=images.dtype)
+    for i, im in enumerate(images):
+        grid[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = im
+    return grid
+
+
+def _build_tiny(args) -> int:
+    from sidflow.toy.tiny import build_tiny_sd
+
+    print(build_tiny_sd(args.out, seed=args.seed))
+    return 0
+
+
+def _demo(args) -> int:
+    from sidflow.demo import run_demo
+
+    return run_demo(args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sidflow` console script."""
+    from sidflow.stages.distill import DistillConfig
+    from sidflow.stages.download_teacher import DownloadTeacherConfig
+
+    parser = argparse.ArgumentParser(prog="sidflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = _stage_parser(sub, "download-teacher", DownloadTeacherConfig, "fetch a teacher once and publish it")
+    p.set_defaults(fn=_download_teacher)
+    p = _stage_parser(sub, "distill", DistillConfig, "one-step SiD-LSG distillation of a teacher")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and stop")
+    p.set_defaults(fn=_distill)
+    p = sub.add_parser("generate", help="sample an exported generator")
+    p.add_argument("--model", required=True, help="generator URI (the distill output's model/)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, help="PNG path; a grid when -n > 1")
+    p.add_argument("-n", type=int, default=1, help="number of images (seeds seed..seed+n-1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.set_defaults(fn=_generate)
+    toy = sub.add_parser("toy", help="toy teachers").add_subparsers(dest="toy_command", required=True)
+    p = toy.add_parser("build-tiny", help="build a tiny random SD-layout teacher (tests, smoke runs)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_build_tiny)
+    p = sub.add_parser("demo", help="the whole job on the bundled teacher, on this machine")
+    p.add_argument("--out", default="demo-out")
+    p.set_defaults(fn=_demo)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, PermissionError) as e:  # user-caused: one clear line, no traceback
+        print(f"sidflow {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Typed stage configs: one frozen dataclass per stage, overridden through one function.
+
+Every field carries `metadata={"help": ...}`; the CLI flags, the KFP component parameters and the README table
+are generated from these, so a parameter has one name and one description everywhere (style.md #8, #9, #19).
+"""
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, Literal
+
+
+def param(default: Any, help: str) -> Any:
+    """Return a dataclass field with a default and its help text (unit and source)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    """Return value converted to type tp (strings from the CLI or `kfp run create`), or raise a one-line ValueError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, inner[0], value)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{name}={value!r} is not one of {list(args)}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}={value!r} is not a boolean (true/false)")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} must be {tp.__name__}, not a boolean")
+        try:
+            out = tp(value) if not (tp is int and isinstance(value, str) and "." in value) else int(float(value))
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}={value!r} is not a valid {tp.__name__}") from None
+        if tp is int and isinstance(value, float) and value != int(value):
+            raise ValueError(f"{name}={value!r} is not an integer")
+        return out
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name}={value!r} must be a string")
+        return value
+    return value
+
+
+def override(cfg, overrides: dict[str, Any] | None = None):
+    """Return a copy of `cfg` with overrides applied; unknown keys and wrong types are one-line errors."""
+    overrides = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
+    hints = _field_types(type(cfg))
+    unknown = sorted(set(overrides) - set(hints))
+    if unknown:
+        raise ValueError(f"unknown {type(cfg).__name__} key(s): {', '.join(unknown)}")
+    return dataclasses.replace(cfg, **{k: _coerce(k, hints[k], v) for k, v in overrides.items()})
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    """Return the config as a JSON-ready dict."""
+    return dataclasses.asdict(cfg)
+
+
+def to_json(cfg) -> str:
+    """Return the resolved config as indented JSON (written as config.json before any GPU work)."""
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Add one `--field-name` flag per config field, with the field's help and default (values coerced later)."""
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
+                            choices=choices, metavar=None if choices else f.name.upper(),
+                            help=f"{f.metadata.get('help', '')} (default: {f.default!r})")
+
+
+def from_args(cls, args: argparse.Namespace, base=None):
+    """Return cls (or `base`) overridden with the flags the user actually passed."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    return override(base if base is not None else cls(), given)

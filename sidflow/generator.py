@@ -1,0 +1,90 @@
+"""The distilled generator as a diffusers pipeline directory: export, load, and sample it.
+
+The export is a StableDiffusionPipeline whose scheduler is an EulerDiscreteScheduler over the teacher's betas
+truncated to t ≤ t_init with "trailing" spacing. With one inference step it starts from σ(t_init)·z, feeds
+a·σ·z = s_{t_init}·z to the UNet at t = t_init and returns σ(z − ε̂) = x0: exactly the one-step SiD generator
+(method.md §2), so `DiffusionPipeline.from_pretrained(dir)(prompt, num_inference_steps=1, guidance_scale=1)`
+reproduces `sidflow generate`.
+"""
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sidflow import storage
+from sidflow.method.sid import generate
+from sidflow.teacher import Teacher, load_teacher, score_net
+
+INFO_FILE = "sidflow.json"
+
+
+def _model_card(info: dict) -> str:
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted(info["config"].items()))
+    return f"""---
+library_name: diffusers
+pipeline_tag: text-to-image
+tags: [sidflow, score-identity-distillation, one-step]
+---
+# One-step generator distilled with sidflow (SiD-LSG)
+
+Teacher: `{info['teacher']}` (fingerprint `{info['teacher_fingerprint']}`).
+Generator images seen: {info['nimg']} ({info['nimg'] / 1000:.3f} kimg); weights: {info['weights']}.
+
+```python
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained("<this directory>")
+image = pipe("a photo of a cat", num_inference_steps={info['steps']}, guidance_scale=1.0).images[0]
+```
+Guidance is distilled into the weights: always sample with `guidance_scale=1.0`. For steps > 1 use
+`sidflow generate`, which re-injects fresh noise at t_k = floor(t_init·(1 − k/K)) as in training.
+
+## Training configuration
+| parameter | value |
+|---|---|
+{rows}
+"""
+
+
+def export_generator(unet: torch.nn.Module, teacher: Teacher, uri: str, info: dict) -> dict:
+    """Publish the generator UNet with the teacher's VAE and text encoder as a pipeline at `uri`; return manifest."""
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+
+    t_init = info["config"]["t_init"]
+    betas = DDPMScheduler.from_config(teacher.scheduler_config).betas[: t_init + 1]
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=t_init + 1, trained_betas=betas.tolist(),
+                                       timestep_spacing="trailing", prediction_type="epsilon", steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=unet, vae=teacher.vae, text_encoder=teacher.text_encoder,
+                                   tokenizer=teacher.tokenizer, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    with tempfile.TemporaryDirectory(prefix="sidflow-export-") as tmp:
+        pipe.save_pretrained(tmp)
+        (Path(tmp) / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+        (Path(tmp) / "README.md").write_text(_model_card(info))
+        return storage.publish_dir(tmp, uri)
+
+
+def load_generator(uri: str, device="cpu") -> tuple[Teacher, dict]:
+    """Return (networks, info) of an exported generator; the schedule tables cover t ≤ t_init."""
+    gen = load_teacher(uri, device)
+    info = json.loads((Path(gen.path) / INFO_FILE).read_text())
+    return gen, info
+
+
+@torch.no_grad()
+def sample(gen: Teacher, info: dict, prompts: list[str], seeds: list[int], batch: int = 8) -> np.ndarray:
+    """Return uint8 images [N, H, W, 3]; image i starts from z drawn with seed seeds[i] (method.md §2, §7.1)."""
+    device = next(gen.unet.parameters()).device
+    net, out = score_net(gen.unet), []
+    steps, t_init = info["config"]["steps"], info["config"]["t_init"]
+    for i in range(0, len(prompts), batch):
+        c = gen.encode(prompts[i : i + batch]).to(device)
+        z = torch.stack([torch.randn(gen.latent_shape, generator=torch.Generator().manual_seed(s))
+                         for s in seeds[i : i + batch]]).to(device)
+        g = torch.Generator(device).manual_seed(seeds[i])  # fresh noise of steps k > 0
+        x_g = generate(net, z, c, gen.a.to(device), gen.s.to(device), t_init, steps, generator=g)
+        images = gen.vae.decode(x_g / gen.vae_scale).sample.float()  # [B, 3, H, W] in [-1, 1]
+        out.append((images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)

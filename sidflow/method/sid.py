@@ -1,0 +1,77 @@
+"""The SiD losses: fake-score regression and the SiD generator loss (method.md §3, §4, §9).
+
+Losses return per-sample tensors [B]; the training loop divides by the global batch b_tot in one place.
+"""
+
+import torch
+from torch import Tensor
+
+from sidflow.method.guidance import ScoreNet, guided_eps
+from sidflow.method.vp import add_noise, at, step_times, x0_from_eps
+
+
+def _pix(x: Tensor) -> tuple[int, ...]:
+    return tuple(range(1, x.ndim))  # every dim but batch: latents [B, C, H, W] or toy points [B, 2]
+
+
+def sid_generator_loss(x_g: Tensor, y_r: Tensor, y_f: Tensor, alpha: float = 1.0) -> Tensor:
+    """Return the per-sample SiD generator loss [B]. method.md §4; pseudocode §9 (α = 1.0 for SD).
+
+    Σ_pix (y_r − y_f) ⊙ [(y_r − x_g) − α (y_r − y_f)] / w, with w = max(1e-5, mean |x_g − y_r|).
+    """
+    pix = _pix(x_g)
+    w = (x_g - y_r).abs().mean(dim=pix).clamp(min=1e-5).detach()  # [B]  the only detached term (§4)
+    d = y_r - y_f  # [B, ...]  y_r and y_f keep their graphs w.r.t. x_t, hence x_g
+    return (d * ((y_r - x_g) - alpha * d)).sum(dim=pix) / w  # [B]
+
+
+def fake_score_loss(eps_pred: Tensor, eps: Tensor) -> Tensor:
+    """Return Σ_pix ‖ε̂ − ε‖² per sample, shape [B]: uniform weight in t (method.md §3 step 4)."""
+    return (eps_pred - eps).square().sum(dim=_pix(eps))
+
+
+def fake_step_loss(
+    fake: ScoreNet, x_g: Tensor, c: Tensor, null: Tensor, t: Tensor, eps: Tensor, a: Tensor, s: Tensor,
+    kappa_1: float,
+) -> Tensor:
+    """Return the fake-score loss [B] on generator samples x_g (no grad to G). method.md §3.
+
+    c has already had prompt dropout applied; the regression target is the plain ε (κ1 acts on the fake only).
+    """
+    a_t, s_t = at(a, t, x_g), at(s, t, x_g)
+    x_t = add_noise(x_g.detach(), eps, a_t, s_t)  # [B, ...]  x_g is data here: no grad to G (§3 step 2)
+    return fake_score_loss(guided_eps(fake, x_t, t, c, null, kappa_1), eps)
+
+
+def generator_step_loss(
+    teacher: ScoreNet, fake: ScoreNet, x_g: Tensor, c: Tensor, null: Tensor, t: Tensor, eps: Tensor,
+    a: Tensor, s: Tensor, kappa_2: float, kappa_4: float, alpha: float = 1.0,
+) -> Tensor:
+    """Return the SiD generator loss [B]; gradients flow through both UNets into x_g. method.md §4, §9."""
+    a_t, s_t = at(a, t, x_g), at(s, t, x_g)
+    x_t = add_noise(x_g, eps, a_t, s_t)  # [B, ...]  keeps the graph to x_g
+    y_r = x0_from_eps(x_t, guided_eps(teacher, x_t, t, c, null, kappa_4), a_t, s_t)  # teacher x0, CFG κ4
+    y_f = x0_from_eps(x_t, guided_eps(fake, x_t, t, c, null, kappa_2), a_t, s_t)  # fake x0, CFG κ2 (= κ3)
+    return sid_generator_loss(x_g, y_r, y_f, alpha)
+
+
+def generate(
+    G: ScoreNet, z: Tensor, c: Tensor, a: Tensor, s: Tensor, t_init: int = 625, K: int = 1, k_stop: int | None = None,
+    grad_last: bool = False, *, generator: torch.Generator | None = None,
+) -> Tensor:
+    """Return the generator's sample D_k [B, ...] after k_stop of its K steps. method.md §2, §6.1, §9.
+
+    D_0 = 0; step j feeds x = a_{t_j} D_j + s_{t_j} n_j (n_0 = z, fresh noise after) at t_j = ⌊t_init (1 − j/K)⌋
+    and takes D_{j+1} = x0(G(x, t_j, c)). Only the last step may carry grad (stop-gradient between steps).
+    K = 1 gives x_g = (s z − s ε̂_θ(s z, t_init, c)) / a at t_init, the one-step generator.
+    """
+    k_stop = K if k_stop is None else k_stop
+    D = torch.zeros_like(z)
+    for j, t_j in enumerate(step_times(t_init, K)[:k_stop]):
+        n = z if j == 0 else torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        t = torch.full((z.shape[0],), t_j, device=z.device, dtype=torch.long)
+        a_t, s_t = at(a, t, z), at(s, t, z)
+        x = add_noise(D, n, a_t, s_t)  # [B, ...]  D is detached: no backprop through the trajectory (§6.1)
+        with torch.set_grad_enabled(grad_last and j == k_stop - 1 and torch.is_grad_enabled()):
+            D = x0_from_eps(x, G(x, t, c), a_t, s_t)
+    return D

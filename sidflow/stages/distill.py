@@ -1,0 +1,139 @@
+"""Stage `distill`: data-free one-step SiD-LSG distillation of a teacher (method.md §1–§5, §8).
+
+`run(cfg)` validates everything a user can get wrong, writes config.json to the output, then trains with the
+one loop in `sidflow.train.loop` and publishes checkpoints and the exported generator under `cfg.output`.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from sidflow import storage
+from sidflow.config import param, to_json
+from sidflow.method.guidance import kappas
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: str = param("", "teacher URI (a published diffusers SD1.5/SD2.1-base directory, local or s3://)")
+    prompts: str = param("", "training prompts URI: .txt (one per line) or .parquet with a 'prompt' column")
+    output: str = param("", "run URI: config.json, checkpoints/, logs/ and model/ are written under it")
+    guidance: Literal["lsg", "long", "short", "zero_cfg", "anti_cfg"] = param(
+        "lsg", "κ preset: lsg = κ everywhere, long = teacher only, short = fake training only (method.md §3)")
+    kappa: float = param(1.5, "guidance scale κ of the preset; released SD1.5 models use 1.5, 2, 3, 4.5 (§3, §7.2)")
+    kappa_1: float | None = param(None, "override κ1: CFG on the fake network while it is trained (§3)")
+    kappa_2: float | None = param(None, "override κ2 (= κ3): CFG on the fake network inside the generator loss (§3)")
+    kappa_3: float | None = param(None, "override κ3; tied to κ2 in the reference code, so it must equal κ2 (§3)")
+    kappa_4: float | None = param(None, "override κ4: CFG on the teacher inside the generator loss (§3)")
+    alpha: float = param(1.0, "α of the SiD generator loss; 1.0 for SD (method.md §4)")
+    t_min: int = param(20, "smallest diffusion time t drawn for both losses (§1)")
+    t_max: int = param(980, "t is drawn from {t_min..t_max-1} (§1)")
+    t_init: int = param(625, "generator start time; 0.9286·z is fed at t=625 (§1, §2)")
+    steps: int = param(1, "generator steps K; 1 is one-step SiD-LSG (§6.1)")
+    fake_dropout: float = param(0.1, "prompt dropout to '' in the fake step when κ1 or κ2 is not 1 (§3)")
+    lr_fake: float = param(1e-6, "Adam learning rate of the fake score network (§5)")
+    lr_g: float = param(1e-6, "Adam learning rate of the generator (§5)")
+    adam_beta1: float = param(0.0, "Adam β1 (§5)")
+    adam_beta2: float = param(0.999, "Adam β2 (§5)")
+    adam_eps: float = param(1e-8, "Adam ε (§5)")
+    batch: int = param(512, "global batch per phase (prompts per fake step and per generator step) (§5)")
+    micro_batch: int = param(1, "samples per GPU per accumulation round (--batch-gpu in the reference code)")
+    kimg: float = param(10000.0, "training length in thousands of generator images (10 Mimg in run_sid.sh)")
+    precision: Literal["bf16", "fp32"] = param(
+        "bf16", "bf16 = autocast over fp32 master weights; fp32 = paper-faithful (TF32 off unless tf32) (§5, §8)")
+    tf32: bool = param(False, "allow TF32 matmuls in fp32 mode (off in the reference code)")
+    grad_checkpointing: bool = param(False, "gradient checkpointing in the generator, fake and teacher UNets")
+    clip_grad_value: float | None = param(None, "clip each gradient value to ±this after nan_to_num (off for SD)")
+    ema_halflife_kimg: float = param(50.0, "EMA half-life in kimg; 0 turns EMA off (--ema 0.05 = 50 kimg, §5)")
+    ema_rampup: float = param(0.05, "EMA ramp-up: half-life = min(half-life, rampup · images seen) (§5)")
+    checkpoint_kimg: float = param(100.0, "publish a checkpoint every this many kimg (and on SIGTERM)")
+    log_every: int = param(1, "write a metrics line every this many iterations")
+    seed: int = param(0, "random seed; every draw of iteration i derives from (seed, i, rank)")
+    gpus: str = param("1", "GPUs to use: a count or 'all' (sidflow distill launches one process per GPU)")
+    resume: bool = param(True, "resume from the newest complete checkpoint under output, if any")
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    model_uri: str
+    kimg: float
+    iterations: int
+    interrupted: bool
+    metrics: dict
+
+
+KAPPA_RANGE = (0.0, 20.0)
+
+
+def resolved_kappas(cfg: DistillConfig) -> dict[str, float]:
+    """Return κ1..κ4: the preset's values with any explicit overrides applied."""
+    out = kappas(cfg.guidance, cfg.kappa)
+    for k in out:
+        if getattr(cfg, k) is not None:
+            out[k] = getattr(cfg, k)
+    return out
+
+
+def validate(cfg: DistillConfig, world_size: int = 1) -> None:
+    """Raise a one-line error for any user mistake, before a model is loaded or a GPU touched."""
+    from sidflow.teacher import check_teacher_dir, materialize
+
+    for name in ("teacher", "prompts", "output"):
+        if not getattr(cfg, name):
+            raise ValueError(f"{name} is empty: it must be a URI")
+    k = resolved_kappas(cfg)
+    if k["kappa_3"] != k["kappa_2"]:
+        raise ValueError(f"kappa_3={k['kappa_3']} must equal kappa_2={k['kappa_2']}: the two are tied (method.md §3)")
+    lo = -5.0 if cfg.guidance == "anti_cfg" else KAPPA_RANGE[0]
+    for name, value in k.items():
+        if not (lo <= value <= KAPPA_RANGE[1]) or math.isnan(value):
+            raise ValueError(f"{name}={value} is outside [{lo}, {KAPPA_RANGE[1]}] for guidance={cfg.guidance!r}")
+    if cfg.guidance == "anti_cfg" and k["kappa_2"] >= 0:
+        raise ValueError(f"kappa={cfg.kappa} must be negative for guidance='anti_cfg' (method.md §6.3)")
+    if not 0 <= cfg.t_min < cfg.t_max <= 1000 or not 0 < cfg.t_init < 1000:
+        raise ValueError(f"t_min={cfg.t_min}, t_max={cfg.t_max}, t_init={cfg.t_init} must satisfy 0 ≤ t_min < t_max ≤ 1000")
+    if cfg.steps < 1 or cfg.steps > cfg.t_init:
+        raise ValueError(f"steps={cfg.steps} must be between 1 and t_init={cfg.t_init}")
+    if cfg.micro_batch < 1 or cfg.batch % (world_size * cfg.micro_batch):
+        raise ValueError(f"batch={cfg.batch} is not divisible by GPUs × micro_batch = {world_size} × {cfg.micro_batch}")
+    if not 0 <= cfg.fake_dropout < 1:
+        raise ValueError(f"fake_dropout={cfg.fake_dropout} must be in [0, 1)")
+    if cfg.kimg <= 0 or cfg.checkpoint_kimg <= 0:
+        raise ValueError(f"kimg={cfg.kimg} and checkpoint_kimg={cfg.checkpoint_kimg} must be positive")
+    check_teacher_dir(materialize(cfg.teacher))
+    from sidflow.prompts import read_prompts
+
+    read_prompts(cfg.prompts)
+    _check_writable(cfg.output)
+
+
+def _check_writable(uri: str) -> None:
+    probe = storage.join(uri, ".write-probe")
+    try:
+        storage.write_bytes(storage.join(probe, "probe"), b"ok")
+        storage.delete_tree(probe)
+    except (OSError, PermissionError, FileNotFoundError) as e:
+        raise PermissionError(f"output={uri!r} is not writable: {e}") from None
+
+
+def run(cfg: DistillConfig) -> DistillResult:
+    """Validate, record config.json, train, export; return where the generator is and what was measured."""
+    from sidflow.train.loop import train
+
+    validate(cfg, world_size=world_size())
+    storage.write_text(storage.join(cfg.output, "config.json"), to_json(cfg))
+    return train(cfg)
+
+
+def world_size() -> int:
+    """Return the number of processes of this launch (torchrun sets WORLD_SIZE)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def summary(result: DistillResult) -> str:
+    """Return the one-line JSON summary the CLI prints."""
+    return json.dumps({"model": result.model_uri, "kimg": round(result.kimg, 3), "iterations": result.iterations,
+                       "interrupted": result.interrupted, **result.metrics})

@@ -1,0 +1,410 @@
+"""One API over `s3://bucket/key` URIs and local paths (plain or `file://`); nothing else in sidflow calls boto3.
+
+Published directories. `publish_dir` writes every file first and `manifest.json` (paths, sizes, sha256) last.
+A directory without a manifest does not exist to readers: `fetch_dir` refuses it, `read_manifest` returns None.
+A re-publish deletes the old manifest before it writes any file, so no reader ever sees an old manifest over
+new files; a killed publish leaves files without a manifest, which readers ignore. Files left over from an
+older publish are harmless: readers take exactly the files the manifest lists, and verify each one.
+
+S3 settings come from boto3's standard sources (AWS_ENDPOINT_URL[_S3], AWS_REGION / AWS_DEFAULT_REGION,
+credentials, ~/.aws/config), so MinIO, SeaweedFS and moto work unchanged. Path-style addressing is used when an
+endpoint override is set in the environment; AWS_S3_ADDRESSING_STYLE (auto|path|virtual) forces a style. A server
+that rejects boto3's default CRC checksums wants AWS_REQUEST_CHECKSUM_CALCULATION=when_required (boto3's own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import boto3
+from boto3.exceptions import S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+MANIFEST = "manifest.json"
+_MiB = 2**20
+_TRANSFER = TransferConfig(multipart_threshold=8 * _MiB, multipart_chunksize=8 * _MiB, max_concurrency=8)
+_WORKERS = 8  # files in flight in upload_dir / download_dir / publish_dir / fetch_dir
+_client = None
+_client_lock = threading.Lock()
+
+
+class _MissingKey(FileNotFoundError):
+    """A missing file or object (the bucket itself exists), so exists() and read_manifest() can say no."""
+
+
+# URIs -----------------------------------------------------------------------------------------------------------
+
+
+def is_s3(uri: str) -> bool:
+    """True for an `s3://bucket/key` URI, False for a local path or `file://` URI."""
+    return str(uri).startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Append path parts to a URI or path with exactly one `/` between them."""
+    out = str(uri)
+    for part in parts:
+        part = str(part).strip("/")
+        if part:
+            out = out + part if out.endswith("/") else f"{out}/{part}"
+    return out
+
+
+def local_path(uri: str) -> str:
+    """The local filesystem path of a plain path or `file://` URI."""
+    return str(_local(uri))
+
+
+def _local(uri) -> Path:
+    uri = str(uri)
+    if is_s3(uri):
+        raise ValueError(f"{uri} is an s3 URI, not a local path")
+    return Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+
+
+def _split(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"{uri}: an s3 URI needs a bucket (s3://bucket/key)")
+    return bucket, key
+
+
+def _dir_key(key: str) -> str:
+    # "a/b" must list "a/b/x", never "a/bc": a directory prefix always ends in "/".
+    return key.rstrip("/") + "/" if key.strip("/") else ""
+
+
+# S3 client and errors -------------------------------------------------------------------------------------------
+
+
+def _addressing_style() -> str | None:
+    style = os.environ.get("AWS_S3_ADDRESSING_STYLE")
+    if style:
+        if style not in ("auto", "path", "virtual"):
+            raise ValueError(f"AWS_S3_ADDRESSING_STYLE={style!r}: expected one of auto, path, virtual")
+        return style
+    # Local S3 servers (MinIO, SeaweedFS, moto) rarely resolve bucket.host names; AWS itself wants "auto".
+    if os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"):
+        return "path"
+    return None  # leave botocore's default, or an addressing_style set in ~/.aws/config, in force
+
+
+def _s3():
+    global _client
+    if _client is None:
+        with _client_lock:  # threads of one transfer pool may race to build the first client
+            if _client is None:
+                style = _addressing_style()
+                config = Config(
+                    retries={"max_attempts": 10, "mode": "standard"},  # "adaptive" is still marked experimental
+                    s3={"addressing_style": style} if style else None,
+                    # _WORKERS files at once, each in up to max_concurrency parts: one connection per part.
+                    max_pool_connections=_WORKERS * _TRANSFER.max_concurrency,
+                )
+                # A fresh Session re-reads the environment, which reset_client() relies on.
+                _client = boto3.session.Session().client("s3", config=config)
+    return _client
+
+
+def reset_client() -> None:
+    """Forget the cached S3 client so the next call rebuilds it from the current environment."""
+    global _client
+    with _client_lock:
+        _client = None
+
+
+@contextlib.contextmanager
+def _s3_errors(uri: str):
+    """Turn the S3 errors a user can cause (no bucket, no key, no access) into one-line OSErrors naming the URI."""
+    try:
+        yield
+    except (ClientError, S3UploadFailedError) as exc:
+        # boto3 wraps upload failures in S3UploadFailedError; the ClientError is its __context__.
+        err = exc if isinstance(exc, ClientError) else exc.__context__
+        if not isinstance(err, ClientError):
+            raise
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        bucket = _split(uri)[0]
+        if code == "NoSuchBucket" or (code in ("404", "NotFound") and not _bucket_exists(bucket)):
+            raise FileNotFoundError(f"s3 bucket '{bucket}' does not exist (uri {uri})") from exc
+        if code in ("NoSuchKey", "404", "NotFound"):
+            raise _MissingKey(f"{uri}: no such object") from exc
+        if code in ("403", "AccessDenied", "Forbidden"):
+            raise PermissionError(f"{uri}: access denied") from exc
+        raise
+
+
+def _bucket_exists(bucket: str) -> bool:
+    # HEAD answers carry no error body, so a 404 from head_object cannot tell a missing bucket from a missing key.
+    try:
+        _s3().head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchBucket", "NotFound"):
+            return False
+        raise
+    return True
+
+
+# Files ----------------------------------------------------------------------------------------------------------
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole content of a file or object."""
+    if not is_s3(uri):
+        try:
+            return _local(uri).read_bytes()
+        except FileNotFoundError as exc:
+            raise _MissingKey(f"{uri}: no such file") from exc
+    bucket, key = _split(uri)
+    with _s3_errors(uri):
+        return _s3().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a file or object whole; a local file is replaced atomically, creating parent directories."""
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        with _s3_errors(uri):
+            _s3().put_object(Bucket=bucket, Key=key, Body=data)
+        return
+    _replace_atomically(_local(uri), lambda tmp: tmp.write_bytes(data))
+
+
+def read_text(uri: str) -> str:
+    """The content of a UTF-8 text file or object."""
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write a UTF-8 text file or object whole."""
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def upload_file(local_path: str, uri: str) -> None:
+    """Copy a local file to a URI (multipart above 8 MiB on S3; temp name + rename locally)."""
+    if not Path(local_path).is_file():
+        raise FileNotFoundError(f"{local_path}: no such file to upload to {uri}")
+    if not is_s3(uri):
+        _replace_atomically(_local(uri), lambda tmp: shutil.copy2(local_path, tmp))
+        return
+    bucket, key = _split(uri)
+    with _s3_errors(uri):
+        _s3().upload_file(str(local_path), bucket, key, Config=_TRANSFER)
+
+
+def download_file(uri: str, local_path: str) -> None:
+    """Copy a file or object at a URI to a local path, creating parent directories."""
+    dst = Path(local_path)
+    if not is_s3(uri):
+        src = _local(uri)
+        if not src.is_file():
+            raise _MissingKey(f"{uri}: no such file")
+        _replace_atomically(dst, lambda tmp: shutil.copy2(src, tmp))
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    bucket, key = _split(uri)
+    with _s3_errors(uri):  # boto3 downloads into a temp name and renames it into place itself
+        _s3().download_file(bucket, key, str(dst), Config=_TRANSFER)
+
+
+def exists(uri: str) -> bool:
+    """True if a file or object (not a directory prefix) exists at the URI; a missing bucket is an error."""
+    if not is_s3(uri):
+        return _local(uri).is_file()
+    bucket, key = _split(uri)
+    try:
+        with _s3_errors(uri):
+            _s3().head_object(Bucket=bucket, Key=key)
+    except _MissingKey:
+        return False
+    return True
+
+
+def _replace_atomically(dst: Path, fill) -> None:
+    # Fill a temp name, then rename: a reader sees the old file or the new one, never half of one.
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        fill(tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _delete_file(uri: str) -> None:
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        with _s3_errors(uri):
+            _s3().delete_object(Bucket=bucket, Key=key)
+    else:
+        _local(uri).unlink(missing_ok=True)
+
+
+# Directories ----------------------------------------------------------------------------------------------------
+
+
+def _s3_list(uri: str, delimiter: str = ""):
+    """Yield list_objects_v2 pages under the directory prefix of an s3 URI."""
+    bucket, key = _split(uri)
+    paginator = _s3().get_paginator("list_objects_v2")
+    with _s3_errors(uri):
+        yield from paginator.paginate(Bucket=bucket, Prefix=_dir_key(key), Delimiter=delimiter)
+
+
+def listdir(uri: str) -> list[str]:
+    """Sorted names of the files and subdirectories directly under a URI; [] if there are none."""
+    if not is_s3(uri):
+        path = _local(uri)
+        return sorted(os.listdir(path)) if path.is_dir() else []
+    prefix = _dir_key(_split(uri)[1])
+    names = set()
+    for page in _s3_list(uri, delimiter="/"):
+        names.update(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
+        names.update(o["Key"][len(prefix) :] for o in page.get("Contents", []))
+    names.discard("")  # a "directory marker" object named like the prefix itself
+    return sorted(names)
+
+
+def list_files(uri: str) -> list[str]:
+    """Sorted posix paths, relative to the URI, of every file below it; [] if there are none."""
+    if not is_s3(uri):
+        root = _local(uri)
+        if not root.is_dir():
+            return []
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    prefix = _dir_key(_split(uri)[1])
+    keys = (o["Key"] for page in _s3_list(uri) for o in page.get("Contents", []))
+    return sorted(k[len(prefix) :] for k in keys if not k.endswith("/"))
+
+
+def _parallel(fn, items) -> list:
+    """Run fn over items in a thread pool, results in order; the first error cancels what has not started."""
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy every file under a local directory to the same relative paths under a URI."""
+    if not Path(local_dir).is_dir():
+        raise FileNotFoundError(f"{local_dir}: no such directory to upload to {uri}")
+    _parallel(lambda rel: upload_file(str(Path(local_dir, rel)), join(uri, rel)), list_files(str(local_dir)))
+
+
+def download_dir(uri: str, local_dir: str) -> None:
+    """Copy every file below a URI into a local directory; an empty or missing source is an error."""
+    rels = list_files(uri)
+    if not rels:
+        raise FileNotFoundError(f"{uri}: no files to download")
+    _parallel(lambda rel: download_file(join(uri, rel), str(Path(local_dir, rel))), rels)
+
+
+def delete_tree(uri: str) -> None:
+    """Remove everything under a directory URI, manifest first; a missing directory is fine."""
+    if is_s3(uri) and not _dir_key(_split(uri)[1]):
+        raise ValueError(f"{uri}: refusing to delete a whole bucket; name a prefix under it")
+    _delete_file(join(uri, MANIFEST))  # readers stop seeing the directory before its files go
+    if not is_s3(uri):
+        if _local(uri).is_dir():
+            shutil.rmtree(_local(uri))
+        return
+    bucket, key = _split(uri)
+    keys = [join(_dir_key(key), rel) for rel in list_files(uri)]
+    for start in range(0, len(keys), 1000):  # delete_objects takes at most 1000 keys a call
+        batch = [{"Key": k} for k in keys[start : start + 1000]]
+        with _s3_errors(uri):
+            errors = _s3().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True}).get("Errors", [])
+        if errors:
+            raise OSError(f"{uri}: {len(errors)} objects not deleted, e.g. {errors[0]['Key']} ({errors[0]['Code']})")
+
+
+# Published directories ------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_MiB), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_manifest(src_local_dir: str) -> dict:
+    """The manifest a publish of this local directory would write (hashes every file; nothing is written)."""
+    src = Path(src_local_dir)
+    rels = [rel for rel in list_files(str(src)) if rel != MANIFEST]
+    files = _parallel(lambda rel: {"path": rel, "size": (src / rel).stat().st_size, "sha256": _sha256(src / rel)}, rels)
+    return {"version": 1, "files": files, "created": datetime.now(timezone.utc).isoformat()}
+
+
+def publish_dir(src_local_dir: str, uri: str) -> dict:
+    """Write every file of a local directory to a URI, then its manifest last; returns the manifest."""
+    src = Path(src_local_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src_local_dir}: no such directory to publish to {uri}")
+    rels = [rel for rel in list_files(str(src)) if rel != MANIFEST]
+    _delete_file(join(uri, MANIFEST))  # before any file: never an old manifest over new files
+
+    def put(rel: str) -> dict:
+        path = src / rel
+        entry = {"path": rel, "size": path.stat().st_size, "sha256": _sha256(path)}
+        upload_file(str(path), join(uri, rel))
+        return entry
+
+    manifest = {"version": 1, "files": _parallel(put, rels), "created": datetime.now(timezone.utc).isoformat()}
+    write_text(join(uri, MANIFEST), json.dumps(manifest, indent=1))  # last; atomic locally and on S3
+    return manifest
+
+
+def read_manifest(uri: str) -> dict | None:
+    """The manifest of a published directory, or None if it has none (never published, or interrupted)."""
+    try:
+        manifest = json.loads(read_text(join(uri, MANIFEST)))
+    except _MissingKey:
+        return None
+    if manifest.get("version") != 1:
+        raise ValueError(f"{join(uri, MANIFEST)}: unknown manifest version {manifest.get('version')!r}")
+    return manifest
+
+
+def fetch_dir(uri: str, dst_local_dir: str) -> dict:
+    """Download exactly the files a published directory's manifest lists, verify each, return the manifest."""
+    manifest = read_manifest(uri)
+    if manifest is None:
+        raise FileNotFoundError(f"{uri} has no manifest.json: not a published directory (an interrupted publish?)")
+    dst = Path(dst_local_dir)
+
+    def get(entry: dict) -> None:
+        rel = entry["path"]
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:  # a manifest must not write outside dst
+            raise ValueError(f"{uri}: manifest path {rel!r} leaves the directory")
+        download_file(join(uri, rel), str(dst / rel))
+        size = (dst / rel).stat().st_size
+        if size != entry["size"]:
+            raise ValueError(f"{uri}: {rel} is corrupted: {size} bytes, manifest says {entry['size']}")
+        if _sha256(dst / rel) != entry["sha256"]:
+            raise ValueError(f"{uri}: {rel} is corrupted: sha256 differs from the manifest")
+
+    _parallel(get, manifest["files"])
+    return manifest
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 hex over the sorted (path, size, sha256) rows: the content's fingerprint, blind to "created"."""
+    rows = sorted((f["path"], f["size"], f["sha256"]) for f in manifest["files"])
+    return hashlib.sha256(json.dumps(rows).encode("utf-8")).hexdigest()

@@ -1,0 +1,237 @@
+"""The one SiD training loop: fake-score step, generator step, EMA, checkpoints (method.md §3, §4, §9).
+
+One-step SiD-LSG is the K = 1 case. Each process draws everything for iteration i from generators seeded by
+(seed, i, rank), so a resumed run replays exactly the draws of an uninterrupted one.
+"""
+
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sidflow import storage
+from sidflow.config import to_dict
+from sidflow.generator import export_generator
+from sidflow.method.guidance import drop_prompts
+from sidflow.method.sid import fake_step_loss, generate, generator_step_loss
+from sidflow.method.vp import sample_t
+from sidflow.prompts import read_prompts
+from sidflow.teacher import fingerprint, load_teacher, score_net
+from sidflow.train import checkpoint
+from sidflow.train.ema import ema_beta, update_ema
+
+
+def _finite_grads(params, clip: float | None) -> None:
+    # NaN → 0, ±inf → ±1e5 on every grad (method.md §3 step 5, §8.4); value clipping only when asked.
+    for p in params:
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+            if clip is not None:
+                p.grad.clamp_(-clip, clip)
+
+
+def _drop_nan(loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Samples whose loss is not finite are dropped from the batch and counted (method.md §8.4).
+    ok = torch.isfinite(loss)
+    return torch.where(ok, loss, torch.zeros_like(loss)), (~ok).sum()
+
+
+def _gen(seed: int, it: int, rank: int, stream: int, device) -> torch.Generator:
+    # Independent stream per (iteration, rank, purpose): resume needs no RNG state at all.
+    return torch.Generator(device).manual_seed(((seed * 1_000_003 + it) * 1_009 + rank) * 4 + stream)
+
+
+def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
+    """Train G and the fake score network per cfg (a DistillConfig); return the stage result."""
+    from accelerate import Accelerator
+
+    from sidflow.stages.distill import DistillResult, resolved_kappas
+
+    acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    device, rank, world = acc.device, acc.process_index, acc.num_processes
+    rounds = cfg.batch // (world * cfg.micro_batch)  # gradient-accumulation rounds per phase
+    b_tot = cfg.batch // world  # per-process share of the global batch: the loss normaliser (§3 step 4)
+    k = resolved_kappas(cfg)
+    guided_fake = k["kappa_1"] != 1 or k["kappa_2"] != 1
+    p_drop = cfg.fake_dropout if guided_fake else 0.0  # dropout only when the fake is guided (§3)
+
+    # Networks: G and the fake score are full copies of the frozen teacher UNet (method.md §2).
+    teacher = load_teacher(cfg.teacher, device)
+    prompts = read_prompts(cfg.prompts)
+    G, fake = copy.deepcopy(teacher.unet), copy.deepcopy(teacher.unet)
+    if cfg.grad_checkpointing:  # diffusers checkpoints only modules in train mode; the teacher has no dropout
+        for m in (G, fake, teacher.unet):
+            m.enable_gradient_checkpointing()
+            m.train()
+    G.requires_grad_(True).train()
+    fake.requires_grad_(True).train()
+    ema = copy.deepcopy(G).requires_grad_(False).eval() if cfg.ema_halflife_kimg > 0 else None
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=betas, eps=cfg.adam_eps)
+    opt_f = torch.optim.Adam(fake.parameters(), lr=cfg.lr_fake, betas=betas, eps=cfg.adam_eps)
+    a, s = teacher.a.to(device), teacher.s.to(device)
+    null = teacher.null().to(device)  # [1, 77, D] embedding of "" (§3)
+
+    # Resume from the newest complete checkpoint.
+    nimg, it = 0, 0
+    last = checkpoint.latest(cfg.output) if cfg.resume else None
+    if last is not None:
+        state = checkpoint.load(last)
+        G.load_state_dict(state["G"])
+        fake.load_state_dict(state["fake"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_f.load_state_dict(state["opt_f"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        nimg, it = state["nimg"], state["iteration"]
+        acc.print(f"resumed from {last} at {nimg / 1000:.3f} kimg")
+    G_ddp, fake_ddp = acc.prepare_model(G), acc.prepare_model(fake)
+    net_t, net_g, net_f = score_net(teacher.unet), score_net(G), score_net(fake)
+    net_g_ddp, net_f_ddp = score_net(G_ddp), score_net(fake_ddp)
+
+    stop = {"flag": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True)) if _main_thread() else None
+    logdir = Path(tempfile.mkdtemp(prefix="sidflow-logs-"))
+    if last is not None and acc.is_main_process and storage.listdir(storage.join(cfg.output, "logs")):
+        storage.download_dir(storage.join(cfg.output, "logs"), str(logdir))  # keep the pre-resume metrics
+    writer = _tensorboard(logdir) if acc.is_main_process else None
+    total = int(math.ceil(cfg.kimg * 1000 / cfg.batch)) * cfg.batch
+    next_ckpt = (nimg // int(cfg.checkpoint_kimg * 1000) + 1) * int(cfg.checkpoint_kimg * 1000)
+    bar = _progress(total, nimg, acc.is_main_process)
+    shape = teacher.latent_shape
+    metrics: dict = {}
+
+    def sync(model, last_round):  # all-reduce grads on the last accumulation round only (method.md §8.2)
+        return contextlib.nullcontext() if last_round or world == 1 else acc.no_sync(model)
+
+    def draw(gen_cpu, gen_dev, phase_prompts, dropout):
+        c = teacher.encode(phase_prompts).to(device)  # [b, 77, D]
+        if dropout:
+            c = drop_prompts(c, null, dropout, generator=gen_cpu)
+        z = torch.randn((len(phase_prompts), *shape), generator=gen_dev, device=device)  # [b, C, H, W]
+        eps = torch.randn((len(phase_prompts), *shape), generator=gen_dev, device=device)
+        t = sample_t(len(phase_prompts), cfg.t_min, cfg.t_max, generator=gen_cpu).to(device)
+        return c, z, eps, t
+
+    while nimg < total:
+        tick = time.perf_counter()
+        g_cpu, g_dev = _gen(cfg.seed, it, rank, 0, "cpu"), _gen(cfg.seed, it, rank, 1, device)
+        g_steps = _gen(cfg.seed, it, rank, 2, device)
+        # Prompts: a global draw of 2·batch indices per iteration, split by rank, so the data seen does not
+        # depend on the number of GPUs.
+        g_shared = _gen(cfg.seed, it, 0, 3, "cpu")  # the same on every rank
+        idx = torch.randint(len(prompts), (2, world, rounds, cfg.micro_batch), generator=g_shared)
+        k_step = int(torch.randint(1, cfg.steps + 1, (1,), generator=g_shared))  # one k per iteration (§6.1)
+        sums = torch.zeros(4, device=device)  # loss_fake, loss_g, nan_fake, nan_g
+
+        # Fake score step.
+        for r in range(rounds):
+            c, z, eps, t = draw(g_cpu, g_dev, [prompts[i] for i in idx[0, rank, r]], p_drop)
+            with torch.no_grad(), acc.autocast():
+                x_g = generate(net_g, z, c, a, s, cfg.t_init, cfg.steps, k_step, generator=g_steps)
+            with sync(fake_ddp, r == rounds - 1), acc.autocast():
+                loss, nan = _drop_nan(fake_step_loss(net_f_ddp, x_g, c, null, t, eps, a, s, k["kappa_1"]))
+                acc.backward(loss.sum() / b_tot)
+            sums[0] += loss.detach().sum()
+            sums[2] += nan
+        _finite_grads(fake.parameters(), cfg.clip_grad_value)
+        opt_f.step()
+        opt_f.zero_grad(set_to_none=True)
+
+        # Generator step: fresh draws, no dropout; grads flow through teacher and fake into x_g (§4).
+        fake.requires_grad_(False)
+        for r in range(rounds):
+            c, z, eps, t = draw(g_cpu, g_dev, [prompts[i] for i in idx[1, rank, r]], 0.0)
+            with sync(G_ddp, r == rounds - 1), acc.autocast():
+                x_g = generate(net_g_ddp, z, c, a, s, cfg.t_init, cfg.steps, k_step, grad_last=True,
+                               generator=g_steps)
+                loss, nan = _drop_nan(generator_step_loss(net_t, net_f, x_g, c, null, t, eps, a, s,
+                                                          k["kappa_2"], k["kappa_4"], cfg.alpha))
+                acc.backward(loss.sum() / b_tot)
+            sums[1] += loss.detach().sum()
+            sums[3] += nan
+        fake.requires_grad_(True)
+        _finite_grads(G.parameters(), cfg.clip_grad_value)
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        nimg += cfg.batch
+        it += 1
+
+        # Update EMA.
+        if ema is not None:
+            update_ema(ema, G, ema_beta(cfg.batch, nimg, cfg.ema_halflife_kimg, cfg.ema_rampup))
+
+        # Maintenance: metrics, checkpoint, preemption.
+        sums = acc.reduce(sums, reduction="sum")  # one small all-reduce per iteration
+        stop_now = acc.reduce(torch.tensor(float(stop["flag"]), device=device), reduction="sum").item() > 0
+        if it % cfg.log_every == 0 or nimg >= total:
+            v = sums.tolist()
+            metrics = {"kimg": nimg / 1000, "iteration": it, "loss_fake": v[0] / cfg.batch, "loss_g": v[1] / cfg.batch,
+                       "nan_dropped": int(v[2] + v[3]), "images_per_s": cfg.batch / (time.perf_counter() - tick)}
+            if acc.is_main_process:
+                _log(logdir, writer, metrics)
+                bar.set_postfix(loss_f=f"{metrics['loss_fake']:.4g}", loss_g=f"{metrics['loss_g']:.4g}",
+                                img_s=f"{metrics['images_per_s']:.2f}")
+        bar.update(cfg.batch)
+        if nimg >= next_ckpt or stop_now or nimg >= total:
+            if acc.is_main_process:
+                checkpoint.save(cfg.output, nimg, {
+                    "G": G.state_dict(), "fake": fake.state_dict(), "ema": ema.state_dict() if ema else None,
+                    "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(), "nimg": nimg, "iteration": it,
+                    "config": to_dict(cfg)})
+                storage.upload_dir(str(logdir), storage.join(cfg.output, "logs"))
+            acc.wait_for_everyone()
+            next_ckpt += int(cfg.checkpoint_kimg * 1000)
+        if stop_now:
+            break
+    bar.close()
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+    model_uri = storage.join(cfg.output, "model")
+    if not stop_now and acc.is_main_process:  # Export the generator (EMA weights when EMA is on).
+        info = {"teacher": cfg.teacher, "teacher_fingerprint": fingerprint(cfg.teacher) or "unpublished",
+                "nimg": nimg, "weights": "ema" if ema is not None else "raw", "steps": cfg.steps,
+                "config": to_dict(cfg), "metrics": metrics}
+        export_generator(ema if ema is not None else G, teacher, model_uri, info)
+    acc.wait_for_everyone()
+    return DistillResult(model_uri=model_uri, kimg=nimg / 1000, iterations=it, interrupted=stop_now, metrics=metrics)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _progress(total: int, start: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="img", disable=not enabled or os.environ.get("SIDFLOW_NO_BAR") == "1",
+                desc="distill", dynamic_ncols=True)
+
+
+def _tensorboard(logdir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional at run time; metrics.jsonl is always written
+        return None
+    return SummaryWriter(str(logdir))
+
+
+def _log(logdir: Path, writer, metrics: dict) -> None:
+    with open(logdir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if writer is not None:
+        for key, value in metrics.items():
+            if key not in ("kimg", "iteration"):
+                writer.add_scalar(key, value, int(metrics["kimg"] * 1000))
+        writer.flush()

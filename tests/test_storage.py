@@ -1,0 +1,286 @@
+"""sidflow.storage on local paths, file:// URIs and S3 through a real HTTP endpoint (moto server on loopback)."""
+
+import filecmp
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+
+from sidflow import storage
+
+TREE = {
+    "a.txt": b"alpha\n",
+    "empty": b"",
+    "sub/b.bin": bytes(range(256)) * 3,
+    "sub/deep/c.json": b'{"k": 1}',
+    "subway.txt": b"a sibling whose name starts like the directory sub/",
+}
+
+
+@pytest.fixture(params=["local", "file", "s3"])
+def root(request, tmp_path):
+    """A directory URI on each backend: plain path, file:// URI, S3 prefix."""
+    if request.param == "s3":
+        return request.getfixturevalue("s3_bucket") + "/root"
+    if request.param == "file":
+        return f"file://{tmp_path}/root"
+    return str(tmp_path / "root")
+
+
+def make_tree(base: Path, files: dict) -> Path:
+    for rel, data in files.items():
+        (base / rel).parent.mkdir(parents=True, exist_ok=True)
+        (base / rel).write_bytes(data)
+    return base
+
+
+@pytest.mark.parametrize(
+    "uri, parts, expected",
+    [
+        ("s3://b", ("x", "y"), "s3://b/x/y"),
+        ("s3://b/", ("/x/",), "s3://b/x"),
+        ("s3://b/k", ("", "z/w"), "s3://b/k/z/w"),
+        ("s3://b/k", (), "s3://b/k"),
+        ("/tmp/a/", ("b",), "/tmp/a/b"),
+        ("file:///tmp/a", ("b/c",), "file:///tmp/a/b/c"),
+        ("rel", ("x/", "/y"), "rel/x/y"),
+    ],
+)
+def test_join(uri, parts, expected):
+    assert storage.join(uri, *parts) == expected
+
+
+def test_uri_kinds():
+    assert storage.is_s3("s3://b/k") and not storage.is_s3("/tmp/x") and not storage.is_s3("file:///tmp/x")
+    assert storage.local_path("file:///tmp/x") == "/tmp/x"
+    assert storage.local_path("/tmp/x") == "/tmp/x"
+    with pytest.raises(ValueError, match="s3://b/k"):
+        storage.local_path("s3://b/k")
+
+
+def test_read_write_exists(root):
+    storage.write_bytes(storage.join(root, "x/y.bin"), b"\x00\x01payload")
+    storage.write_text(storage.join(root, "t.txt"), "σ-distillation ✓")
+    assert storage.read_bytes(storage.join(root, "x/y.bin")) == b"\x00\x01payload"
+    assert storage.read_text(storage.join(root, "t.txt")) == "σ-distillation ✓"
+    assert storage.exists(storage.join(root, "x/y.bin"))
+    assert not storage.exists(storage.join(root, "x/nope.bin"))
+    assert not storage.exists(storage.join(root, "x"))  # a directory prefix is not a file
+    storage.write_bytes(storage.join(root, "x/y.bin"), b"new")  # overwrite
+    assert storage.read_bytes(storage.join(root, "x/y.bin")) == b"new"
+
+
+def test_listdir_and_list_files(root, tmp_path):
+    storage.upload_dir(str(make_tree(tmp_path / "src", TREE)), root)
+    assert storage.listdir(root) == ["a.txt", "empty", "sub", "subway.txt"]
+    assert storage.listdir(storage.join(root, "sub")) == ["b.bin", "deep"]
+    assert storage.listdir(storage.join(root, "sub") + "/") == ["b.bin", "deep"]
+    assert storage.list_files(root) == sorted(TREE)
+    assert storage.list_files(storage.join(root, "sub")) == ["b.bin", "deep/c.json"]  # not ../subway.txt
+    assert storage.listdir(storage.join(root, "missing")) == []
+    assert storage.list_files(storage.join(root, "missing")) == []
+
+
+def test_upload_download_dir(root, tmp_path):
+    src = make_tree(tmp_path / "src", TREE)
+    storage.upload_dir(str(src), root)
+    storage.download_dir(root, str(tmp_path / "dst"))
+    for rel, data in TREE.items():
+        assert (tmp_path / "dst" / rel).read_bytes() == data
+    with pytest.raises(FileNotFoundError, match="missing"):
+        storage.download_dir(storage.join(root, "missing"), str(tmp_path / "dst2"))
+
+
+def test_missing_key(root, tmp_path):
+    storage.write_bytes(storage.join(root, "present"), b"x")  # the directory / bucket exists; only the key is missing
+    missing = storage.join(root, "no/such.bin")
+    with pytest.raises(FileNotFoundError, match="no/such.bin"):
+        storage.read_bytes(missing)
+    with pytest.raises(FileNotFoundError, match="no/such.bin"):
+        storage.download_file(missing, str(tmp_path / "out.bin"))
+    assert not (tmp_path / "out.bin").exists()
+
+
+def test_publish_fetch_roundtrip(root, tmp_path):
+    src = make_tree(tmp_path / "src", {**TREE, "manifest.json": b"stale, must not be published"})
+    manifest = storage.publish_dir(str(src), root)
+    assert manifest["version"] == 1 and manifest["created"].endswith("+00:00")
+    expected = [{"path": p, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for p, d in sorted(TREE.items())]
+    assert manifest["files"] == expected
+    assert storage.read_manifest(root) == manifest
+    assert json.loads(storage.read_text(storage.join(root, "manifest.json"))) == manifest
+    assert storage.fetch_dir(root, str(tmp_path / "dst")) == manifest
+    assert sorted(p.relative_to(tmp_path / "dst").as_posix() for p in (tmp_path / "dst").rglob("*") if p.is_file()) == [
+        e["path"] for e in expected
+    ]
+    for rel, data in TREE.items():
+        assert (tmp_path / "dst" / rel).read_bytes() == data
+
+
+def test_big_file_multipart_roundtrip(s3_bucket, tmp_path):
+    src = make_tree(tmp_path / "src", {"nested/deeper/small.txt": b"small", "top.txt": b"top"})
+    big = src / "weights" / "unet.bin"
+    big.parent.mkdir()
+    big.write_bytes(np.random.default_rng(0).bytes(100 * 2**20))
+    uri = storage.join(s3_bucket, "models/m1")
+    manifest = storage.publish_dir(str(src), uri)
+    assert [e["path"] for e in manifest["files"]] == ["nested/deeper/small.txt", "top.txt", "weights/unet.bin"]
+
+    head = boto3.client("s3").head_object(Bucket=s3_bucket[len("s3://") :], Key="models/m1/weights/unet.bin")
+    assert "-" in head["ETag"] and head["ContentLength"] == 100 * 2**20  # "<md5>-<parts>": a multipart upload
+
+    storage.fetch_dir(uri, str(tmp_path / "dst"))
+    for rel in ("nested/deeper/small.txt", "top.txt", "weights/unet.bin"):
+        assert filecmp.cmp(src / rel, tmp_path / "dst" / rel, shallow=False), rel
+
+
+@pytest.mark.parametrize("how", ["files_only", "manifest_write_fails"])
+def test_interrupted_publish_is_invisible(root, tmp_path, monkeypatch, how):
+    src = make_tree(tmp_path / "src", TREE)
+    if how == "files_only":
+        storage.upload_dir(str(src), root)
+    else:
+
+        def fail(uri, text):
+            raise OSError("killed before the manifest")
+
+        monkeypatch.setattr(storage, "write_text", fail)
+        with pytest.raises(OSError, match="killed"):
+            storage.publish_dir(str(src), root)
+        monkeypatch.undo()
+    assert storage.list_files(root) == sorted(TREE)  # the files are all there ...
+    assert storage.read_manifest(root) is None  # ... but the directory does not exist to readers
+    with pytest.raises(FileNotFoundError, match="has no manifest.json: not a published directory"):
+        storage.fetch_dir(root, str(tmp_path / "dst"))
+
+
+def test_republish_deletes_old_manifest_first(root, tmp_path, monkeypatch):
+    storage.publish_dir(str(make_tree(tmp_path / "v1", TREE)), root)
+    assert storage.read_manifest(root) is not None
+    v2 = make_tree(tmp_path / "v2", {rel: data + b"v2" for rel, data in TREE.items()})
+
+    real_upload, lock, calls = storage.upload_file, threading.Lock(), []
+
+    def upload_then_die(local_path, uri):
+        with lock:
+            calls.append(uri)
+            n = len(calls)
+        if n > 2:
+            raise OSError("disk pulled midway")
+        real_upload(local_path, uri)
+
+    monkeypatch.setattr(storage, "upload_file", upload_then_die)
+    with pytest.raises(OSError, match="midway"):
+        storage.publish_dir(str(v2), root)
+    monkeypatch.undo()
+    assert storage.read_manifest(root) is None  # the old manifest must not describe the half-new files
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        storage.fetch_dir(root, str(tmp_path / "dst"))
+
+
+@pytest.mark.parametrize(
+    "new_bytes, why",
+    [(b"X" * len(TREE["sub/b.bin"]), "sha256 differs"), (b"shorter", "7 bytes, manifest says 768")],
+    ids=["same_size", "other_size"],
+)
+def test_corrupted_file_is_refused(root, tmp_path, new_bytes, why):
+    storage.publish_dir(str(make_tree(tmp_path / "src", TREE)), root)
+    storage.write_bytes(storage.join(root, "sub/b.bin"), new_bytes)
+    with pytest.raises(ValueError, match=f"sub/b.bin is corrupted: {why}") as info:
+        storage.fetch_dir(root, str(tmp_path / "dst"))
+    assert "\n" not in str(info.value)
+
+
+def test_missing_bucket_is_one_clear_line(s3_env, monkeypatch, tmp_path):
+    secret = "Zq9-sidflow-very-secret-7f3"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    storage.reset_client()
+    src = make_tree(tmp_path / "src", {"f.txt": b"f"})
+    uri = "s3://sidflow-no-such-bucket-4242/dir"
+    calls = {
+        "read_bytes": lambda: storage.read_bytes(storage.join(uri, "f.txt")),
+        "write_bytes": lambda: storage.write_bytes(storage.join(uri, "f.txt"), b"x"),
+        "exists": lambda: storage.exists(storage.join(uri, "f.txt")),
+        "listdir": lambda: storage.listdir(uri),
+        "upload_file": lambda: storage.upload_file(str(src / "f.txt"), storage.join(uri, "f.txt")),
+        "download_file": lambda: storage.download_file(storage.join(uri, "f.txt"), str(tmp_path / "o")),
+        "publish_dir": lambda: storage.publish_dir(str(src), uri),
+        "fetch_dir": lambda: storage.fetch_dir(uri, str(tmp_path / "dst")),
+    }
+    for name, call in calls.items():
+        with pytest.raises(FileNotFoundError) as info:
+            call()
+        msg = str(info.value)
+        assert "s3 bucket 'sidflow-no-such-bucket-4242' does not exist" in msg, name
+        assert "\n" not in msg and secret not in msg, name
+
+
+def test_manifest_digest(root, tmp_path):
+    src = make_tree(tmp_path / "src", TREE)
+    first = storage.publish_dir(str(src), root)
+    again = storage.publish_dir(str(src), root)
+    assert storage.manifest_digest(first) == storage.manifest_digest(again)
+    assert storage.manifest_digest(first) == storage.manifest_digest({**first, "files": first["files"][::-1]})
+    (src / "sub/b.bin").write_bytes(b"changed")
+    changed = storage.publish_dir(str(src), root)
+    assert storage.manifest_digest(changed) != storage.manifest_digest(first)
+    assert len(storage.manifest_digest(first)) == 64
+
+
+def test_delete_tree(root, tmp_path):
+    storage.publish_dir(str(make_tree(tmp_path / "src", TREE)), root)
+    storage.write_bytes(root + "x/keep.txt", b"a sibling prefix survives")
+    storage.delete_tree(root)
+    assert storage.list_files(root) == [] and storage.read_manifest(root) is None
+    assert storage.read_bytes(root + "x/keep.txt") == b"a sibling prefix survives"
+    storage.delete_tree(root)  # idempotent
+
+
+def test_delete_tree_refuses_a_whole_bucket(s3_bucket):
+    with pytest.raises(ValueError, match="whole bucket"):
+        storage.delete_tree(s3_bucket)
+
+
+def test_fetch_refuses_paths_outside_destination(tmp_path):
+    pub = make_tree(tmp_path / "pub", {"ok.txt": b"ok"})
+    entry = {"path": "../escaped.txt", "size": 2, "sha256": hashlib.sha256(b"ok").hexdigest()}
+    (pub / "manifest.json").write_text(json.dumps({"version": 1, "files": [entry], "created": "x"}))
+    with pytest.raises(ValueError, match="leaves the directory"):
+        storage.fetch_dir(str(pub), str(tmp_path / "dst"))
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [({}, "path"), ({"AWS_S3_ADDRESSING_STYLE": "virtual"}, "virtual"), ({"AWS_ENDPOINT_URL": None}, None)],
+)
+def test_addressing_style(s3_env, monkeypatch, env, expected):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value) if value else monkeypatch.delenv(name)
+    storage.reset_client()
+    s3_config = storage._s3().meta.config.s3 or {}
+    assert s3_config.get("addressing_style") == expected
+
+
+def test_bad_addressing_style_is_one_line(s3_env, monkeypatch):
+    monkeypatch.setenv("AWS_S3_ADDRESSING_STYLE", "sideways")
+    storage.reset_client()
+    with pytest.raises(ValueError, match="AWS_S3_ADDRESSING_STYLE='sideways'"):
+        storage.exists("s3://b/k")
+
+
+@pytest.mark.parametrize("code", ["403", "AccessDenied"])
+def test_access_denied_becomes_permission_error(code):
+    # moto's server does not enforce IAM, so the translation is fed the error botocore would raise.
+    from botocore.exceptions import ClientError
+
+    with pytest.raises(PermissionError, match="s3://b/k: access denied"):
+        with storage._s3_errors("s3://b/k"):
+            raise ClientError({"Error": {"Code": code, "Message": "Forbidden"}}, "GetObject")
+    with pytest.raises(ClientError):  # an error no user causes passes through untouched
+        with storage._s3_errors("s3://b/k"):
+            raise ClientError({"Error": {"Code": "InternalError"}}, "GetObject")
