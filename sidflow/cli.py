@@ -61,7 +61,7 @@ def _generate(args) -> int:
     from sidflow.generator import load_generator, sample
 
     gen, info = load_generator(args.model, args.device)
-    images = sample(gen, [args.prompt] * args.n, list(range(args.seed, args.seed + args.n)))
+    images = sample(gen, info, [args.prompt] * args.n, list(range(args.seed, args.seed + args.n)))
     grid = images[0] if args.n == 1 else _grid(images)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     Image.fromarray(grid).save(args.out)

@@ -46,10 +46,11 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{name}={value!r} must be {tp.__name__}, not a boolean")
         try:
-            out = tp(value) if not (tp is int and isinstance(value, str) and "." in value) else int(float(value))
-        except (TypeError, ValueError):
+            num = float(value) if tp is int and isinstance(value, str) and "." in value else value  # "2.0" -> 2
+            out = tp(num)
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{name}={value!r} is not a valid {tp.__name__}") from None
-        if tp is int and isinstance(value, float) and value != int(value):
+        if tp is int and isinstance(num, float) and num != out:  # "2.5" or 2.5 must not truncate to 2
             raise ValueError(f"{name}={value!r} is not an integer")
         return out
     if tp is str:

@@ -52,3 +52,22 @@ def s3_bucket(s3_env):
         for obj in page.get("Contents", []):
             client.delete_object(Bucket=name, Key=obj["Key"])
     client.delete_bucket(Bucket=name)
+
+
+# Tiny teacher: a real StableDiffusionPipeline-layout directory, built once per session (no hub download). --------
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """Path (str) of a tiny SD1.5-layout teacher built with seed 0; copy it (shutil.copytree) before modifying it."""
+    from sidflow.toy.tiny import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "teacher", seed=0)
+
+
+@pytest.fixture
+def sidflow_cache(tmp_path, monkeypatch):
+    """A private SIDFLOW_CACHE directory, so teachers fetched from S3 land under tmp_path."""
+    cache = tmp_path / "sidflow-cache"
+    monkeypatch.setenv("SIDFLOW_CACHE", str(cache))
+    return cache

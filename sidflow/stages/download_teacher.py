@@ -71,7 +71,7 @@ def run(cfg: DownloadTeacherConfig) -> DownloadTeacherResult:
             (src / INFO_FILE).write_text(json.dumps({"source": cfg.source, "fingerprint": fp}))
         elif storage.is_s3(cfg.source):
             manifest = storage.read_manifest(cfg.source)
-            if manifest is not None and "sha256:" + storage.manifest_digest(manifest) == existing:
+            if manifest is not None and fingerprint(cfg.source) == existing:  # a hub teacher keeps its hub commit
                 return DownloadTeacherResult(cfg.dest, existing, skipped=True)
             src = Path(tmp) / "teacher"
             if manifest is not None:
@@ -80,7 +80,10 @@ def run(cfg: DownloadTeacherConfig) -> DownloadTeacherResult:
                 storage.download_dir(cfg.source, str(src))
         else:
             src = Path(storage.local_path(cfg.source))
-            digest = "sha256:" + storage.manifest_digest(storage.build_manifest(str(src)))
+            if (src / INFO_FILE).is_file():  # a hub teacher keeps its hub commit, as fingerprint(dest) will say
+                digest = json.loads((src / INFO_FILE).read_text())["fingerprint"]
+            else:
+                digest = "sha256:" + storage.manifest_digest(storage.build_manifest(str(src)))
             if digest == existing:
                 return DownloadTeacherResult(cfg.dest, digest, skipped=True)
         check_teacher_dir(src)

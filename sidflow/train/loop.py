@@ -43,9 +43,9 @@ def _drop_nan(loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(ok, loss, torch.zeros_like(loss)), (~ok).sum()
 
 
-def _gen(seed: int, it: int, rank: int, stream: int, device) -> torch.Generator:
-    # Independent stream per (iteration, rank, purpose): resume needs no RNG state at all.
-    return torch.Generator(device).manual_seed(((seed * 1_000_003 + it) * 1_009 + rank) * 4 + stream)
+def _gen(seed: int, it: int, phase: int, mb: int, device) -> torch.Generator:
+    # One independent stream per (iteration, phase, micro-batch): resume needs no RNG state at all.
+    return torch.Generator(device).manual_seed(((seed * 1_000_003 + it) * 4 + phase) * 1_000_003 + mb)
 
 
 def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
@@ -112,31 +112,33 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
     def sync(model, last_round):  # all-reduce grads on the last accumulation round only (method.md §8.2)
         return contextlib.nullcontext() if last_round or world == 1 else acc.no_sync(model)
 
-    def draw(gen_cpu, gen_dev, phase_prompts, dropout):
-        c = teacher.encode(phase_prompts).to(device)  # [b, 77, D]
+    def draw(phase: int, r: int, dropout: float):
+        # Everything a micro-batch draws comes from generators keyed by its global index (phase, rank·rounds + r):
+        # the run is the same whatever the number of GPUs, and a resumed run replays it exactly.
+        mb = rank * rounds + r
+        g_cpu, g_dev = _gen(cfg.seed, it, phase, mb, "cpu"), _gen(cfg.seed, it, phase, mb, device)
+        c = teacher.encode([prompts[i] for i in idx[phase, rank, r]]).to(device)  # [b, 77, D]
         if dropout:
-            c = drop_prompts(c, null, dropout, generator=gen_cpu)
-        z = torch.randn((len(phase_prompts), *shape), generator=gen_dev, device=device)  # [b, C, H, W]
-        eps = torch.randn((len(phase_prompts), *shape), generator=gen_dev, device=device)
-        t = sample_t(len(phase_prompts), cfg.t_min, cfg.t_max, generator=gen_cpu).to(device)
-        return c, z, eps, t
+            c = drop_prompts(c, null, dropout, generator=g_cpu)
+        z = torch.randn((cfg.micro_batch, *shape), generator=g_dev, device=device)  # [b, C, H, W]
+        eps = torch.randn((cfg.micro_batch, *shape), generator=g_dev, device=device)
+        t = sample_t(cfg.micro_batch, cfg.t_min, cfg.t_max, generator=g_cpu).to(device)
+        return c, z, eps, t, g_dev
 
     while nimg < total:
         tick = time.perf_counter()
-        g_cpu, g_dev = _gen(cfg.seed, it, rank, 0, "cpu"), _gen(cfg.seed, it, rank, 1, device)
-        g_steps = _gen(cfg.seed, it, rank, 2, device)
         # Prompts: a global draw of 2·batch indices per iteration, split by rank, so the data seen does not
         # depend on the number of GPUs.
-        g_shared = _gen(cfg.seed, it, 0, 3, "cpu")  # the same on every rank
+        g_shared = _gen(cfg.seed, it, 2, 0, "cpu")  # the same on every rank
         idx = torch.randint(len(prompts), (2, world, rounds, cfg.micro_batch), generator=g_shared)
         k_step = int(torch.randint(1, cfg.steps + 1, (1,), generator=g_shared))  # one k per iteration (§6.1)
         sums = torch.zeros(4, device=device)  # loss_fake, loss_g, nan_fake, nan_g
 
         # Fake score step.
         for r in range(rounds):
-            c, z, eps, t = draw(g_cpu, g_dev, [prompts[i] for i in idx[0, rank, r]], p_drop)
+            c, z, eps, t, g_dev = draw(0, r, p_drop)
             with torch.no_grad(), acc.autocast():
-                x_g = generate(net_g, z, c, a, s, cfg.t_init, cfg.steps, k_step, generator=g_steps)
+                x_g = generate(net_g, z, c, a, s, cfg.t_init, cfg.steps, k_step, generator=g_dev)
             with sync(fake_ddp, r == rounds - 1), acc.autocast():
                 loss, nan = _drop_nan(fake_step_loss(net_f_ddp, x_g, c, null, t, eps, a, s, k["kappa_1"]))
                 acc.backward(loss.sum() / b_tot)
@@ -149,10 +151,10 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
         # Generator step: fresh draws, no dropout; grads flow through teacher and fake into x_g (§4).
         fake.requires_grad_(False)
         for r in range(rounds):
-            c, z, eps, t = draw(g_cpu, g_dev, [prompts[i] for i in idx[1, rank, r]], 0.0)
+            c, z, eps, t, g_dev = draw(1, r, 0.0)
             with sync(G_ddp, r == rounds - 1), acc.autocast():
                 x_g = generate(net_g_ddp, z, c, a, s, cfg.t_init, cfg.steps, k_step, grad_last=True,
-                               generator=g_steps)
+                               generator=g_dev)
                 loss, nan = _drop_nan(generator_step_loss(net_t, net_f, x_g, c, null, t, eps, a, s,
                                                           k["kappa_2"], k["kappa_4"], cfg.alpha))
                 acc.backward(loss.sum() / b_tot)

@@ -1,0 +1,188 @@
+"""Tier 2: the distill stage on a tiny SD teacher: export, reload, resume after SIGTERM, DDP, bad inputs."""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sidflow import storage
+from sidflow.stages.distill import DistillConfig, run, validate
+from sidflow.train import checkpoint
+
+ENV = {**os.environ, "SIDFLOW_NO_BAR": "1"}
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a red cat\na blue dog\n\na green tree on a hill\nthe sun\n")
+    return str(path)
+
+
+def _cfg(teacher, prompts, output, **kw):
+    base = dict(teacher=teacher, prompts=prompts, output=str(output), batch=2, micro_batch=1, kimg=0.006,
+                checkpoint_kimg=0.002, precision="fp32", lr_g=1e-4, lr_fake=1e-4, ema_halflife_kimg=0.002, kappa=1.5)
+    return DistillConfig(**{**base, **kw})
+
+
+def _cli(cfg: DistillConfig, *extra) -> list[str]:
+    args = [sys.executable, "-m", "sidflow.cli", "distill"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is not None:
+            args += ["--" + f.name.replace("_", "-"), str(value)]
+    return args + list(extra)
+
+
+def _weights(uri: str) -> dict:
+    return checkpoint.load(uri)["G"]
+
+
+def _assert_same(a: dict, b: dict, tol: float):
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst <= tol, worst
+
+
+def test_distill_exports_a_pipeline_that_diffusers_loads_and_matches_generate(tiny_teacher, prompts, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from sidflow.generator import load_generator, sample
+
+    result = run(_cfg(tiny_teacher, prompts, tmp_path / "run"))
+    assert result.iterations == 3 and not result.interrupted
+    assert storage.read_manifest(result.model_uri) is not None
+    lines = (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all(np.isfinite(v) for v in result.metrics.values() if isinstance(v, float))
+    assert list((tmp_path / "run" / "logs").glob("events.out.tfevents.*"))
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "fingerprint" in card and "kappa" in card and "6 (0.006 kimg)" in card
+    # The generator moved away from the teacher.
+    state = _weights(checkpoint.latest(str(tmp_path / "run")))
+    from diffusers import UNet2DConditionModel
+
+    teacher_unet = UNet2DConditionModel.from_pretrained(tiny_teacher, subfolder="unet").state_dict()
+    assert max(float((state[k] - teacher_unet[k]).abs().max()) for k in state) > 1e-6
+
+    gen, info = load_generator(result.model_uri)
+    ours = sample(gen, info, ["a red cat"], [7]).astype(np.float32) / 255
+    pipe = DiffusionPipeline.from_pretrained(result.model_uri)
+    z = torch.randn(gen.latent_shape, generator=torch.Generator().manual_seed(7))[None]
+    theirs = pipe("a red cat", num_inference_steps=1, guidance_scale=1.0, latents=z, output_type="np").images
+    # diffusers post-processes with (x/2 + 0.5), we with x·127.5 + 128 → within 1/255 plus rounding.
+    assert np.abs(ours - theirs).max() <= 2 / 255
+
+
+def test_generate_cli_writes_png(tiny_teacher, prompts, tmp_path):
+    from PIL import Image
+
+    from sidflow.cli import main
+
+    run(_cfg(tiny_teacher, prompts, tmp_path / "run", kimg=0.002, ema_halflife_kimg=0.0))
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", str(tmp_path / "run" / "model"), "--prompt", "a red cat", "--out", str(out),
+                 "-n", "4", "--device", "cpu"]) == 0
+    assert Image.open(out).size == (32, 32)  # 2×2 grid of 16² images
+
+
+def test_resume_after_sigterm_equals_uninterrupted_run(tiny_teacher, prompts, tmp_path):
+    straight = _cfg(tiny_teacher, prompts, tmp_path / "straight", kimg=0.016, checkpoint_kimg=0.004)
+    run(straight)
+    killed = dataclasses.replace(straight, output=str(tmp_path / "killed"))
+    proc = subprocess.Popen(_cli(killed), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = tmp_path / "killed" / "checkpoints" / checkpoint.name_for(4) / "manifest.json"
+    deadline = time.monotonic() + 300
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 143, out[-2000:]  # stopped early, checkpointed, told the orchestrator to retry
+    stopped_at = checkpoint.latest(str(tmp_path / "killed"))
+    assert stopped_at is not None and not stopped_at.endswith(checkpoint.name_for(16))
+    assert storage.read_manifest(str(tmp_path / "killed" / "model")) is None  # no export from a stopped run
+    # A torn checkpoint (files, no manifest) with a larger number must be ignored on resume.
+    torn = tmp_path / "killed" / "checkpoints" / checkpoint.name_for(999_999)
+    torn.mkdir()
+    (torn / "state.pt").write_bytes(b"garbage")
+    assert checkpoint.latest(str(tmp_path / "killed")) == stopped_at
+    assert subprocess.run(_cli(killed), env=ENV, capture_output=True).returncode == 0
+    end = checkpoint.name_for(16)
+    _assert_same(_weights(str(tmp_path / "straight" / "checkpoints" / end)),
+                 _weights(str(tmp_path / "killed" / "checkpoints" / end)), 1e-6)
+    metrics = (tmp_path / "killed" / "logs" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 8  # the pre-kill lines were kept, none repeated
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tiny_teacher, prompts, tmp_path):
+    # DDP over gloo on CPU: all-reduce on the last accumulation round only (method.md §8.2) must give the
+    # same update as one process accumulating the whole global batch.
+    # torchrun runs each process on one thread, so sums differ in the last bits; a large Adam ε keeps Adam's
+    # first steps (≈ lr·sign(g) for tiny g) from amplifying that rounding into a different sign.
+    one = _cfg(tiny_teacher, prompts, tmp_path / "one", kimg=0.008, checkpoint_kimg=0.008, batch=4, adam_eps=1e-2)
+    two = dataclasses.replace(one, output=str(tmp_path / "two"), gpus="2")
+    run(one)
+    proc = subprocess.run(_cli(two), env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    end = checkpoint.name_for(8)
+    _assert_same(_weights(str(tmp_path / "one" / "checkpoints" / end)),
+                 _weights(str(tmp_path / "two" / "checkpoints" / end)), 1e-5)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(teacher="/nonexistent/teacher"), ValueError, "does not exist"),
+    (dict(batch=5, micro_batch=2), ValueError, "not divisible by GPUs × micro_batch"),
+    (dict(kappa=25.0), ValueError, "kappa_1=25.0 is outside"),
+    (dict(kappa_4=-1.0), ValueError, "kappa_4=-1.0 is outside"),
+    (dict(kappa_3=3.0), ValueError, "must equal kappa_2"),
+    (dict(guidance="anti_cfg", kappa=0.5), ValueError, "must be negative"),
+    (dict(steps=0), ValueError, "steps=0"),
+])
+def test_bad_inputs_fail_fast_in_one_line(tiny_teacher, prompts, tmp_path, change, error, match):
+    with pytest.raises(error, match=match) as info:
+        validate(_cfg(tiny_teacher, prompts, tmp_path / "out", **change))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_empty_prompt_file_and_unwritable_output(tiny_teacher, prompts, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        validate(_cfg(tiny_teacher, str(empty), tmp_path / "out"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="not writable"):
+        validate(_cfg(tiny_teacher, prompts, blocker / "out"))
+
+
+def test_batch_split_is_checked_against_the_gpu_count(tiny_teacher, prompts, tmp_path):
+    with pytest.raises(ValueError, match="2 × 3"):
+        validate(_cfg(tiny_teacher, prompts, tmp_path / "out", batch=8, micro_batch=3), world_size=2)
+
+
+def test_cli_dry_run_prints_config_and_trains_nothing(tiny_teacher, prompts, tmp_path, capsys):
+    from sidflow.cli import main
+
+    cfg = _cfg(tiny_teacher, prompts, tmp_path / "dry")
+    assert main(_cli(cfg, "--dry-run")[4:]) == 0
+    assert '"t_init": 625' in capsys.readouterr().out
+    assert not (tmp_path / "dry" / "checkpoints").exists()
+    assert main(["distill", "--teacher", tiny_teacher, "--prompts", prompts, "--output", str(tmp_path / "x"),
+                 "--batch", "3", "--micro-batch", "2"]) == 2
+    assert "sidflow distill: error: batch=3 is not divisible" in capsys.readouterr().err
+
+
+def test_s3_output_round_trip(tiny_teacher, prompts, s3_bucket, tmp_path):
+    cfg = _cfg(tiny_teacher, prompts, s3_bucket + "/runs/r1", kimg=0.004)
+    result = run(cfg)
+    assert result.model_uri == s3_bucket + "/runs/r1/model"
+    assert storage.read_manifest(result.model_uri) is not None
+    assert checkpoint.latest(cfg.output) == s3_bucket + "/runs/r1/checkpoints/" + checkpoint.name_for(4)
+    assert storage.exists(s3_bucket + "/runs/r1/config.json")
