@@ -167,9 +167,9 @@ def test_x0_eps_roundtrip(teacher):
     assert a_t.shape == (16, 1, 1, 1)
     x_t = add_noise(x0, eps, a_t, s_t)
     torch.testing.assert_close(x_t, teacher.a[t].view(-1, 1, 1, 1) * x0 + teacher.s[t].view(-1, 1, 1, 1) * eps)
-    torch.testing.assert_close(x0_from_eps(x_t, eps, a_t, s_t), x0, rtol=0, atol=1e-4)
-    torch.testing.assert_close(teacher.x0(eps, x_t, t), x0, rtol=0, atol=1e-4)
-    torch.testing.assert_close(eps_from_x0(x_t, x0, a_t, s_t), eps, rtol=0, atol=1e-4)
+    torch.testing.assert_close(x0_from_eps(x_t, eps, a_t, s_t), x0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(teacher.x0(eps, x_t, t), x0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eps_from_x0(x_t, x0, a_t, s_t), eps, rtol=1e-5, atol=1e-5)
 
 
 def test_x0_eps_roundtrip_float64_exact(teacher):

@@ -54,7 +54,7 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
 
     from sidflow.stages.distill import DistillResult, resolved_kappas
 
-    acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+    acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     device, rank, world = acc.device, acc.process_index, acc.num_processes
     rounds = cfg.batch // (world * cfg.micro_batch)  # gradient-accumulation rounds per phase
