@@ -49,6 +49,8 @@ class DistillConfig:
     ema_rampup: float = param(0.05, "EMA ramp-up: half-life = min(half-life, rampup · images seen) (§5)")
     checkpoint_kimg: float = param(100.0, "publish a checkpoint every this many kimg (and on SIGTERM)")
     log_every: int = param(1, "write a metrics line every this many iterations")
+    checkpoints: bool = param(True, "publish checkpoints; off only for benchmarks and smoke runs (no resume)")
+    profile: bool = param(False, "time each phase of an iteration (synchronizes the GPU: slower)")
     seed: int = param(0, "random seed; every draw of iteration i derives from (seed, i, rank)")
     gpus: str = param("1", "GPUs to use: a count or 'all' (sidflow distill launches one process per GPU)")
     resume: bool = param(True, "resume from the newest complete checkpoint under output, if any")

@@ -133,6 +133,7 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
         idx = torch.randint(len(prompts), (2, world, rounds, cfg.micro_batch), generator=g_shared)
         k_step = int(torch.randint(1, cfg.steps + 1, (1,), generator=g_shared))  # one k per iteration (§6.1)
         sums = torch.zeros(4, device=device)  # loss_fake, loss_g, nan_fake, nan_g
+        phases = _Phases(cfg.profile, device)
 
         # Fake score step.
         for r in range(rounds):
@@ -144,9 +145,11 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
                 acc.backward(loss.sum() / b_tot)
             sums[0] += loss.detach().sum()
             sums[2] += nan
+        phases.mark("fake_step")
         _finite_grads(fake.parameters(), cfg.clip_grad_value)
         opt_f.step()
         opt_f.zero_grad(set_to_none=True)
+        phases.mark("fake_optimizer")
 
         # Generator step: fresh draws, no dropout; grads flow through teacher and fake into x_g (§4).
         fake.requires_grad_(False)
@@ -160,6 +163,7 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
                 acc.backward(loss.sum() / b_tot)
             sums[1] += loss.detach().sum()
             sums[3] += nan
+        phases.mark("generator_step")
         fake.requires_grad_(True)
         _finite_grads(G.parameters(), cfg.clip_grad_value)
         opt_g.step()
@@ -170,6 +174,7 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
         # Update EMA.
         if ema is not None:
             update_ema(ema, G, ema_beta(cfg.batch, nimg, cfg.ema_halflife_kimg, cfg.ema_rampup))
+        phases.mark("generator_optimizer_ema")
 
         # Maintenance: metrics, checkpoint, preemption.
         sums = acc.reduce(sums, reduction="sum")  # one small all-reduce per iteration
@@ -177,13 +182,14 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
         if it % cfg.log_every == 0 or nimg >= total:
             v = sums.tolist()
             metrics = {"kimg": nimg / 1000, "iteration": it, "loss_fake": v[0] / cfg.batch, "loss_g": v[1] / cfg.batch,
-                       "nan_dropped": int(v[2] + v[3]), "images_per_s": cfg.batch / (time.perf_counter() - tick)}
+                       "nan_dropped": int(v[2] + v[3]), "images_per_s": cfg.batch / (time.perf_counter() - tick),
+                       **phases.seconds()}
             if acc.is_main_process:
                 _log(logdir, writer, metrics)
                 bar.set_postfix(loss_f=f"{metrics['loss_fake']:.4g}", loss_g=f"{metrics['loss_g']:.4g}",
                                 img_s=f"{metrics['images_per_s']:.2f}")
         bar.update(cfg.batch)
-        if nimg >= next_ckpt or stop_now or nimg >= total:
+        if cfg.checkpoints and (nimg >= next_ckpt or stop_now or nimg >= total):
             if acc.is_main_process:
                 checkpoint.save(cfg.output, nimg, {
                     "G": G.state_dict(), "fake": fake.state_dict(), "ema": ema.state_dict() if ema else None,
@@ -195,6 +201,8 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
         if stop_now:
             break
     bar.close()
+    if acc.is_main_process:
+        storage.upload_dir(str(logdir), storage.join(cfg.output, "logs"))
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
 
@@ -206,6 +214,27 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
         export_generator(ema if ema is not None else G, teacher, model_uri, info)
     acc.wait_for_everyone()
     return DistillResult(model_uri=model_uri, kimg=nimg / 1000, iterations=it, interrupted=stop_now, metrics=metrics)
+
+
+class _Phases:
+    """Per-phase wall time of one iteration; synchronizes the GPU at each mark, so only on when profiling."""
+
+    def __init__(self, enabled: bool, device):
+        self.enabled, self.device, self.times = enabled, device, {}
+        self.last = self._now() if enabled else 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        if self.enabled:
+            now = self._now()
+            self.times[name], self.last = now - self.last, now
+
+    def seconds(self) -> dict:
+        return {f"phase_{k}_s": v for k, v in self.times.items()}
 
 
 def _main_thread() -> bool:
