@@ -1,0 +1,46 @@
+"""Shared by the benchmark scripts: the result record of ../shared/docs/benchmarks.md."""
+
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def versions() -> dict:
+    import torch
+
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+    for name in ("diffusers", "transformers", "accelerate"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return out
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def record(name: str, file: str, gpus: int, metrics: dict, config: dict, out_dir: Path = RESULTS) -> dict:
+    """Print the result as one JSON line and write it to out_dir/file."""
+    result = {"name": name, "device": device_name(), "gpus": gpus, "git_sha": git_sha(),
+              "command": "python " + " ".join(sys.argv), "versions": versions(),
+              "date": datetime.date.today().isoformat(), "metrics": metrics, "config": config}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / file).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return result

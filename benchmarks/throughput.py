@@ -1,0 +1,113 @@
+"""Throughput of real SiD-LSG iterations through `sidflow distill` on a teacher built from published configs.
+
+The SD1.5 teacher (UNet, CLIP-L text tower, VAE) has random weights: no download. The run goes through the stage
+itself (validate, load, copy, train, export) with `profile` on, so each phase is timed between GPU synchronizations.
+Images/s is the median over the iterations after `--warmup`. TFLOP/s counts the UNet work of one sample-iteration
+(method.md §4): G forward (fake step) + fake forward·backward (×2 batch when κ1 ≠ 1) + G forward·backward +
+teacher and fake forward·input-backward (×2 batch when guided), with a backward costing 2 forwards (1 for an
+input-only backward), and the forward FLOPs counted by torch.utils.flop_counter.
+
+  python benchmarks/throughput.py --model sd15 --micro-batch 8 --rounds 2 --iters 6
+  python benchmarks/throughput.py --model tiny --iters 3 --out /tmp/results      # CPU smoke run
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+from common import RESULTS, record  # noqa: E402
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 peak of the SXM parts
+
+
+def forward_tflop(unet, device) -> float:
+    """Return TFLOP of one UNet forward on one sample (counted, not estimated)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c, h, w = unet.config.in_channels, unet.config.sample_size, unet.config.sample_size
+    x = torch.randn(1, c, h, w, device=device)
+    emb = torch.randn(1, 77, unet.config.cross_attention_dim, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(x, torch.tensor([500], device=device), encoder_hidden_states=emb)
+    return counter.get_total_flops() / 1e12
+
+
+def forward_equivalents(k1: float, k2: float, k4: float) -> float:
+    """Return UNet forward-equivalents per sample-iteration for the given κ's (method.md §4 cost line)."""
+    x = lambda k: 1 if k in (0, 1) else 2  # noqa: E731  guided evaluations double the batch
+    fake_step = 1 + x(k1) * 3  # G forward, fake forward + full backward
+    gen_step = 3 + x(k4) * 2 + x(k2) * 2  # G forward + full backward; teacher and fake forward + input backward
+    return fake_step + gen_step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["sd15", "tiny"], default="sd15")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2, help="accumulation rounds per phase")
+    p.add_argument("--iters", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--kappa", type=float, default=1.5)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--ema", type=float, default=50.0, help="EMA half-life kimg (0 = off)")
+    p.add_argument("--file", default=None, help="result file name (default throughput_<model>_<precision>.json)")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+
+    from sidflow.stages.distill import DistillConfig, run
+    from sidflow.toy.tiny import SD15, build_sd, tiny_configs
+
+    work = Path(tempfile.mkdtemp(prefix="sidflow-bench-"))
+    teacher = build_sd(work / "teacher", SD15 if args.model == "sd15" else tiny_configs())
+    (work / "prompts.txt").write_text("\n".join(f"a photo of object number {i}" for i in range(1000)))
+    batch = args.micro_batch * args.rounds
+    cfg = DistillConfig(teacher=teacher, prompts=str(work / "prompts.txt"), output=str(work / "run"), kappa=args.kappa,
+                        batch=batch, micro_batch=args.micro_batch, kimg=batch * (args.warmup + args.iters) / 1000,
+                        precision=args.precision, grad_checkpointing=args.grad_checkpointing,
+                        ema_halflife_kimg=args.ema, checkpoints=False, profile=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    run(cfg)
+    lines = [json.loads(x) for x in (work / "run" / "logs" / "metrics.jsonl").read_text().splitlines()][args.warmup:]
+    ips = statistics.median(x["images_per_s"] for x in lines)
+    phases = {k.removeprefix("phase_").removesuffix("_s"): statistics.median(x[k] for x in lines)
+              for k in lines[0] if k.startswith("phase_")}
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet").to(device)
+    fwd = forward_tflop(unet, device)
+    per_sample = fwd * forward_equivalents(args.kappa, args.kappa, args.kappa)
+    tflops = ips * per_sample
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
+    metrics = {
+        "images_per_s_per_gpu": round(ips, 3),
+        "tflops_per_gpu": round(tflops, 1),
+        "mfu": round(tflops / peak, 3) if peak else None,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "micro_batch": args.micro_batch,
+        "precision": args.precision,
+        "phase_split": {k: round(v / sum(phases.values()), 3) for k, v in phases.items()},
+        "phase_seconds": {k: round(v, 4) for k, v in phases.items()},
+        "unet_forward_tflop_per_sample": round(fwd, 4),
+        "iterations_timed": len(lines),
+        "loss_g_last": lines[-1]["loss_g"],
+        "loss_fake_last": lines[-1]["loss_fake"],
+    }
+    name = f"throughput_{args.model}" + ("" if args.precision == "bf16" else "_fp32")
+    tag = next((k.lower() for k in PEAK_BF16_TFLOPS if k in gpu), "cpu" if gpu == "cpu" else "gpu")
+    file = args.file or f"{name}_{tag}.json"
+    record(name, file, 1, metrics, {**vars(args), "batch": batch, "weights": "random (published config, no download)"},
+           Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
