@@ -96,6 +96,12 @@ def _demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sidflow` console script."""
+    # Library chatter (optional torchvision backends, diffusers config notices) is not for our users.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
     from sidflow.stages.distill import DistillConfig
     from sidflow.stages.download_teacher import DownloadTeacherConfig
 

@@ -19,7 +19,8 @@ def test_schedule_values_match_method_md():
     assert A[625] ** 2 == pytest.approx(0.13777, abs=1e-5)
     assert (A[625], S[625]) == (pytest.approx(0.3712, abs=1e-4), pytest.approx(0.9286, abs=1e-4))
     assert (S / A)[[20, 625, 979]].tolist() == pytest.approx([0.138, 2.5017, 12.97], rel=1e-3)
-    assert step_times(625, 4) == [625, 468, 312, 156] and step_times(625, 2) == [625, 312] and step_times(625, 1) == [625]
+    assert step_times(625, 4) == [625, 468, 312, 156]
+    assert step_times(625, 2) == [625, 312] and step_times(625, 1) == [625]
 
 
 def test_t_is_uniform_on_20_to_979():

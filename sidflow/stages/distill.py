@@ -94,7 +94,8 @@ def validate(cfg: DistillConfig, world_size: int = 1) -> None:
     if cfg.guidance == "anti_cfg" and k["kappa_2"] >= 0:
         raise ValueError(f"kappa={cfg.kappa} must be negative for guidance='anti_cfg' (method.md §6.3)")
     if not 0 <= cfg.t_min < cfg.t_max <= 1000 or not 0 < cfg.t_init < 1000:
-        raise ValueError(f"t_min={cfg.t_min}, t_max={cfg.t_max}, t_init={cfg.t_init} must satisfy 0 ≤ t_min < t_max ≤ 1000")
+        raise ValueError(f"t_min={cfg.t_min}, t_max={cfg.t_max}, t_init={cfg.t_init} must satisfy "
+                         "0 ≤ t_min < t_max ≤ 1000 and 0 < t_init < 1000")
     if cfg.steps < 1 or cfg.steps > cfg.t_init:
         raise ValueError(f"steps={cfg.steps} must be between 1 and t_init={cfg.t_init}")
     if cfg.micro_batch < 1 or cfg.batch % (world_size * cfg.micro_batch):

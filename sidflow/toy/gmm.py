@@ -123,7 +123,8 @@ def train_sid(gmm: GMM, iters: int = 1500, batch: int = 256, lr: float = 1e-3, g
         c, z, eps, t = draw()  # generator step
         fake.requires_grad_(False)
         x_g = generate(G, z, c, a, s, grad_last=True)
-        gen_loss(teacher, fake, x_g, c, null, t, eps, a, s, k["kappa_2"], k["kappa_4"], alpha).sum().div(batch).backward()
+        loss = gen_loss(teacher, fake, x_g, c, null, t, eps, a, s, k["kappa_2"], k["kappa_4"], alpha)
+        loss.sum().div(batch).backward()
         fake.requires_grad_(True)
         torch.nn.utils.clip_grad_value_(G.parameters(), 1e5)
         opt_g.step()

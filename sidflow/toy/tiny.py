@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
+
 # Byte-level alphabet of CLIP's BPE (GPT-2's bytes_to_unicode): every byte maps to one printable character.
 def _byte_alphabet() -> list[str]:
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, n = list(keep), 0
     for b in range(256):
         if b not in keep:
