@@ -96,3 +96,11 @@ def from_args(cls, args: argparse.Namespace, base=None):
     names = {f.name for f in dataclasses.fields(cls)}
     given = {k: v for k, v in vars(args).items() if k in names}
     return override(base if base is not None else cls(), given)
+
+
+def markdown_table(cls) -> str:
+    """Return the README's parameter table for a config class (the drift test compares it with README.md)."""
+    rows = ["| parameter | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        rows.append(f"| `{f.name}` | `{f.default!r}` | {f.metadata.get('help', '')} |")
+    return "\n".join(rows)

@@ -1,0 +1,19 @@
+"""README drift: its first commands and parameter tables come from the code."""
+
+from pathlib import Path
+
+from sidflow.config import markdown_table
+from sidflow.stages.distill import DistillConfig
+from sidflow.stages.download_teacher import DownloadTeacherConfig
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def test_first_two_commands():
+    commands = [line.split("#")[0].strip() for line in README.splitlines() if line.startswith("make ")]
+    assert commands[:2] == ["make demo", "make test"]
+
+
+def test_parameter_tables_match_the_configs():
+    for cls in (DistillConfig, DownloadTeacherConfig):
+        assert markdown_table(cls) in README, f"README's {cls.__name__} table is stale: regenerate it"
