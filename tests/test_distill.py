@@ -25,8 +25,8 @@ def prompts(tmp_path_factory):
     return str(path)
 
 
-def _cfg(teacher, prompts, output, **kw):
-    base = dict(teacher=teacher, prompts=prompts, output=str(output), batch=2, micro_batch=1, kimg=0.006,
+def _cfg(teacher_uri, prompts_uri, output, **kw):
+    base = dict(teacher=teacher_uri, prompts=prompts_uri, output=str(output), batch=2, micro_batch=1, kimg=0.006,
                 checkpoint_kimg=0.002, precision="fp32", lr_g=1e-4, lr_fake=1e-4, ema_halflife_kimg=0.002, kappa=1.5)
     return DistillConfig(**{**base, **kw})
 
@@ -170,7 +170,7 @@ def test_cli_dry_run_prints_config_and_trains_nothing(tiny_teacher, prompts, tmp
     from sidflow.cli import main
 
     cfg = _cfg(tiny_teacher, prompts, tmp_path / "dry")
-    assert main(_cli(cfg, "--dry-run")[4:]) == 0
+    assert main(_cli(cfg, "--dry-run")[3:]) == 0
     assert '"t_init": 625' in capsys.readouterr().out
     assert not (tmp_path / "dry" / "checkpoints").exists()
     assert main(["distill", "--teacher", tiny_teacher, "--prompts", prompts, "--output", str(tmp_path / "x"),
