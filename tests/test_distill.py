@@ -185,3 +185,18 @@ def test_s3_output_round_trip(tiny_teacher, prompts, s3_bucket, tmp_path):
     assert storage.read_manifest(result.model_uri) is not None
     assert checkpoint.latest(cfg.output) == s3_bucket + "/runs/r1/checkpoints/" + checkpoint.name_for(4)
     assert storage.exists(s3_bucket + "/runs/r1/config.json")
+
+
+def test_prompts_from_parquet_and_text(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sidflow.prompts import read_prompts
+
+    pq.write_table(pa.table({"prompt": ["a cat", None, "  a dog ", ""]}), tmp_path / "p.parquet")
+    assert read_prompts(str(tmp_path / "p.parquet")) == ["a cat", "a dog"]
+    pq.write_table(pa.table({"text_en": ["x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="no 'prompt' or 'caption' column"):
+        read_prompts(str(tmp_path / "bad.parquet"))
+    (tmp_path / "p.txt").write_text("one\n\n two \n")
+    assert read_prompts(str(tmp_path / "p.txt")) == ["one", "two"]
