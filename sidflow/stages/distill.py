@@ -6,6 +6,7 @@ one loop in `sidflow.train.loop` and publishes checkpoints and the exported gene
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -131,8 +132,6 @@ def run(cfg: DistillConfig) -> DistillResult:
 
 def world_size() -> int:
     """Return the number of processes of this launch (torchrun sets WORLD_SIZE)."""
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
