@@ -58,27 +58,15 @@ def _download_teacher(args) -> int:
 def _generate(args) -> int:
     from PIL import Image
 
-    from sidflow.generator import load_generator, sample
+    from sidflow.generator import image_grid, load_generator, sample
 
     gen, info = load_generator(args.model, args.device)
     images = sample(gen, info, [args.prompt] * args.n, list(range(args.seed, args.seed + args.n)))
-    grid = images[0] if args.n == 1 else _grid(images)
+    grid = images[0] if args.n == 1 else image_grid(images)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     Image.fromarray(grid).save(args.out)
     print(json.dumps({"out": args.out, "images": args.n, "steps": info["config"]["steps"]}))
     return 0
-
-
-def _grid(images, cols: int | None = None):
-    import numpy as np
-
-    n, h, w, c = images.shape
-    cols = cols or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.zeros((rows * h, cols * w, c), dtype=images.dtype)
-    for i, im in enumerate(images):
-        grid[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = im
-    return grid
 
 
 def _build_tiny(args) -> int:

@@ -13,8 +13,7 @@ def run_demo(out: str) -> int:
     """Run the demo under `out`; print what was produced; return the exit code."""
     from PIL import Image
 
-    from sidflow.cli import _grid
-    from sidflow.generator import load_generator, sample
+    from sidflow.generator import image_grid, load_generator, sample
     from sidflow.stages import distill, download_teacher
     from sidflow.toy.tiny import build_tiny_sd
 
@@ -34,7 +33,7 @@ def run_demo(out: str) -> int:
     print(f"[2/3] distilled {result.iterations} iterations ({result.kimg} kimg): model at {result.model_uri}")
     gen, info = load_generator(result.model_uri)
     prompts = ["a red circle", "a blue square on a grey background", "a green triangle", "a red circle"]
-    grid = _grid(sample(gen, info, prompts, list(range(len(prompts)))))
+    grid = image_grid(sample(gen, info, prompts, list(range(len(prompts)))))
     Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(root / "samples.png")
     print(f"[3/3] one-step samples: {root / 'samples.png'}")
     lines = (root / "run" / "logs" / "metrics.jsonl").read_text().splitlines()

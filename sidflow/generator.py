@@ -88,3 +88,14 @@ def sample(gen: Teacher, info: dict, prompts: list[str], seeds: list[int], batch
         images = gen.vae.decode(x_g / gen.vae_scale).sample.float()  # [B, 3, H, W] in [-1, 1]
         out.append((images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
+
+
+def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
+    """Return images [N, H, W, C] tiled row-major into one [rows·H, cols·W, C] image (cols ≈ √N by default)."""
+    n, h, w, c = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, c), dtype=images.dtype)
+    for i, im in enumerate(images):
+        grid[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = im
+    return grid
