@@ -10,6 +10,7 @@ from sidflow.method import sid
 from sidflow.method.guidance import drop_prompts, guided_eps, kappas
 from sidflow.method.vp import add_noise, at, sample_t, scaled_linear_alphas_cumprod, step_times, vp_tables, x0_from_eps
 from sidflow.toy.gmm import analytic_teacher, energy_distance, one_step_samples, six_point_gmm, train_sid
+from sidflow.toy.mutants import MUTANTS
 
 A, S = vp_tables(scaled_linear_alphas_cumprod())
 
@@ -183,23 +184,11 @@ def test_distillation_reaches_the_mixture(start_energy):
         assert (share > 0.2).all(), (label, share)
 
 
-def _swapped(teacher, fake, *args):
-    return sid.generator_step_loss(fake, teacher, *args)
-
-
-def _attached(teacher, fake, x_g, c, null, t, eps, a, s, kappa_2, kappa_4, alpha):
-    a_t, s_t = at(a, t, x_g), at(s, t, x_g)
-    x_t = add_noise(x_g, eps, a_t, s_t)
-    y_r = x0_from_eps(x_t, guided_eps(teacher, x_t, t, c, null, kappa_4), a_t, s_t)
-    y_f = x0_from_eps(x_t, guided_eps(fake, x_t, t, c, null, kappa_2), a_t, s_t)
-    w = (x_g - y_r).abs().mean(1).clamp(min=1e-5)  # the mutation: w keeps its graph
-    d = y_r - y_f
-    return (d * ((y_r - x_g) - alpha * d)).sum(1) / w
-
-
-@pytest.mark.parametrize("broken", [_swapped, _attached], ids=["teacher-fake-swapped", "normaliser-attached"])
-def test_broken_losses_fail_the_same_bound(broken, start_energy):
-    G, *_ = train_sid(GMM, iters=ITERS, generator_loss=broken)
+@pytest.mark.parametrize("name", ["teacher-fake-swapped", "normaliser-attached"])
+def test_broken_losses_fail_the_same_bound(name, start_energy):
+    # α's sign flip is caught by test_generator_loss_equals_expanded_form: on this toy it still converges
+    # (benchmarks/results/gmm_mutants.json).
+    G, *_ = train_sid(GMM, iters=ITERS, generator_loss=MUTANTS[name])
     energy = _energy(G)
     assert not energy < 0.35 * start_energy, energy
 
