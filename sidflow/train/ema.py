@@ -13,8 +13,7 @@ def ema_beta(batch: int, nimg: int, halflife_kimg: float, rampup: float | None) 
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    """Set ema ← β ema + (1 − β) net, parameter by parameter (buffers copied)."""
-    for p_ema, p in zip(ema.parameters(), net.parameters()):
-        p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - beta)
+    """Set ema ← β ema + (1 − β) net over all parameters in one multi-tensor op (buffers copied)."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1 - beta)
     for b_ema, b in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b)
