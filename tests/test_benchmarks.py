@@ -9,7 +9,8 @@ ROOT = Path(__file__).parent.parent
 
 
 def test_throughput_script_writes_its_record(tmp_path):
-    subprocess.run([sys.executable, "benchmarks/throughput.py", "--model", "tiny", "--micro-batch", "1", "--rounds", "2",
+    subprocess.run([sys.executable, "benchmarks/throughput.py", "--model", "tiny", "--micro-batch", "1",
+                    "--rounds", "2",
                     "--iters", "1", "--warmup", "1", "--ema", "0", "--out", str(tmp_path)], check=True, cwd=ROOT,
                    capture_output=True)
     record = json.loads((tmp_path / "throughput_tiny_cpu.json").read_text())
