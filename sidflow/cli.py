@@ -76,6 +76,32 @@ def _build_tiny(args) -> int:
     return 0
 
 
+def _make_shapes(args) -> int:
+    from sidflow.toy.shapes import write_parquet
+
+    write_parquet(args.out, args.n, args.seed, args.split)
+    print(json.dumps({"out": args.out, "images": args.n, "split": args.split}))
+    return 0
+
+
+def _train_teacher(args) -> int:
+    from sidflow.toy.train_teacher import ToyTeacherConfig, train_teacher
+
+    print(json.dumps(train_teacher(config.from_args(ToyTeacherConfig, args))))
+    return 0
+
+
+def _train_evaluator(args) -> int:
+    from sidflow.toy import evaluator, shapes
+
+    device = "cuda" if _cuda() else "cpu"
+    model = evaluator.train(args.steps, seed=args.seed, device=device)
+    evaluator.save(model, args.out)
+    images, captions = shapes.sample(10_000, 10_000_019, split="all")  # fresh renders, not seen in training
+    print(json.dumps({"out": args.out, "accuracy_real": evaluator.prompt_accuracy(model, images, captions)}))
+    return 0
+
+
 def _demo(args) -> int:
     from sidflow.demo import run_demo
 
@@ -113,6 +139,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_build_tiny)
+    p = toy.add_parser("make-shapes", help="write a procedural shapes text-image parquet")
+    p.add_argument("--out", required=True, help="parquet URI")
+    p.add_argument("--n", type=int, default=50_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=["train", "heldout", "all"], default="train")
+    p.set_defaults(fn=_make_shapes)
+    from sidflow.toy.train_teacher import ToyTeacherConfig
+
+    p = _stage_parser(toy, "train-teacher", ToyTeacherConfig, "train a small SD-layout teacher on a text-image parquet")
+    p.set_defaults(fn=_train_teacher)
+    p = toy.add_parser("train-evaluator", help="train the shapes attribute classifier (shapes-FID, prompt accuracy)")
+    p.add_argument("--out", required=True, help="directory")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_train_evaluator)
     p = sub.add_parser("demo", help="the whole job on the bundled teacher, on this machine")
     p.add_argument("--out", default="demo-out")
     p.set_defaults(fn=_demo)

@@ -157,10 +157,11 @@ def load_teacher(uri: str, device: str | torch.device = "cpu", cache_dir: str | 
     path = materialize(uri, cache_dir)
     sched_cfg = check_teacher_dir(path)
     scheduler = DDPMScheduler.from_config({**sched_cfg, "clip_sample": False})
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(device)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").to(device)
+    fp32 = {"torch_dtype": torch.float32}  # fp16-saved weights too: training keeps fp32 master copies
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **fp32).to(device)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **fp32).to(device)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **fp32).to(device)
     for m in (unet, text_encoder, vae):
         m.requires_grad_(False).eval()
     a, s = vp_tables(scheduler.alphas_cumprod)

@@ -1,0 +1,109 @@
+"""The toy quality table: real data, the toy teacher with DDIM at several steps and CFG scales, SiD-LSG one-step.
+
+Same evaluator, prompts and seeds for every row. shapes-FID is the Fréchet distance of evaluator features against
+fresh real renders of the seen caption combinations; prompt accuracy is measured on seen and held-out combinations.
+
+  python benchmarks/toy_quality.py --teacher examples/toy-teacher --rows real,teacher,sid --sid-kappas 1.5,2
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from common import RESULTS, record  # noqa: E402
+
+from sidflow.toy import evaluator, shapes  # noqa: E402
+
+
+def evaluate(model, make_images, prompts: dict, reference: np.ndarray) -> dict:
+    """Return shapes-FID (seen prompts) and prompt accuracy (seen, held-out) of a sampler."""
+    seen = make_images(prompts["seen"])
+    held = make_images(prompts["heldout"])
+    return {"shapes_fid": round(evaluator.shapes_fid(model, seen, reference), 3),
+            "prompt_acc_seen": round(evaluator.prompt_accuracy(model, seen, prompts["seen"]), 4),
+            "prompt_acc_heldout": round(evaluator.prompt_accuracy(model, held, prompts["heldout"]), 4)}, seen
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="examples/toy-teacher")
+    p.add_argument("--evaluator", default=None, help="default: <teacher>/evaluator")
+    p.add_argument("--n", type=int, default=2000, help="images per row and split")
+    p.add_argument("--rows", default="real,teacher,sid")
+    p.add_argument("--teacher-steps", default="1,2,4,25")
+    p.add_argument("--teacher-cfg", default="1,1.5,2")
+    p.add_argument("--sid-kappas", default="1.5,2")
+    p.add_argument("--kimg", type=float, default=100.0)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=256)
+    p.add_argument("--ema", type=float, default=5.0, help="EMA half-life kimg")
+    p.add_argument("--grid", default=None, help="write a sample grid PNG here (teacher 25 steps vs SiD one step)")
+    p.add_argument("--file", default="toy_quality.json")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+
+    from sidflow.generator import image_grid, load_generator, sample
+    from sidflow.stages.distill import DistillConfig, run
+    from sidflow.teacher import load_teacher
+    from sidflow.toy.train_teacher import sample_teacher
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = evaluator.load(args.evaluator or Path(args.teacher) / "evaluator", device)
+    prompts = {split: shapes.sample(args.n, 12_345 + i, split)[1] for i, split in enumerate(("train", "heldout"))}
+    prompts["seen"] = prompts.pop("train")
+    reference = shapes.sample(args.n * 5, 777, "train")[0]
+    seeds = list(range(args.n))
+    rows, grids = [], {}
+    training = json.loads((Path(args.teacher) / "training.json").read_text())
+    if "real" in args.rows:
+        metrics, _ = evaluate(model, lambda caps: np.stack([shapes.render(*shapes.parse(c).values(),
+                              np.random.default_rng(i)) for i, c in enumerate(caps)]), prompts, reference)
+        rows.append({"row": "real", "steps": None, "guidance": None, **metrics, "images_seen": None,
+                     "gpu_minutes": None})
+    teacher = load_teacher(args.teacher, device)
+    if "teacher" in args.rows:
+        for steps in [int(s) for s in args.teacher_steps.split(",")]:
+            for g in [float(s) for s in args.teacher_cfg.split(",")]:
+                metrics, imgs = evaluate(model, lambda caps: sample_teacher(teacher, caps, seeds, steps, g),
+                                         prompts, reference)
+                rows.append({"row": "teacher", "steps": steps, "guidance": g, **metrics,
+                             "images_seen": training["metrics"]["unet_steps"] * training["config"]["batch"],
+                             "gpu_minutes": round(training["metrics"]["minutes"], 2)})
+                grids[f"teacher-{steps}-{g}"] = imgs[:16]
+                print(json.dumps(rows[-1]), flush=True)
+    if "sid" in args.rows:
+        work = Path(tempfile.mkdtemp(prefix="sidflow-toy-"))
+        (work / "prompts.txt").write_text("\n".join(sorted({shapes.caption(*c) for c in shapes.combos("train")})))
+        for kappa in [float(k) for k in args.sid_kappas.split(",")]:
+            cfg = DistillConfig(teacher=args.teacher, prompts=str(work / "prompts.txt"), output=str(work / f"k{kappa}"),
+                                kappa=kappa, lr_g=args.lr, lr_fake=args.lr, batch=args.batch,
+                                micro_batch=args.micro_batch, kimg=args.kimg, ema_halflife_kimg=args.ema,
+                                checkpoints=False)
+            start = time.time()
+            result = run(cfg)
+            minutes = (time.time() - start) / 60
+            gen, info = load_generator(result.model_uri, device)
+            metrics, imgs = evaluate(model, lambda caps: sample(gen, info, caps, seeds, batch=512), prompts, reference)
+            rows.append({"row": "sid-lsg", "steps": 1, "guidance": kappa, **metrics,
+                         "images_seen": int(result.kimg * 1000), "gpu_minutes": round(minutes, 2)})
+            grids[f"sid-{kappa}"] = imgs[:16]
+            print(json.dumps(rows[-1]), flush=True)
+    if args.grid and grids:
+        from PIL import Image
+
+        strip = np.concatenate([image_grid(v, cols=16) for v in grids.values()])
+        Image.fromarray(strip).resize((strip.shape[1] * 3, strip.shape[0] * 3), Image.NEAREST).save(args.grid)
+    record("toy_quality", args.file, 1 if device == "cuda" else 0, {"rows": rows},
+           {k: v for k, v in vars(args).items() if k != "out"} | {"grid_rows": list(grids)}, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
