@@ -101,7 +101,8 @@ def train_teacher(cfg: ToyTeacherConfig, device=None, log=print) -> dict:
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).to(device)
     uniq = sorted(set(captions)) + [""]
-    ids = tokenizer(uniq, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(device)
+    ids = tokenizer(uniq, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = ids.to(device)
     cap_index = torch.tensor([uniq.index(c) for c in captions], device=device)
 
     # UNet: ε-prediction on the SD1.5 schedule (method.md §1), captions dropped to "" with p = caption_dropout.
