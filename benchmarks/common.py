@@ -36,12 +36,14 @@ def git_sha() -> str:
         return "unknown"
 
 
-def record(name: str, file: str, gpus: int, metrics: dict, config: dict, out_dir: Path = RESULTS) -> dict:
-    """Print the result as one JSON line and write it to out_dir/file."""
+def record(name: str, file: str, gpus: int, metrics: dict, config: dict, out_dir: Path = RESULTS,
+           final: bool = True) -> dict:
+    """Write the result to out_dir/file and, when final, print it as one JSON line (partial saves stay quiet)."""
     result = {"name": name, "device": device_name(), "gpus": gpus, "git_sha": git_sha(),
               "command": "python " + " ".join(sys.argv), "versions": versions(),
               "date": datetime.date.today().isoformat(), "metrics": metrics, "config": config}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / file).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    if final:
+        print(json.dumps(result))
     return result

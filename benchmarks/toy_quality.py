@@ -62,6 +62,12 @@ def main() -> None:
     reference = shapes.sample(args.n * 5, 777, "train")[0]
     seeds = list(range(args.n))
     rows, grids = [], {}
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+
+    def save(final=False):  # after every row, so a run cut short still leaves its rows
+        record("toy_quality", args.file, 1 if device == "cuda" else 0, {"rows": rows},
+               config | {"grid_rows": list(grids)}, Path(args.out), final=final)
+
     training = json.loads((Path(args.teacher) / "training.json").read_text())
     if "real" in args.rows:
         metrics, _ = evaluate(model, lambda caps: np.stack([shapes.render(*shapes.parse(c).values(),
@@ -79,6 +85,7 @@ def main() -> None:
                              "gpu_minutes": round(training["metrics"]["minutes"], 2)})
                 grids[f"teacher-{steps}-{g}"] = imgs[:16]
                 print(json.dumps(rows[-1]), flush=True)
+                save()
     if "sid" in args.rows:
         work = Path(tempfile.mkdtemp(prefix="sidflow-toy-"))
         (work / "prompts.txt").write_text("\n".join(sorted({shapes.caption(*c) for c in shapes.combos("train")})))
@@ -96,13 +103,13 @@ def main() -> None:
                          "images_seen": int(result.kimg * 1000), "gpu_minutes": round(minutes, 2)})
             grids[f"sid-{kappa}"] = imgs[:16]
             print(json.dumps(rows[-1]), flush=True)
+            save()
     if args.grid and grids:
         from PIL import Image
 
         strip = np.concatenate([image_grid(v, cols=16) for v in grids.values()])
         Image.fromarray(strip).resize((strip.shape[1] * 3, strip.shape[0] * 3), Image.NEAREST).save(args.grid)
-    record("toy_quality", args.file, 1 if device == "cuda" else 0, {"rows": rows},
-           {k: v for k, v in vars(args).items() if k != "out"} | {"grid_rows": list(grids)}, Path(args.out))
+    save(final=True)
 
 
 if __name__ == "__main__":
