@@ -108,6 +108,34 @@ def _demo(args) -> int:
     return run_demo(args.out)
 
 
+def _registry(args) -> int:
+    from sidflow import registry
+    from sidflow.stages import register
+
+    cmd = args.registry_command
+    if cmd == "register":
+        r = register.run(config.from_args(register.RegisterConfig, args))
+        out = {"version": r.version, "promoted": r.promoted, "champion_version": r.champion_version}
+    elif cmd == "list":
+        held = registry.champion(args.registry, args.name)
+        out = [{"version": v.version, "champion": held is not None and v.version == held.version, "metrics": v.metrics,
+                "teacher_fingerprint": v.teacher_fingerprint, "run_id": v.run_id, "created": v.created,
+                "model_uri": v.model_uri} for v in registry.list_versions(args.registry, args.name, args.reindex)]
+    elif cmd == "show":  # without --version: the champion
+        v = registry.get(args.registry, args.name, args.version) if args.version is not None else \
+            registry.champion(args.registry, args.name)
+        if v is None:
+            raise FileNotFoundError(f"{args.name} has no champion in {args.registry}; pass --version")
+        out = v.to_dict()
+    elif cmd == "promote":
+        registry.promote(args.registry, args.name, args.version)
+        out = {"champion": args.version}
+    else:
+        out = {"versions": [v.version for v in registry.list_versions(args.registry, args.name, reindex=True)]}
+    print(json.dumps(out, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sidflow` console script."""
     # Library chatter (optional torchvision backends, diffusers config notices) is not for our users.
@@ -157,6 +185,22 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="the whole job on the bundled teacher, on this machine")
     p.add_argument("--out", default="demo-out")
     p.set_defaults(fn=_demo)
+    from sidflow.stages.register import RegisterConfig
+
+    p = sub.add_parser("registry", help="the model registry: register, list, show, promote, reindex")
+    p.set_defaults(fn=_registry)
+    reg = p.add_subparsers(dest="registry_command", required=True)
+    _stage_parser(reg, "register", RegisterConfig, "register an evaluated model; promote it if it passes the gate")
+    for name, help in [("list", "list the versions of a model"), ("show", "print one version (default: champion)"),
+                       ("promote", "make a version the champion, no gate"),
+                       ("reindex", "rebuild index.json from versions/")]:
+        p = reg.add_parser(name, help=help, description=help)
+        p.add_argument("--registry", required=True, help="registry root URI (s3://bucket/prefix or a local path)")
+        p.add_argument("--name", default="sid-generator", help="registered model name")
+        if name in ("show", "promote"):
+            p.add_argument("--version", type=int, required=name == "promote", help="version number")
+        if name == "list":
+            p.add_argument("--reindex", action="store_true", help="rebuild index.json from versions/ first")
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -408,3 +408,82 @@ def manifest_digest(manifest: dict) -> str:
     """sha256 hex over the sorted (path, size, sha256) rows: the content's fingerprint, blind to "created"."""
     rows = sorted((f["path"], f["size"], f["sha256"]) for f in manifest["files"])
     return hashlib.sha256(json.dumps(rows).encode("utf-8")).hexdigest()
+
+
+# Conditional writes: the registry's version numbers and champion alias ---------------------------------------------
+
+_CONFLICT_TRIES = 6  # S3 answers 409 ConditionalRequestConflict while another conditional write to the key is in flight
+
+
+def write_bytes_if_absent(uri: str, data: bytes) -> bool:
+    """Create a file or object only if none exists; True if this call created it, False if one was already there."""
+    if is_s3(uri):
+        return _s3_put_if(uri, data, IfNoneMatch="*")
+    dst = _local(uri)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.link(tmp, dst)  # fails if dst exists (exclusive), and dst appears complete or not at all (atomic)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+def read_bytes_tagged(uri: str) -> tuple[bytes, str] | None:
+    """The content of a file or object and a tag that changes with it (S3 ETag, local sha256); None if absent."""
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        try:
+            with _s3_errors(uri):
+                obj = _s3().get_object(Bucket=bucket, Key=key)
+        except _MissingKey:
+            return None
+        return obj["Body"].read(), obj["ETag"]
+    try:
+        data = _local(uri).read_bytes()
+    except FileNotFoundError:
+        return None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def write_bytes_if_match(uri: str, data: bytes, tag: str | None) -> bool:
+    """Replace a file or object only if its tag is still `tag` (None: only if absent); False if it changed meanwhile."""
+    if tag is None:
+        return write_bytes_if_absent(uri, data)
+    if is_s3(uri):
+        return _s3_put_if(uri, data, IfMatch=tag)
+    import fcntl  # POSIX only, like the rest of sidflow's local runs; imported here so storage still imports elsewhere
+
+    dst = _local(uri)
+    with open(dst.with_name(f".{dst.name}.lock"), "a") as lock:
+        # Every local compare-and-swap of dst holds this lock; the OS drops it if the process dies.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = read_bytes_tagged(uri)
+        if current is None or current[1] != tag:
+            return False
+        _replace_atomically(dst, lambda tmp: tmp.write_bytes(data))
+    return True
+
+
+def _s3_put_if(uri: str, data: bytes, **condition) -> bool:
+    import time  # local import keeps this appended section self-contained
+
+    bucket, key = _split(uri)
+    for attempt in range(_CONFLICT_TRIES):
+        try:
+            with _s3_errors(uri):
+                _s3().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+            return True
+        except _MissingKey:  # If-Match on an object that is gone: the tag cannot match any more
+            return False
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code == "PreconditionFailed" or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
+                return False
+            if code != "ConditionalRequestConflict":
+                raise
+            time.sleep(0.05 * 2**attempt)  # the other write settles within milliseconds; then 412 or success
+    raise OSError(f"{uri}: conditional write still conflicting after {_CONFLICT_TRIES} tries")
