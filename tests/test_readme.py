@@ -5,6 +5,8 @@ from pathlib import Path
 from sidflow.config import markdown_table
 from sidflow.stages.distill import DistillConfig
 from sidflow.stages.download_teacher import DownloadTeacherConfig
+from sidflow.stages.register import RegisterConfig
+from sidflow.toy.train_teacher import ToyTeacherConfig
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -15,5 +17,5 @@ def test_first_two_commands():
 
 
 def test_parameter_tables_match_the_configs():
-    for cls in (DistillConfig, DownloadTeacherConfig):
+    for cls in (DistillConfig, DownloadTeacherConfig, RegisterConfig, ToyTeacherConfig):
         assert markdown_table(cls) in README, f"README's {cls.__name__} table is stale: regenerate it"
