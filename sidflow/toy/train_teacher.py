@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sidflow.config import param
+from sidflow.method.vp import add_noise, at, vp_tables
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def train_teacher(cfg: ToyTeacherConfig, device=None, log=print) -> dict:
     # UNet: ε-prediction on the SD1.5 schedule (method.md §1), captions dropped to "" with p = caption_dropout.
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               num_train_timesteps=1000, prediction_type="epsilon", clip_sample=False, steps_offset=1)
-    ac = scheduler.alphas_cumprod.to(device)
+    a, s = (v.to(device) for v in vp_tables(scheduler.alphas_cumprod))
     widths = tuple(int(c) for c in cfg.channels.split(","))
     unet = _unet(latents.shape[-1], widths, cfg.layers_per_block, cross_dim).to(device)
     ema = _unet(latents.shape[-1], widths, cfg.layers_per_block, cross_dim).to(device)
@@ -125,8 +126,7 @@ def train_teacher(cfg: ToyTeacherConfig, device=None, log=print) -> dict:
         x0 = latents[i]
         t = torch.randint(0, 1000, (cfg.batch,), generator=g, device=device)
         eps = torch.randn(x0.shape, generator=g, device=device)
-        a_t = ac[t].sqrt().view(-1, 1, 1, 1)
-        x_t = a_t * x0 + (1 - a_t**2).sqrt() * eps
+        x_t = add_noise(x0, eps, at(a, t, x0), at(s, t, x0))
         with autocast:
             emb = text_encoder(ids[cap])[0]
             loss = nn.functional.mse_loss(unet(x_t, t, encoder_hidden_states=emb).sample.float(), eps)
@@ -159,11 +159,14 @@ def sample_teacher(teacher, prompts: list[str], seeds: list[int], steps: int, gu
     """Return uint8 images [N, H, W, 3] from the teacher with DDIM (η = 0) and CFG on ε, image i from seed i."""
     from diffusers import DDIMScheduler
 
+    from sidflow.method.guidance import guided_eps
+    from sidflow.teacher import score_net
+
     device = next(teacher.unet.parameters()).device
     ddim = DDIMScheduler.from_config({**teacher.scheduler_config, "clip_sample": False,
                                       "set_alpha_to_one": False, "timestep_spacing": "trailing"})
     ddim.set_timesteps(steps)
-    null = teacher.null().to(device)
+    null, net = teacher.null().to(device), score_net(teacher.unet)
     out = []
     for i in range(0, len(prompts), batch):
         c = teacher.encode(prompts[i : i + batch]).to(device)
@@ -172,10 +175,7 @@ def sample_teacher(teacher, prompts: list[str], seeds: list[int], steps: int, gu
         with torch.no_grad():
             for t in ddim.timesteps:
                 tt = torch.full((len(x),), int(t), device=device)
-                e = teacher.unet(torch.cat([x, x]), torch.cat([tt, tt]),
-                                 encoder_hidden_states=torch.cat([null.expand_as(c), c])).sample.float()
-                e_null, e_cond = e.chunk(2)
-                x = ddim.step(e_null + guidance * (e_cond - e_null), t, x).prev_sample
+                x = ddim.step(guided_eps(net, x, tt, c, null, guidance), t, x).prev_sample
             images = teacher.vae.decode(x / teacher.vae_scale).sample.float()
         out.append((images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
