@@ -136,6 +136,35 @@ def _registry(args) -> int:
     return 0
 
 
+def _watch_teachers(args) -> int:
+    from sidflow.stages import watch_teachers
+
+    print(json.dumps(watch_teachers.run(config.from_args(watch_teachers.WatchTeachersConfig, args)).new, indent=1))
+    return 0
+
+
+def _pipeline(args) -> int:
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pipeline/ and components/ sit beside sidflow/
+    from pipeline import compile as kfp_pipeline
+
+    if args.pipeline_command == "compile":
+        print(kfp_pipeline.compile(args.out))
+        return 0
+    bad = [kv for kv in args.set or [] if "=" not in kv]
+    if bad:
+        raise ValueError(f"--set {bad[0]!r} is not key=value")
+    arguments = dict(kv.split("=", 1) for kv in args.set or [])
+    for name in ("teachers", "registry", "artifact_root", "prompts"):
+        arguments[name] = getattr(args, name)
+    from sidflow.stages.distill import DistillConfig
+
+    arguments = {k: config._coerce(k, config._field_types(DistillConfig).get(k, str), v) for k, v in arguments.items()}
+    kfp_pipeline.run_local(args.pipeline_root, **arguments)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sidflow` console script."""
     # Library chatter (optional torchvision backends, diffusers config notices) is not for our users.
@@ -201,6 +230,22 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--version", type=int, required=name == "promote", help="version number")
         if name == "list":
             p.add_argument("--reindex", action="store_true", help="rebuild index.json from versions/ first")
+    from sidflow.stages.watch_teachers import WatchTeachersConfig
+
+    p = _stage_parser(sub, "watch-teachers", WatchTeachersConfig, "list teachers with no registered distillation yet")
+    p.set_defaults(fn=_watch_teachers)
+    p = sub.add_parser("pipeline", help="the sid-distill Kubeflow pipeline: compile it, or run it here (kfp.local)")
+    p.set_defaults(fn=_pipeline)
+    kp = p.add_subparsers(dest="pipeline_command", required=True)
+    p = kp.add_parser("compile", help="compile the pipeline to IR YAML")
+    p.add_argument("--out", default="pipeline/sid_distill.yaml", help="output YAML path")
+    p = kp.add_parser("run-local", help="run the whole pipeline on this machine (kfp.local, no pod settings)")
+    p.add_argument("--pipeline-root", default="kfp-local", help="local directory for kfp.local outputs")
+    p.add_argument("--teachers", required=True, help="comma-separated teacher sources")
+    p.add_argument("--registry", required=True, help="registry root URI")
+    p.add_argument("--artifact-root", required=True, help="artifact root URI (teachers/ and runs/ go under it)")
+    p.add_argument("--prompts", required=True, help="training prompts URI")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="another pipeline parameter (repeatable)")
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -1,0 +1,38 @@
+"""Compile the sid-distill pipeline to IR YAML, or run it on this machine with kfp.local.
+
+    python -m pipeline.compile [--out pipeline/sid_distill.yaml]   (also `sidflow pipeline compile`)
+"""
+
+import argparse
+from pathlib import Path
+
+DEFAULT_OUT = str(Path(__file__).with_name("sid_distill.yaml"))
+
+
+def compile(path: str = DEFAULT_OUT) -> str:
+    """Compile the sid-distill pipeline to `path` (IR YAML: pipeline spec + kubernetes platform spec); return path."""
+    from kfp import compiler
+
+    from pipeline.sid_distill import sid_distill
+
+    compiler.Compiler().compile(sid_distill, package_path=path)
+    return path
+
+
+def run_local(pipeline_root: str, **arguments):
+    """Run the whole pipeline here with kfp.local (SubprocessRunner in this interpreter; pod settings ignored)."""
+    from kfp import local
+
+    from pipeline.sid_distill import sid_distill
+
+    unknown = sorted(set(arguments) - set(sid_distill.component_spec.inputs))
+    if unknown:
+        raise ValueError(f"unknown sid-distill parameter(s): {', '.join(unknown)}")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root, raise_on_error=True)
+    return sid_distill(**arguments)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    print(compile(parser.parse_args().out))
