@@ -28,3 +28,11 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
+
+# Container images, tagged with sidflow.__version__ (see containers/README.md). Needs a docker engine.
+IMAGE_REPO ?= ghcr.io/example/sidflow
+VERSION    ?= $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' sidflow/__init__.py)
+.PHONY: images
+images:
+	docker build -f containers/runtime/Dockerfile --build-arg VERSION=$(VERSION) -t $(IMAGE_REPO)-runtime:$(VERSION) .
+	docker build -f containers/trainer/Dockerfile --build-arg VERSION=$(VERSION) -t $(IMAGE_REPO)-trainer:$(VERSION) .

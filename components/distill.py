@@ -5,7 +5,7 @@ from typing import Optional
 from kfp import dsl
 from kfp.dsl import Metrics, Output
 
-BASE_IMAGE = "ghcr.io/sidflow/sidflow-cuda:latest"  # containers/: CUDA trainer image with this package + kfp
+BASE_IMAGE = "ghcr.io/example/sidflow-trainer:0.1.0"  # containers/: CUDA trainer image with this package + kfp
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)

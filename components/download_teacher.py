@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-BASE_IMAGE = "ghcr.io/sidflow/sidflow-cpu:latest"  # containers/: this package + kfp installed
+BASE_IMAGE = "ghcr.io/example/sidflow-runtime:0.1.0"  # containers/: this package + kfp installed
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
