@@ -2,8 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
-# The CPU wheel is enough for the demo and the tests; on a GPU box pick the CUDA build you want.
-TORCH_SPEC ?= torch==2.13.0
+# clean-fid (evaluate) needs torchvision, which must match torch exactly: install the pair together.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP   = $(VENV)/.installed
 
 .PHONY: demo test install lint clean
@@ -11,7 +11,7 @@ STAMP   = $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 

@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import RESULTS, record  # noqa: E402
 
+from sidflow.config import override  # noqa: E402
 from sidflow.toy import evaluator, shapes  # noqa: E402
 
 
@@ -39,16 +40,20 @@ def main() -> None:
     p.add_argument("--rows", default="real,teacher,sid")
     p.add_argument("--teacher-steps", default="1,2,4,25")
     p.add_argument("--teacher-cfg", default="1,1.5,2")
-    p.add_argument("--sid-kappas", default="1.5,2")
-    p.add_argument("--kimg", type=float, default=100.0)
+    p.add_argument("--sid-runs", default="sid-lsg:kappa=2;sid-lsg:kappa=1.5",
+                   help="'row:key=value,...;...' DistillConfig overrides, one SiD row each (row names as in the issue)")
+    p.add_argument("--kimg", type=float, default=200.0)
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=256)
-    p.add_argument("--ema", type=float, default=5.0, help="EMA half-life kimg")
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--micro-batch", type=int, default=1024)
+    p.add_argument("--ema", type=float, default=20.0, help="EMA half-life kimg")
+    p.add_argument("--merge", default=None, help="comma-separated result files to merge into --file (no runs)")
     p.add_argument("--grid", default=None, help="write a sample grid PNG here (teacher 25 steps vs SiD one step)")
     p.add_argument("--file", default="toy_quality.json")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
+    if args.merge:
+        return merge(args)
 
     from sidflow.generator import image_grid, load_generator, sample
     from sidflow.stages.distill import DistillConfig, run
@@ -89,19 +94,20 @@ def main() -> None:
     if "sid" in args.rows:
         work = Path(tempfile.mkdtemp(prefix="sidflow-toy-"))
         (work / "prompts.txt").write_text("\n".join(sorted({shapes.caption(*c) for c in shapes.combos("train")})))
-        for kappa in [float(k) for k in args.sid_kappas.split(",")]:
-            cfg = DistillConfig(teacher=args.teacher, prompts=str(work / "prompts.txt"), output=str(work / f"k{kappa}"),
-                                kappa=kappa, lr_g=args.lr, lr_fake=args.lr, batch=args.batch,
-                                micro_batch=args.micro_batch, kimg=args.kimg, ema_halflife_kimg=args.ema,
-                                checkpoints=False)
+        for i, (row, overrides) in enumerate(parse_runs(args.sid_runs)):
+            cfg = override(DistillConfig(teacher=args.teacher, prompts=str(work / "prompts.txt"),
+                                         output=str(work / f"run{i}"), lr_g=args.lr, lr_fake=args.lr,
+                                         batch=args.batch, micro_batch=args.micro_batch, kimg=args.kimg,
+                                         ema_halflife_kimg=args.ema, checkpoints=False), overrides)
             start = time.time()
             result = run(cfg)
             minutes = (time.time() - start) / 60
             gen, info = load_generator(result.model_uri, device)
             metrics, imgs = evaluate(model, lambda caps: sample(gen, info, caps, seeds, batch=512), prompts, reference)
-            rows.append({"row": "sid-lsg", "steps": 1, "guidance": kappa, **metrics,
-                         "images_seen": int(result.kimg * 1000), "gpu_minutes": round(minutes, 2)})
-            grids[f"sid-{kappa}"] = imgs[:16]
+            rows.append({"row": row, "steps": cfg.steps, "guidance": cfg.kappa, **metrics,
+                         "images_seen": int(result.kimg * 1000), "gpu_minutes": round(minutes, 2),
+                         "config": overrides})
+            grids[f"{row}-{cfg.steps}-{cfg.kappa}"] = imgs[:16]
             print(json.dumps(rows[-1]), flush=True)
             save()
     if args.grid and grids:
@@ -110,6 +116,26 @@ def main() -> None:
         strip = np.concatenate([image_grid(v, cols=16) for v in grids.values()])
         Image.fromarray(strip).resize((strip.shape[1] * 3, strip.shape[0] * 3), Image.NEAREST).save(args.grid)
     save(final=True)
+
+
+def parse_runs(text: str) -> list[tuple[str, dict[str, str]]]:
+    """`row:k=v,k=v;row2:k=v` → [("row", {"k": "v", ...}), ...] (a row name may repeat)."""
+    runs = []
+    for spec in filter(None, (part.strip() for part in text.split(";"))):
+        name, _, body = spec.partition(":")
+        runs.append((name.strip(), dict(kv.split("=", 1) for kv in filter(None, body.split(",")))))
+    return runs
+
+
+def merge(args) -> None:
+    """Join result files written by separate processes (one GPU shared, or several calls) into one table."""
+    parts = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
+    rows = [row for part in parts for row in part["metrics"]["rows"]]
+    first = parts[0]
+    result = {**first, "command": " && ".join(part["command"] for part in parts),
+              "metrics": {"rows": rows}, "config": {"parts": [part["config"] for part in parts]}}
+    Path(args.out, args.file).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

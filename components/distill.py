@@ -3,14 +3,14 @@
 from typing import Optional
 
 from kfp import dsl
-from kfp.dsl import Metrics, Output
+from kfp.dsl import Metrics, Model, Output
 
 BASE_IMAGE = "ghcr.io/example/sidflow-trainer:0.1.0"  # containers/: CUDA trainer image with this package + kfp
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def distill(metrics: Output[Metrics], teacher: str = "", prompts: str = "", output: str = "", guidance: str = "lsg",
-            kappa: float = 1.5, kappa_1: Optional[float] = None, kappa_2: Optional[float] = None,
+def distill(metrics: Output[Metrics], model: Output[Model], teacher: str = "", prompts: str = "", output: str = "",
+            guidance: str = "lsg", kappa: float = 1.5, kappa_1: Optional[float] = None, kappa_2: Optional[float] = None,
             kappa_3: Optional[float] = None, kappa_4: Optional[float] = None, alpha: float = 1.0, t_min: int = 20,
             t_max: int = 980, t_init: int = 625, steps: int = 1, fake_dropout: float = 0.1, lr_fake: float = 1e-06,
             lr_g: float = 1e-06, adam_beta1: float = 0.0, adam_beta2: float = 0.999, adam_eps: float = 1e-08,
@@ -22,20 +22,22 @@ def distill(metrics: Output[Metrics], teacher: str = "", prompts: str = "", outp
     """Distill `teacher` into a one-step generator under `output`; return the exported model's URI.
 
     Every parameter is the DistillConfig field of the same name, with the same default (sidflow.stages.distill;
-    `sidflow distill --help` describes each). The model itself stays in the artifact store as a URI; `metrics`
-    logs the training summary. An interrupted run (SIGTERM) fails the task so that its retry resumes it.
+    `sidflow distill --help` describes each). κ1..κ4 and clip_grad_value also take the pipeline's "unset" values
+    (distill.PIPELINE_UNSET: -99 = from the guidance preset, 0 = no clipping). The model itself stays in the
+    artifact store as a URI; `metrics` logs the training summary. An interrupted run (SIGTERM) fails the task so
+    that its retry resumes it.
 
     Args:
         metrics: the distill result's numeric metrics, kimg and iterations.
+        model: the exported generator's model card; its metadata holds the model URI (weights stay in S3).
         teacher: teacher URI (a published diffusers SD1.5/SD2.1-base directory, local or s3://).
         prompts: training prompts URI: .txt (one per line) or .parquet with a 'prompt' column.
         output: run URI: config.json, checkpoints/, logs/ and model/ are written under it.
     """
-    fields = {k: v for k, v in locals().items() if k != "metrics"}
-    from sidflow.config import override
+    fields = {k: v for k, v in locals().items() if k not in ("metrics", "model")}
     from sidflow.stages import distill as stage
 
-    cfg = override(stage.DistillConfig(), fields)  # checks Literal values and types like the CLI does
+    cfg = stage.from_pipeline(fields)  # checks Literal values and types like the CLI does
     result = stage.run(cfg)
     print(stage.summary(result))
     for name, value in {"kimg": result.kimg, "iterations": result.iterations, **result.metrics}.items():
@@ -43,6 +45,9 @@ def distill(metrics: Output[Metrics], teacher: str = "", prompts: str = "", outp
             metrics.log_metric(name, float(value))
     if result.interrupted:
         raise RuntimeError(f"distill of {teacher} was interrupted at {result.kimg:.3f} kimg; a retry resumes it")
+    from sidflow.generator import describe
+
+    model.metadata.update(describe(result.model_uri, model.path))
     return result.model_uri
 
 

@@ -1,7 +1,5 @@
 """KFP component `register`: record an evaluated model as a registry version; promote it if it passes the gate."""
 
-from typing import Optional
-
 from kfp import dsl
 
 BASE_IMAGE = "ghcr.io/example/sidflow-runtime:0.1.0"  # containers/: this package + kfp installed
@@ -9,7 +7,7 @@ BASE_IMAGE = "ghcr.io/example/sidflow-runtime:0.1.0"  # containers/: this packag
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def register(registry: str = "", model_name: str = "sid-generator", model: str = "", metrics: str = "",
-             teacher_fingerprint: str = "", run_id: str = "", clip_floor: Optional[float] = None,
+             teacher_fingerprint: str = "", run_id: str = "", clip_floor: float = -1.0,
              promote: str = "auto") -> dict:
     """Register the model and return {"version", "promoted", "champion_version"}.
 
@@ -20,7 +18,7 @@ def register(registry: str = "", model_name: str = "sid-generator", model: str =
         metrics: URI of the evaluation metrics.json (at least 'fid', and 'clip').
         teacher_fingerprint: fingerprint of the distilled teacher; empty: the one in the model's sidflow.json.
         run_id: pipeline run id recorded with the version.
-        clip_floor: minimum CLIP score a model needs to be promoted; None: no floor.
+        clip_floor: minimum CLIP score a model needs to be promoted; negative: no floor.
         promote: auto (promote only if FID beats the champion's), always or never.
     """
     from sidflow.config import override
@@ -28,7 +26,7 @@ def register(registry: str = "", model_name: str = "sid-generator", model: str =
 
     cfg = override(stage.RegisterConfig(), dict(
         registry=registry, model_name=model_name, model=model, metrics=metrics, teacher_fingerprint=teacher_fingerprint,
-        run_id=run_id, clip_floor=clip_floor, promote=promote))
+        run_id=run_id, clip_floor=None if clip_floor < 0 else clip_floor, promote=promote))
     result = stage.run(cfg)
     print(f"registered {model} as {model_name} v{result.version} (promoted={result.promoted})")
     return {"version": result.version, "promoted": result.promoted, "champion_version": result.champion_version}

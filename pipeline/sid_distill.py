@@ -1,41 +1,81 @@
-"""The `sid-distill` pipeline: watch teachers -> for each new one: download_teacher -> distill.
+"""The `sid-distill` pipeline: watch teachers -> for each new one: download_teacher -> distill -> evaluate -> register.
 
-Evaluate has not landed yet, and register needs its metrics, so register is not in the DAG: it is wired in when
-evaluate lands (a stage that has not landed is never faked). Defaults are literals copied from the config
-dataclasses; tests/test_pipeline.py checks them and the descriptions against the dataclasses.
+Distill runs in one pod (`distill_nodes` = 1, the default) or, for more nodes, as a Kubeflow Trainer v2 TrainJob
+that a CPU task creates and waits for (`dsl.If`/`dsl.Else` inside the loop); either branch returns the model URI,
+so the next task takes `dsl.OneOf(train.output, job.output)`. Evaluate has not landed yet, and register needs its
+metrics, so register is not in the DAG: it is wired in when evaluate lands (a stage that has not landed is never
+faked). Defaults are literals copied from
+the config dataclasses (DistillConfig, WatchTeachersConfig, sidflow.trainjob.PlacementConfig) and, for the
+None-default DistillConfig fields, from distill.PIPELINE_UNSET; tests/test_pipeline.py checks them and the
+descriptions against the dataclasses.
 """
 
 from kfp import dsl, kubernetes
 
+from components.distill import BASE_IMAGE as TRAINER_IMAGE
 from components.distill import distill
+from components.distill_trainjob import distill_trainjob
 from components.download_teacher import download_teacher
+from components.evaluate import evaluate, passes_gate
+from components.register import register
 from components.watch_teachers import watch_teachers
+from sidflow.trainjob import S3_KEYS, S3_SECRET  # the Kubernetes secret every stage reads its S3 settings from
 
-S3_SECRET = "sidflow-s3"  # Kubernetes secret holding the S3 settings every stage reads through boto3
-S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION")
 DISTILL_GPUS = 1  # the component runs one training process; multi-GPU pods go through `sidflow distill --gpus N`
 DISTILL_CPU, DISTILL_MEMORY, DISTILL_SHM = "8", "64G", "16Gi"
 DISTILL_RETRIES = 3  # a retried distill resumes from its newest complete checkpoint (same output URI)
 # Run URI: <artifact_root>/runs/<run id>/<task id>. Not the teacher's slug: kfp.local (2.17) resolves a loop item's
 # field inside an f-string to the whole item JSON. The task id is fixed by the driver, so retries reuse it.
-# DistillConfig fields the pipeline does not expose (they stay at None): kfp.local cannot run a pipeline
-# parameter whose default is None. Per-task values come from the loop (teacher) and the run (output).
-NOT_EXPOSED = ("teacher", "output", "kappa_1", "kappa_2", "kappa_3", "kappa_4", "clip_grad_value")
+# DistillConfig fields the pipeline does not expose: per-task values come from the loop (teacher) and the run (output).
+# The None-default fields (κ1..κ4, clip_grad_value) are exposed with the "unset" values of distill.PIPELINE_UNSET,
+# because kfp.local cannot run a pipeline parameter whose default is None.
+NOT_EXPOSED = ("teacher", "output")
+PLACEMENT = ("distill_nodes", "gpu_node_selector", "gpu_tolerations")  # sidflow.trainjob.PlacementConfig
+# Pipeline parameter -> EvaluateConfig field. `eval_` where the bare name is a distill parameter or would be unclear;
+# limit and workers take 0 for None (all prompts, all cores).
+EVALUATE = {"eval_prompts": "prompts", "eval_reference": "reference", "eval_protocol": "protocol",
+            "eval_features": "features", "inception_weights": "inception_weights", "eval_scorer": "scorer",
+            "clip_model": "clip_model", "clip_weights": "clip_weights", "clip_precision": "clip_precision",
+            "unet_dtype": "unet_dtype", "vae_dtype": "vae_dtype", "eval_batch": "batch",
+            "eval_shard_size": "shard_size", "eval_limit": "limit", "eval_grid": "grid", "eval_workers": "workers",
+            "eval_gpus": "gpus"}
+GATE = ("max_fid", "promote", "clip_floor")  # the evaluate gate and RegisterConfig's promotion fields
+EVAL_GPUS, EVAL_RETRIES = 1, 2  # a retried evaluation keeps the shards already written
 
 
 def _s3_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_KEYS})
 
 
+def _gpu_pod(task: dsl.PipelineTask, gpus: int, retries: int, node_selector, tolerations) -> dsl.PipelineTask:
+    """GPU, CPU and memory, retries (the GPU stages resume), the S3 secret, and run-time node placement."""
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
+    task.set_cpu_request(DISTILL_CPU).set_cpu_limit(DISTILL_CPU)
+    task.set_memory_request(DISTILL_MEMORY).set_memory_limit(DISTILL_MEMORY)
+    task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0)
+    kubernetes.add_node_selector_json(task, node_selector)  # resolved at run time by the KFP driver
+    kubernetes.add_toleration_json(task, tolerations)
+    return _s3_env(task)
+
+
 @dsl.pipeline(name="sid-distill")
 def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-generator", artifact_root: str = "",
-                prompts: str = "", guidance: str = "lsg", kappa: float = 1.5, alpha: float = 1.0, t_min: int = 20,
-                t_max: int = 980, t_init: int = 625, steps: int = 1, fake_dropout: float = 0.1, lr_fake: float = 1e-06,
-                lr_g: float = 1e-06, adam_beta1: float = 0.0, adam_beta2: float = 0.999, adam_eps: float = 1e-08,
-                batch: int = 512, micro_batch: int = 1, kimg: float = 10000.0, precision: str = "bf16",
-                tf32: bool = False, grad_checkpointing: bool = False, ema_halflife_kimg: float = 50.0,
-                ema_rampup: float = 0.05, checkpoint_kimg: float = 100.0, log_every: int = 1, checkpoints: bool = True,
-                profile: bool = False, seed: int = 0, gpus: str = "1", resume: bool = True):
+                prompts: str = "", guidance: str = "lsg", kappa: float = 1.5, kappa_1: float = -99.0,
+                kappa_2: float = -99.0, kappa_3: float = -99.0, kappa_4: float = -99.0, alpha: float = 1.0,
+                t_min: int = 20, t_max: int = 980, t_init: int = 625, steps: int = 1, fake_dropout: float = 0.1,
+                lr_fake: float = 1e-06, lr_g: float = 1e-06, adam_beta1: float = 0.0, adam_beta2: float = 0.999,
+                adam_eps: float = 1e-08, batch: int = 512, micro_batch: int = 1, kimg: float = 10000.0,
+                precision: str = "bf16", tf32: bool = False, grad_checkpointing: bool = False,
+                clip_grad_value: float = 0.0, ema_halflife_kimg: float = 50.0, ema_rampup: float = 0.05,
+                checkpoint_kimg: float = 100.0, log_every: int = 1, checkpoints: bool = True, profile: bool = False,
+                seed: int = 0, gpus: str = "1", resume: bool = True, distill_nodes: int = 1,
+                gpu_node_selector: dict = {}, gpu_tolerations: list = [], eval_prompts: str = "",
+                eval_reference: str = "", eval_protocol: str = "coco30k", eval_features: str = "inception",
+                inception_weights: str = "", eval_scorer: str = "openclip", clip_model: str = "ViT-g-14",
+                clip_weights: str = "laion2b_s12b_b42k", clip_precision: str = "tf32", unet_dtype: str = "fp16",
+                vae_dtype: str = "fp32", eval_batch: int = 32, eval_shard_size: int = 1024, eval_limit: int = 0,
+                eval_grid: int = 16, eval_workers: int = 0, eval_gpus: str = "1", max_fid: float = 0.0,
+                promote: str = "auto", clip_floor: float = -1.0):
     """Distill every teacher whose current version has no registered generator yet.
 
     Args:
@@ -46,6 +86,12 @@ def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-g
         prompts: training prompts URI: .txt (one per line) or .parquet with a 'prompt' column.
         guidance: κ preset: lsg = κ everywhere, long = teacher only, short = fake training only (method.md §3).
         kappa: guidance scale κ of the preset; released SD1.5 models use 1.5, 2, 3, 4.5 (§3, §7.2).
+        kappa_1: override κ1: CFG on the fake network while it is trained (§3); -99 = from the guidance preset.
+        kappa_2: override κ2 (= κ3): CFG on the fake network inside the generator loss (§3); -99 = from the guidance
+            preset.
+        kappa_3: override κ3; tied to κ2 in the reference code, so it must equal κ2 (§3); -99 = from the guidance
+            preset.
+        kappa_4: override κ4: CFG on the teacher inside the generator loss (§3); -99 = from the guidance preset.
         alpha: α of the SiD generator loss; 1.0 for SD (method.md §4).
         t_min: smallest diffusion time t drawn for both losses (§1).
         t_max: t is drawn from {t_min..t_max-1} (§1).
@@ -64,6 +110,7 @@ def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-g
             §8).
         tf32: allow TF32 matmuls in fp32 mode (off in the reference code).
         grad_checkpointing: gradient checkpointing in the generator, fake and teacher UNets.
+        clip_grad_value: clip each gradient value to ±this after nan_to_num (off for SD); 0 = no clipping.
         ema_halflife_kimg: EMA half-life in kimg; 0 turns EMA off (--ema 0.05 = 50 kimg, §5).
         ema_rampup: EMA ramp-up: half-life = min(half-life, rampup · images seen) (§5).
         checkpoint_kimg: publish a checkpoint every this many kimg (and on SIGTERM).
@@ -73,8 +120,50 @@ def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-g
         seed: random seed; every draw of iteration i derives from (seed, i, rank).
         gpus: GPUs to use: a count or 'all' (sidflow distill launches one process per GPU).
         resume: resume from the newest complete checkpoint under output, if any.
+        distill_nodes: distill nodes: 1 = one pod (the KFP task itself); more = a Kubeflow Trainer TrainJob of that
+            many nodes with `gpus` GPUs each.
+        gpu_node_selector: node labels the GPU pods must carry, e.g. {"nvidia.com/gpu.product":
+            "NVIDIA-H100-80GB-HBM3"}; {} = any.
+        gpu_tolerations: tolerations of the GPU pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists",
+            "effect": "NoSchedule"}].
+        eval_prompts: prompt set URI: .parquet with caption, seed (default: row index), optional image_id
+            (`sidflow data coco-prompts`).
+        eval_reference: reference statistics URI (.npz from `sidflow data ref-stats`, same protocol and
+            features).
+        eval_protocol: coco30k: crop + Lanczos 256 (GigaGAN/DMD2/SiD-LSG); sdxl10k: FID at 512, CLIP at 256
+            (DMD2 SDXL); native: images as generated (toy).
+        eval_features: FID features: 'inception' (clean-fid's TF-Inception from inception_weights) or
+            'toy:<evaluator URI>' (shapes-FID).
+        inception_weights: URI (s3:// or local) of inception-2015-12-05.pt, clean-fid's TF-Inception
+            TorchScript.
+        eval_scorer: 'openclip' (clip_model + clip_weights, GigaGAN's CLIP score) or 'toy:<evaluator URI>'
+            (prompt accuracy).
+        clip_model: OpenCLIP architecture, or URI of an open_clip directory (open_clip_config.json + weights).
+        clip_weights: OpenCLIP pretrained tag (Hugging Face cache) or URI of the checkpoint file; unused when
+            clip_model is a directory.
+        clip_precision: CLIP precision: tf32 = fp32 weights, TF32 matmuls (4x faster; moves the score < 1e-4,
+            benchmarks/eval_throughput.py); fp32 = GigaGAN's exact .float(); fp16/bf16 faster still.
+        unet_dtype: UNet autocast precision on GPU (SiD-LSG generates in fp16); CPU runs use fp32.
+        vae_dtype: VAE decode precision on GPU; fp32 is safe for every VAE (SDXL's overflows in fp16).
+        eval_batch: images generated per process per batch.
+        eval_shard_size: prompts per shard: the unit of work handed to a process and of resume.
+        eval_limit: evaluate only the first N prompts (smoke runs); None: all; 0 = all.
+        eval_grid: images in grid.png: those of the first N prompts.
+        eval_workers: CPU threads per process for crop, resize and CLIP preprocessing; None: all cores; 0 = all
+            cores.
+        eval_gpus: GPUs to use: a count or 'all' (sidflow evaluate launches one process per GPU).
+        max_fid: registration gate: a model is registered only if its FID is finite and at most this; 0 = any
+            finite FID.
+        promote: auto: promote only if FID beats the champion's (and CLIP meets clip_floor); always; never.
+        clip_floor: minimum CLIP score a model needs to be promoted; None: no floor; negative = no floor.
     """
-    hyper = {k: v for k, v in locals().items() if k not in ("teachers", "registry", "model_name", "artifact_root")}
+    placement = {"distill_nodes": distill_nodes, "gpu_node_selector": gpu_node_selector,
+                 "gpu_tolerations": gpu_tolerations}
+    hyper = {k: v for k, v in locals().items()
+             if k not in ("teachers", "registry", "model_name", "artifact_root", "placement", *PLACEMENT, *EVALUATE,
+                          *GATE)}
+    args = locals()
+    scoring = {field: args[name] for name, field in EVALUATE.items()}
     watch = watch_teachers(teachers=teachers, registry=registry, model_name=model_name, artifact_root=artifact_root)
     watch.set_display_name("Find new teachers").set_caching_options(False)  # the registry and the hub change
     _s3_env(watch)
@@ -83,12 +172,28 @@ def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-g
         fetch.set_display_name("Download teacher").set_caching_options(False)  # the source may have moved on
         _s3_env(fetch)
         run_uri = f"{artifact_root}/runs/{dsl.PIPELINE_JOB_ID_PLACEHOLDER}/{dsl.PIPELINE_TASK_ID_PLACEHOLDER}"
-        train = distill(teacher=fetch.outputs["uri"], output=run_uri, **hyper)
-        train.set_display_name("Distill one-step generator")
-        train.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(DISTILL_GPUS)
-        train.set_cpu_request(DISTILL_CPU).set_cpu_limit(DISTILL_CPU)
-        train.set_memory_request(DISTILL_MEMORY).set_memory_limit(DISTILL_MEMORY)
-        train.set_retry(num_retries=DISTILL_RETRIES, backoff_duration="60s", backoff_factor=2.0)
-        _s3_env(train)
-        kubernetes.empty_dir_mount(train, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
-                                   size_limit=DISTILL_SHM)
+        with dsl.If(distill_nodes == 1, name="one-pod"):
+            train = distill(teacher=fetch.outputs["uri"], output=run_uri, **hyper)
+            train.set_display_name("Distill one-step generator")
+            _gpu_pod(train, DISTILL_GPUS, DISTILL_RETRIES, gpu_node_selector, gpu_tolerations)
+            kubernetes.empty_dir_mount(train, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                       size_limit=DISTILL_SHM)
+        with dsl.Else(name="multi-node"):  # this CPU task creates the TrainJob and waits for it
+            job = distill_trainjob(teacher=fetch.outputs["uri"], output=run_uri, trainer_image=TRAINER_IMAGE,
+                                   **placement, **hyper)
+            job.set_display_name("Distill on several nodes (TrainJob)")
+            job.set_retry(num_retries=DISTILL_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+            _s3_env(job)  # reads the exported model's sidflow.json
+        model = dsl.OneOf(train.outputs["Output"], job.outputs["Output"])
+        score = evaluate(model=model, output=run_uri, **scoring)  # run_uri resolves to this task's own id
+        score.set_display_name("Evaluate (FID, CLIP score)")
+        _gpu_pod(score, EVAL_GPUS, EVAL_RETRIES, gpu_node_selector, gpu_tolerations)
+        gate = passes_gate(metrics=score.outputs["Output"], max_fid=max_fid)
+        gate.set_display_name("Check the registration gate").set_caching_options(False)
+        _s3_env(gate)
+        with dsl.If(gate.output == True, name="passed-gate"):  # noqa: E712 (a KFP condition, not a bool)
+            entry = register(registry=registry, model_name=model_name, model=model,
+                             metrics=score.outputs["Output"], run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                             clip_floor=clip_floor, promote=promote)
+            entry.set_display_name("Register (promote if better)").set_caching_options(False)  # the champion moves
+            _s3_env(entry)

@@ -33,6 +33,63 @@ def _distill(args) -> int:
     return 143 if result.interrupted else 0  # 128 + SIGTERM: the orchestrator retries and the run resumes
 
 
+def _distill_trainjob(args) -> int:
+    import yaml
+
+    from sidflow import trainjob
+    from sidflow.stages import distill
+
+    cfg = config.from_args(distill.DistillConfig, args)
+    job = trainjob.manifest(cfg, config.from_args(trainjob.PlacementConfig, args), args.image)
+    print(yaml.safe_dump(job, sort_keys=False, width=120), end="")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from sidflow.stages import evaluate
+
+    cfg = config.from_args(evaluate.EvaluateConfig, args)
+    n = _gpu_count(cfg.gpus)
+    if n > 1 and "WORLD_SIZE" not in os.environ:  # relaunch one process per GPU with torchrun
+        evaluate.validate(cfg)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               "-m", "sidflow.cli", *sys.argv[1:]]
+        os.execv(sys.executable, cmd)
+    if args.dry_run:
+        evaluate.validate(cfg)
+        print(config.to_json(cfg))
+        return 0
+    result = evaluate.run(cfg)
+    if os.environ.get("RANK", "0") == "0":  # one summary line per launch, not one per process
+        print(evaluate.summary(result))
+    return 0
+
+
+def _data(args) -> int:
+    from sidflow.evaluate import protocol
+
+    if args.data_command == "ref-stats":
+        from sidflow.evaluate.reference import RefStatsConfig, compute_reference
+
+        print(json.dumps(compute_reference(config.from_args(RefStatsConfig, args))))
+        return 0
+    from sidflow import storage
+
+    if (args.captions_txt is None) == (args.annotations is None):
+        raise ValueError("pass exactly one of --captions-txt (GigaGAN's 30k list) and --annotations "
+                         "(COCO captions_val2014.json)")
+    if args.captions_txt is not None:
+        if args.n is not None:
+            raise ValueError("--n applies to --annotations only: captions.txt is used whole, as the papers do")
+        captions, ids = protocol.captions_from_gigagan_txt(storage.read_bytes(args.captions_txt)), None
+    else:
+        captions, ids = protocol.captions_from_coco_annotations(storage.read_bytes(args.annotations), args.n,
+                                                                args.seed)
+    protocol.write_prompt_set(args.out, captions, image_ids=ids)
+    print(json.dumps({"out": args.out, "prompts": len(captions), "image_ids": ids is not None}))
+    return 0
+
+
 def _gpu_count(gpus: str) -> int:
     if gpus == "all":
         import torch
@@ -148,21 +205,50 @@ def _pipeline(args) -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pipeline/ and components/ sit beside sidflow/
     from pipeline import compile as kfp_pipeline
+    from pipeline import submit
 
     if args.pipeline_command == "compile":
         print(kfp_pipeline.compile(args.out))
         return 0
-    bad = [kv for kv in args.set or [] if "=" not in kv]
-    if bad:
-        raise ValueError(f"--set {bad[0]!r} is not key=value")
-    arguments = dict(kv.split("=", 1) for kv in args.set or [])
-    for name in ("teachers", "registry", "artifact_root", "prompts"):
-        arguments[name] = getattr(args, name)
-    from sidflow.stages.distill import DistillConfig
+    if args.pipeline_command == "run-local":
+        from google.protobuf import json_format
 
-    arguments = {k: config._coerce(k, config._field_types(DistillConfig).get(k, str), v) for k, v in arguments.items()}
-    kfp_pipeline.run_local(args.pipeline_root, **arguments)
+        from pipeline.sid_distill import sid_distill
+
+        params = submit.parameters(json_format.MessageToDict(sid_distill.pipeline_spec))
+        arguments = submit.parse_overrides(args.set or [], params)
+        for name in ("teachers", "registry", "artifact_root", "prompts"):
+            arguments[name] = getattr(args, name)
+        kfp_pipeline.run_local(args.pipeline_root, **arguments)
+        return 0
+    params = submit.package_parameters(args.package)  # submit, schedule: typed as the compiled pipeline declares
+    arguments = submit.parse_overrides(args.params, params)
+    submit.check_required(arguments, params)
+    if args.pipeline_command == "schedule":
+        submit.check_cron(args.cron)
+    if args.dry_run:
+        print(json.dumps({"parameters": arguments, "pipeline_root": args.pipeline_root, "package": args.package}))
+        return 0
+    common = dict(package=args.package, experiment=args.experiment, namespace=args.namespace,
+                  pipeline_root=args.pipeline_root, service_account=args.service_account)
+    try:
+        client = submit.connect(args.host, args.namespace, args.existing_token)
+        if args.pipeline_command == "submit":
+            out = submit.submit(client, arguments, run_name=args.run_name, **common)
+        else:
+            out = submit.schedule(client, arguments, cron=args.cron, name=args.name, **common)
+    except ConnectionError as e:  # the API server refused or could not be reached: one line, no traceback
+        print(f"sidflow pipeline {args.pipeline_command}: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(out))
     return 0
+
+
+def _committed_pipeline() -> str:
+    """Return the path of the committed compiled pipeline, pipeline/sid_distill.yaml (beside sidflow/)."""
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parents[1] / "pipeline" / "sid_distill.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     p = _stage_parser(sub, "distill", DistillConfig, "one-step SiD-LSG distillation of a teacher")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and stop")
     p.set_defaults(fn=_distill)
+    from sidflow import trainjob
+
+    p = _stage_parser(sub, "distill-trainjob", DistillConfig, "print the Kubeflow Trainer TrainJob (YAML) that runs "
+                      "this distill on --distill-nodes nodes × --gpus GPUs; kubectl create -f it")
+    config.add_arguments(p, trainjob.PlacementConfig)
+    p.add_argument("--image", default=trainjob.TRAINER_IMAGE, help="trainer image (default: %(default)s)")
+    p.set_defaults(fn=_distill_trainjob)
     p = sub.add_parser("generate", help="sample an exported generator")
     p.add_argument("--model", required=True, help="generator URI (the distill output's model/)")
     p.add_argument("--prompt", required=True)
@@ -230,11 +323,29 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--version", type=int, required=name == "promote", help="version number")
         if name == "list":
             p.add_argument("--reindex", action="store_true", help="rebuild index.json from versions/ first")
+    from sidflow.evaluate.reference import RefStatsConfig
+    from sidflow.stages.evaluate import EvaluateConfig
+
+    p = _stage_parser(sub, "evaluate", EvaluateConfig, "FID and CLIP score under the zero-shot COCO protocol")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and stop")
+    p.set_defaults(fn=_evaluate)
+    p = sub.add_parser("data", help="evaluation data: COCO prompt sets, reference statistics")
+    p.set_defaults(fn=_data)
+    data = p.add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("coco-prompts", help="write a prompt set parquet (caption, seed[, image_id])",
+                        description="From GigaGAN's captions.txt (30k, md5 checked) or COCO's captions_val2014.json "
+                                    "(one caption per image, drawn with --seed; --n random images).")
+    p.add_argument("--out", required=True, help="parquet URI")
+    p.add_argument("--captions-txt", help="URI of GigaGAN's captions.txt (the SiD-LSG / DMD2 copies are identical)")
+    p.add_argument("--annotations", help="URI of COCO's annotations/captions_val2014.json")
+    p.add_argument("--n", type=int, help="with --annotations: draw this many images (10000 for the SDXL protocol)")
+    p.add_argument("--seed", type=int, default=0, help="with --annotations: seed of the caption and image draws")
+    _stage_parser(data, "ref-stats", RefStatsConfig, "compute reference mu/sigma of real images once, store at a URI")
     from sidflow.stages.watch_teachers import WatchTeachersConfig
 
     p = _stage_parser(sub, "watch-teachers", WatchTeachersConfig, "list teachers with no registered distillation yet")
     p.set_defaults(fn=_watch_teachers)
-    p = sub.add_parser("pipeline", help="the sid-distill Kubeflow pipeline: compile it, or run it here (kfp.local)")
+    p = sub.add_parser("pipeline", help="the sid-distill Kubeflow pipeline: compile, run-local, submit, schedule")
     p.set_defaults(fn=_pipeline)
     kp = p.add_subparsers(dest="pipeline_command", required=True)
     p = kp.add_parser("compile", help="compile the pipeline to IR YAML")
@@ -246,6 +357,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact-root", required=True, help="artifact root URI (teachers/ and runs/ go under it)")
     p.add_argument("--prompts", required=True, help="training prompts URI")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="another pipeline parameter (repeatable)")
+    for name, help in [("submit", "start one run on a Kubeflow Pipelines cluster; prints its id and UI link"),
+                       ("schedule", "create a recurring run (enabled, max_concurrency 1, no catch-up); prints its "
+                                    "id and UI link")]:
+        p = kp.add_parser(name, help=help, description=help + ". KEY=VALUE overrides are parsed into the types "
+                          "the compiled pipeline declares (false, 1e-5, 8 arrive as JSON bool, float, int).")
+        p.add_argument("params", nargs="*", metavar="KEY=VALUE", help="pipeline parameter overrides")
+        p.add_argument("--host", help="KFP API endpoint, e.g. http://localhost:3000 after `kubectl port-forward -n "
+                                      "kubeflow svc/ml-pipeline-ui 3000:80` (default: $KF_PIPELINES_ENDPOINT, "
+                                      "then in-cluster or kubeconfig discovery)")
+        p.add_argument("--namespace", help="profile namespace of a multi-user Kubeflow (default: kfp's context)")
+        p.add_argument("--existing-token", help="bearer token for the API server (multi-user Kubeflow)")
+        p.add_argument("--experiment", default="sidflow", help="experiment name, created if missing")
+        p.add_argument("--pipeline-root", help="artifact root of the run, e.g. s3://bucket/kfp (default: the "
+                                               "kfp-launcher ConfigMap's defaultPipelineRoot)")
+        p.add_argument("--package", default=_committed_pipeline(), help="compiled pipeline YAML")
+        p.add_argument("--service-account", help="Kubernetes ServiceAccount the run's pods use")
+        p.add_argument("--dry-run", action="store_true", help="print the typed parameters and stop")
+        if name == "submit":
+            p.add_argument("--run-name", help="run name (default: the package file name and the time)")
+        else:
+            p.add_argument("--cron", required=True, help='6 fields, seconds first: "0 0 3 * * *" = 03:00 daily; '
+                                                         "or @daily, @every 24h")
+            p.add_argument("--name", default="sid-distill", help="recurring run name")
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -57,7 +57,22 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"{name}={value!r} must be a string")
         return value
+    if tp in (dict, list):  # JSON on the command line: --gpu-node-selector '{"key": "value"}'
+        kind, given = ("object" if tp is dict else "array"), value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = None
+        if not isinstance(value, tp):
+            raise ValueError(f"{name}={given!r} is not a JSON {kind}")
+        return value
     return value
+
+
+def default(f: dataclasses.Field) -> Any:
+    """Return a field's default, calling its default_factory if it has one (dict and list fields)."""
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def override(cfg, overrides: dict[str, Any] | None = None):
@@ -88,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
                             choices=choices, metavar=None if choices else f.name.upper(),
-                            help=f"{f.metadata.get('help', '')} (default: {f.default!r})")
+                            help=f"{f.metadata.get('help', '')} (default: {default(f)!r})")
 
 
 def from_args(cls, args: argparse.Namespace, base=None):
@@ -102,5 +117,5 @@ def markdown_table(cls) -> str:
     """Return the README's parameter table for a config class (the drift test compares it with README.md)."""
     rows = ["| parameter | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(cls):
-        rows.append(f"| `{f.name}` | `{f.default!r}` | {f.metadata.get('help', '')} |")
+        rows.append(f"| `{f.name}` | `{default(f)!r}` | {f.metadata.get('help', '')} |")
     return "\n".join(rows)

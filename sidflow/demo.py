@@ -1,55 +1,79 @@
-"""`make demo`: distill the bundled toy teacher on this machine and show the before/after table.
+"""`make demo`: the whole sid-distill pipeline under kfp.local on the bundled toy teacher, then the before/after table.
 
-download-teacher → distill (real SiD-LSG iterations on the CPU) → one-step samples, scored with the bundled shapes
-evaluator against the teacher at 1 and 25 DDIM steps. Every number printed is measured in this run.
+watch_teachers → download_teacher → distill (real SiD-LSG iterations on the CPU) → evaluate (shapes-FID and prompt
+accuracy with the bundled evaluator) → register (champion if it passes the gate). The teacher rows go through the
+same evaluate stage (DDIM, CFG κ) with the same prompts, seeds and reference. Every number printed is measured in
+this run. A second demo in the same directory finds the teacher already registered: watch_teachers skips it.
 """
 
+import json
 import os
 from pathlib import Path
 
 TOY_TEACHER = Path(__file__).resolve().parent.parent / "examples" / "toy-teacher"
+MODEL_NAME = "toy-sid"
+
+
+def demo_parameters(root: Path, kimg: float, kappa: float, eval_set: dict) -> dict:
+    """sid-distill parameters for a CPU run on the toy teacher (everything else at the pipeline's defaults)."""
+    evaluator = str(TOY_TEACHER / "evaluator")
+    return {"teachers": str(TOY_TEACHER), "registry": str(root / "registry"), "model_name": MODEL_NAME,
+            "artifact_root": str(root / "artifacts"), "prompts": str(root / "prompts.txt"), "kappa": kappa,
+            "batch": 32, "micro_batch": 32, "kimg": kimg, "checkpoint_kimg": kimg / 2, "precision": "fp32",
+            "lr_g": 3e-5, "lr_fake": 3e-5, "ema_halflife_kimg": 0.5, "ema_rampup": 0.5,
+            "eval_prompts": eval_set["prompts"], "eval_reference": eval_set["reference"], "eval_protocol": "native",
+            "eval_features": f"toy:{evaluator}", "eval_scorer": f"toy:{evaluator}", "eval_batch": 128}
 
 
 def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> int:
     """Run the demo under `out`; print the table and the grid path; return the exit code."""
-    import numpy as np
-    from PIL import Image
+    import sys
+    import warnings
 
-    from sidflow.generator import image_grid, load_generator, sample
-    from sidflow.stages import distill, download_teacher
-    from sidflow.teacher import load_teacher
-    from sidflow.toy import evaluator, shapes
-    from sidflow.toy.train_teacher import sample_teacher
+    from sidflow import registry
+    from sidflow.evaluate.toy import toy_eval_set
+    from sidflow.stages import evaluate
+    from sidflow.toy import shapes
 
+    sys.path.insert(0, str(TOY_TEACHER.parents[1]))  # pipeline/ and components/ sit beside sidflow/
+    from pipeline.compile import run_local
+
+    # kfp.local warns that pod settings (GPUs, images, display names) do not apply on this machine: expected here.
+    warnings.filterwarnings("ignore", module=r"kfp\..*")
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("SIDFLOW_CACHE", str(root / "cache"))
+    os.environ.setdefault("SIDFLOW_NO_BAR", "1")  # kfp.local interleaves the tasks' output: bars would garble it
     (root / "prompts.txt").write_text("\n".join(sorted({shapes.caption(*c) for c in shapes.combos("train")})))
+    evaluator = str(TOY_TEACHER / "evaluator")
+    eval_set = toy_eval_set(str(root / "eval-set"), evaluator, n=n)
+    reg = str(root / "registry")
+    before = registry.champion(reg, MODEL_NAME)
+    print(f"[1/3] sid-distill under kfp.local: artifacts in {root / 'artifacts'}, registry {reg}", flush=True)
+    run_local(str(root / "kfp-root"), **demo_parameters(root, kimg, kappa, eval_set))
+    champion = registry.champion(reg, MODEL_NAME)
+    if champion is None:
+        print("the pipeline registered no champion: see the task logs above")
+        return 1
+    if before is not None and before.version == champion.version:
+        print(f"      teacher already distilled (registry v{champion.version}); delete {root} to distill again")
+    print(f"[2/3] registry: {MODEL_NAME} v{champion.version} is champion: {champion.model_uri}")
 
-    step = download_teacher.run(download_teacher.DownloadTeacherConfig(source=str(TOY_TEACHER),
-                                                                       dest=str(root / "teacher")))
-    print(f"[1/3] teacher published at {step.uri} ({step.fingerprint[:23]}…, skipped={step.skipped})")
-    cfg = distill.DistillConfig(teacher=step.uri, prompts=str(root / "prompts.txt"), output=str(root / "run"),
-                                kappa=kappa, batch=32, micro_batch=32, kimg=kimg, checkpoint_kimg=kimg / 2,
-                                precision="fp32", lr_g=1e-5, lr_fake=1e-5, ema_halflife_kimg=0.5, ema_rampup=0.5,
-                                resume=False)
-    result = distill.run(cfg)
-    print(f"[2/3] distilled {result.iterations} iterations ({result.kimg} kimg): model at {result.model_uri}")
-
-    model = evaluator.load(TOY_TEACHER / "evaluator")
-    captions = shapes.sample(n, 12_345, "train")[1]
-    reference = shapes.sample(4 * n, 777, "train")[0]
-    seeds = list(range(n))
-    teacher = load_teacher(step.uri)
-    gen, info = load_generator(result.model_uri)
-    rows = {f"teacher, 1 DDIM step, CFG {kappa}": sample_teacher(teacher, captions, seeds, 1, kappa),
-            f"teacher, 25 DDIM steps, CFG {kappa}": sample_teacher(teacher, captions, seeds, 25, kappa),
-            f"distilled SiD-LSG one-step, κ {kappa}": sample(gen, info, captions, seeds, batch=128)}
-    grid = np.concatenate([image_grid(images[:12], cols=12) for images in rows.values()])
-    Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(root / "samples.png")
-    print(f"[3/3] samples (rows: {', '.join(rows)}): {root / 'samples.png'}\n")
-    print(f"| sampler | shapes-FID ↓ | prompt accuracy ↑ |   ({n} prompts, same seeds)\n|---|---|---|")
-    for name, images in rows.items():
-        fid = evaluator.shapes_fid(model, images, reference)
-        print(f"| {name} | {fid:.1f} | {evaluator.prompt_accuracy(model, images, captions):.3f} |")
+    print("[3/3] the teacher through the same evaluate stage (same prompts, seeds, reference)", flush=True)
+    common = {"prompts": eval_set["prompts"], "reference": eval_set["reference"], "protocol": "native",
+              "features": f"toy:{evaluator}", "scorer": f"toy:{evaluator}", "batch": 128}
+    rows = {}
+    for steps in (1, 25):
+        result = evaluate.run(evaluate.EvaluateConfig(
+            model=str(TOY_TEACHER), sampler="ddim", teacher_steps=steps, guidance=kappa,
+            output=str(root / f"eval-teacher-{steps}"), **common))
+        rows[f"teacher, {steps} DDIM step{'s' if steps > 1 else ''}, CFG {kappa:g}"] = result.metrics
+    rows[f"distilled SiD-LSG, one step, κ {kappa:g}"] = champion.metrics
+    print(f"\n| sampler | shapes-FID ↓ | prompt accuracy ↑ |   ({n} prompts, same seeds)\n|---|---|---|")
+    for name, m in rows.items():
+        print(f"| {name} | {m['fid']:.1f} | {m['clip']:.3f} |")
+    grids = sorted((root / "artifacts" / "runs").glob("*/*/grid.png"), key=os.path.getmtime)
+    if grids:  # written by the evaluate task next to its metrics.json
+        print(f"\nsample grid (distilled, one step, captioned): {grids[-1]}")
+    print(json.dumps({"champion": champion.version, "model": champion.model_uri}))
     return 0

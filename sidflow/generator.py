@@ -66,6 +66,15 @@ def export_generator(unet: torch.nn.Module, teacher: Teacher, uri: str, info: di
         return storage.publish_dir(tmp, uri)
 
 
+def describe(uri: str, card_path: str) -> dict:
+    """Write the exported model's card to `card_path` (a KFP Model artifact's file) and return the metadata the
+    artifact carries: the model's URI (the weights stay in the artifact store), its teacher and training length."""
+    info = json.loads(storage.read_text(storage.join(uri, INFO_FILE)))
+    Path(card_path).write_text(storage.read_text(storage.join(uri, "README.md")))
+    return {"uri": uri, "teacher": info.get("teacher", ""), "teacher_fingerprint": info.get("teacher_fingerprint", ""),
+            "kimg": info.get("nimg", 0) / 1000, "steps": info.get("steps", 1), "weights": info.get("weights", "")}
+
+
 def load_generator(uri: str, device="cpu") -> tuple[Teacher, dict]:
     """Return (networks, info) of an exported generator; the schedule tables cover t ≤ t_init."""
     gen = load_teacher(uri, device)

@@ -18,3 +18,29 @@ def test_throughput_script_writes_its_record(tmp_path):
     m = record["metrics"]
     assert m["images_per_s_per_gpu"] > 0 and m["iterations_timed"] == 1
     assert abs(sum(m["phase_split"].values()) - 1) < 0.01
+
+
+def test_eval_throughput_script_writes_its_record(tmp_path):
+    subprocess.run([sys.executable, "benchmarks/eval_throughput.py", "--smoke", "--out", str(tmp_path)], check=True,
+                   cwd=ROOT, capture_output=True)
+    record = json.loads((tmp_path / "eval_throughput_tiny_cpu.json").read_text())
+    m = record["metrics"]
+    assert m["images_measured"] == 8 and m["images_per_s"] > 0 and m["projected_30k_minutes"] > 0
+    assert {"delta_fid_fast", "delta_clip_fast", "delta_clip_default", "fid_strict_vs_fast", "passes",
+            "components_images_per_s", "clip_vs_fp32_same_images"} <= m.keys()
+
+
+def test_toy_quality_sid_rows_and_merge(tmp_path):
+    common = [sys.executable, "benchmarks/toy_quality.py", "--n", "16", "--kimg", "0.032", "--batch", "16",
+              "--micro-batch", "16", "--ema", "0", "--out", str(tmp_path)]
+    env = {**__import__("os").environ, "SIDFLOW_NO_BAR": "1"}
+    subprocess.run(common + ["--rows", "sid", "--sid-runs", "sid-fewstep:kappa=2,steps=2,precision=fp32",
+                             "--file", "a.json"], check=True, cwd=ROOT, capture_output=True, env=env)
+    subprocess.run(common + ["--rows", "real", "--file", "b.json"], check=True, cwd=ROOT, capture_output=True,
+                   env=env)
+    subprocess.run([sys.executable, "benchmarks/toy_quality.py", "--merge", f"{tmp_path}/b.json,{tmp_path}/a.json",
+                    "--out", str(tmp_path)], check=True, cwd=ROOT, capture_output=True)
+    rows = json.loads((tmp_path / "toy_quality.json").read_text())["metrics"]["rows"]
+    assert [r["row"] for r in rows] == ["real", "sid-fewstep"]
+    assert rows[1]["steps"] == 2 and rows[1]["guidance"] == 2.0 and rows[1]["images_seen"] == 32
+    assert 0 <= rows[1]["prompt_acc_seen"] <= 1 and rows[1]["shapes_fid"] > 0

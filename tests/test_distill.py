@@ -142,6 +142,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_teacher, prompt
     (dict(kappa_3=3.0), ValueError, "must equal kappa_2"),
     (dict(guidance="anti_cfg", kappa=0.5), ValueError, "must be negative"),
     (dict(steps=0), ValueError, "steps=0"),
+    (dict(clip_grad_value=0.0), ValueError, r"clip_grad_value=0.0 must be positive \(None: no clipping\)"),
 ])
 def test_bad_inputs_fail_fast_in_one_line(tiny_teacher, prompts, tmp_path, change, error, match):
     with pytest.raises(error, match=match) as info:

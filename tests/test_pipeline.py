@@ -3,7 +3,6 @@
 import dataclasses
 import glob
 import json
-import os
 import typing
 from pathlib import Path
 
@@ -11,18 +10,24 @@ import pytest
 import yaml
 
 from components.distill import distill
+from components.distill_trainjob import distill_trainjob
 from components.download_teacher import download_teacher
+from components.evaluate import evaluate
 from components.register import register
 from components.watch_teachers import watch_teachers
 from pipeline import sid_distill as pipeline_module
 from pipeline.compile import DEFAULT_OUT, compile
 from sidflow import storage
-from sidflow.stages.distill import DistillConfig
+from sidflow.config import default
+from sidflow.stages.distill import PIPELINE_UNSET, DistillConfig
 from sidflow.stages.download_teacher import DownloadTeacherConfig
+from sidflow.stages.evaluate import EvaluateConfig
 from sidflow.stages.register import RegisterConfig
 from sidflow.stages.watch_teachers import WatchTeachersConfig
+from sidflow.trainjob import PlacementConfig
 
-KFP_TYPE = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", bool: "BOOLEAN"}
+KFP_TYPE = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", bool: "BOOLEAN", dict: "STRUCT",
+            list: "LIST"}
 
 
 def _base_type(tp):
@@ -45,6 +50,19 @@ def ir(tmp_path_factory):
     return list(yaml.safe_load_all(Path(path).read_text()))
 
 
+def _distill_tasks(spec) -> tuple[dict, dict]:
+    """(the one-pod distill task, the TrainJob task): one in each branch of the distill_nodes condition."""
+    branches = spec["components"]["comp-condition-branches-2"]["dag"]["tasks"]
+    one_pod, multi_node = branches["condition-3"], branches["condition-4"]
+    assert one_pod["triggerPolicy"]["condition"] == \
+        "int(inputs.parameter_values['pipelinechannel--distill_nodes']) == 1"
+    assert multi_node["triggerPolicy"]["condition"] == \
+        "!(int(inputs.parameter_values['pipelinechannel--distill_nodes']) == 1)"
+    assert (one_pod["taskInfo"]["name"], multi_node["taskInfo"]["name"]) == ("one-pod", "multi-node")
+    return (spec["components"]["comp-condition-3"]["dag"]["tasks"]["distill"],
+            spec["components"]["comp-condition-4"]["dag"]["tasks"]["distill-trainjob"])
+
+
 def test_dag_tasks_display_names_and_parallel_for(ir):
     spec = ir[0]
     root = spec["root"]["dag"]["tasks"]
@@ -55,61 +73,166 @@ def test_dag_tasks_display_names_and_parallel_for(ir):
     assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--watch-teachers-Output"}
     inner = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
     assert {k: t["taskInfo"]["name"] for k, t in inner.items()} == {
-        "download-teacher": "Download teacher", "distill": "Distill one-step generator"}
-    assert inner["distill"]["dependentTasks"] == ["download-teacher"]
-    assert inner["distill"]["inputs"]["parameters"]["teacher"]["taskOutputParameter"] == {
-        "producerTask": "download-teacher", "outputParameterKey": "uri"}
+        "download-teacher": "Download teacher", "condition-branches-2": "condition-branches-2",
+        "evaluate": "Evaluate (FID, CLIP score)", "passes-gate": "Check the registration gate",
+        "condition-5": "passed-gate"}
+    assert inner["condition-branches-2"]["dependentTasks"] == ["download-teacher"]
+    train, job = _distill_tasks(spec)
+    assert train["taskInfo"]["name"] == "Distill one-step generator"
+    assert job["taskInfo"]["name"] == "Distill on several nodes (TrainJob)"
+    for task in (train, job):  # both distill the downloaded teacher
+        assert task["inputs"]["parameters"]["teacher"] == {
+            "componentInputParameter": "pipelinechannel--download-teacher-uri"}
+    assert inner["condition-branches-2"]["inputs"]["parameters"]["pipelinechannel--download-teacher-uri"] == {
+        "taskOutputParameter": {"producerTask": "download-teacher", "outputParameterKey": "uri"}}
     fields = inner["download-teacher"]["inputs"]["parameters"]
     assert fields["dest"]["parameterExpressionSelector"] == 'parseJson(string_value)["dest"]'
-    assert set(spec["components"]) == {"comp-watch-teachers", "comp-for-loop-1", "comp-download-teacher",
-                                       "comp-distill"}  # no register until evaluate lands
+    assert set(spec["components"]) == {
+        "comp-watch-teachers", "comp-for-loop-1", "comp-download-teacher", "comp-condition-branches-2",
+        "comp-condition-3", "comp-distill", "comp-condition-4", "comp-distill-trainjob", "comp-evaluate",
+        "comp-passes-gate", "comp-condition-5", "comp-register"}  # finetune has not landed
+
+
+def test_evaluate_takes_either_branchs_model_and_gates_register(ir):
+    spec = ir[0]
+    inner = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    evaluate_task, check, gate = inner["evaluate"], inner["passes-gate"], inner["condition-5"]
+    oneof = {"taskOutputParameter": {"outputParameterKey": "pipelinechannel--condition-branches-2-oneof-1",
+                                     "producerTask": "condition-branches-2"}}
+    assert evaluate_task["inputs"]["parameters"]["model"] == oneof  # dsl.OneOf(one-pod distill, TrainJob)
+    assert evaluate_task["dependentTasks"] == ["condition-branches-2"]
+    assert check["inputs"]["parameters"] == {
+        "max_fid": {"componentInputParameter": "pipelinechannel--max_fid"},
+        "metrics": {"taskOutputParameter": {"outputParameterKey": "Output", "producerTask": "evaluate"}}}
+    assert not check["cachingOptions"].get("enableCache", False)
+    assert gate["triggerPolicy"]["condition"] == \
+        "inputs.parameter_values['pipelinechannel--passes-gate-Output'] == true"
+    assert sorted(gate["dependentTasks"]) == ["condition-branches-2", "evaluate", "passes-gate"]
+    reg = spec["components"]["comp-condition-5"]["dag"]["tasks"]["register"]
+    params = reg["inputs"]["parameters"]
+    assert params["metrics"] == {"componentInputParameter": "pipelinechannel--evaluate-Output"}
+    assert params["run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
+    assert not reg["cachingOptions"].get("enableCache", False)  # the champion it compares against moves
+    assert reg["taskInfo"]["name"] == "Register (promote if better)"
+    for name, field in pipeline_module.EVALUATE.items():  # one name per parameter, mapped to the config field
+        assert evaluate_task["inputs"]["parameters"][field] == {"componentInputParameter": f"pipelinechannel--{name}"}
+    resources = spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert resources["accelerator"]["resourceCount"] == str(pipeline_module.EVAL_GPUS)
+    assert evaluate_task["retryPolicy"]["maxRetryCount"] == pipeline_module.EVAL_RETRIES
+
+
+def test_multi_node_branch_creates_a_trainjob(ir):
+    spec, platform = ir
+    train, job = _distill_tasks(spec)
+    params = job["inputs"]["parameters"]
+    for name in PLACEMENT_FIELDS:
+        assert params[name] == {"componentInputParameter": f"pipelinechannel--{name}"}
+    assert params["trainer_image"] == {"runtimeValue": {"constant": distill.component_spec.implementation
+                                                        .container.image}}
+    assert job["retryPolicy"]["maxRetryCount"] == pipeline_module.DISTILL_RETRIES  # a retry adopts or replaces it
+    assert set(params) - {"trainer_image", *PLACEMENT_FIELDS} == set(train["inputs"]["parameters"])
+    executor = spec["deploymentSpec"]["executors"]["exec-distill-trainjob"]["container"]
+    assert executor["image"].startswith("ghcr.io/example/sidflow-runtime:")  # a CPU pod that only orchestrates
+    assert "resources" not in executor
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-distill-trainjob"]
+    assert set(k8s) == {"secretAsEnv"}  # reads the exported model; the GPU placement goes into the TrainJob
 
 
 def test_pod_settings_caching_and_retries(ir):
     spec, platform = ir
+    train, _ = _distill_tasks(spec)
     resources = spec["deploymentSpec"]["executors"]["exec-distill"]["container"]["resources"]
     assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert resources["accelerator"]["resourceCount"] == str(pipeline_module.DISTILL_GPUS)
     assert resources["resourceCpuRequest"] == resources["resourceCpuLimit"] == pipeline_module.DISTILL_CPU
     assert resources["resourceMemoryRequest"] == resources["resourceMemoryLimit"] == pipeline_module.DISTILL_MEMORY
     inner = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
-    assert inner["distill"]["retryPolicy"]["maxRetryCount"] == pipeline_module.DISTILL_RETRIES
-    assert inner["distill"]["cachingOptions"] == {"enableCache": True}
+    assert train["retryPolicy"]["maxRetryCount"] == pipeline_module.DISTILL_RETRIES
+    assert train["cachingOptions"] == {"enableCache": True}
     for task in (spec["root"]["dag"]["tasks"]["watch-teachers"], inner["download-teacher"]):
         assert not task["cachingOptions"].get("enableCache", False)  # proto3 omits false
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert set(executors) == {"exec-watch-teachers", "exec-download-teacher", "exec-distill"}
+    assert set(executors) == {"exec-watch-teachers", "exec-download-teacher", "exec-distill", "exec-distill-trainjob",
+                              "exec-evaluate", "exec-passes-gate", "exec-register"}
     for ex in executors.values():
         (secret,) = ex["secretAsEnv"]
         assert secret["secretName"] == "sidflow-s3"
         assert {(m["secretKey"], m["envVar"]) for m in secret["keyToEnv"]} == {
             (k, k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION")}
+    assert executors["exec-evaluate"]["nodeSelector"] == executors["exec-distill"]["nodeSelector"]
     assert executors["exec-distill"]["emptyDirMounts"] == [
         {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": pipeline_module.DISTILL_SHM, "volumeName": "dshm"}]
+
+
+def test_gpu_placement_is_set_at_run_time(ir):
+    """Node selector and tolerations are pipeline parameters, resolved by the KFP driver (kfp-kubernetes *_json)."""
+    spec, platform = ir
+    distill_pod = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-distill"]
+    assert distill_pod["nodeSelector"] == {
+        "nodeSelectorJson": {"componentInputParameter": "pipelinechannel--gpu_node_selector"}}
+    assert distill_pod["tolerations"] == [
+        {"tolerationJson": {"componentInputParameter": "pipelinechannel--gpu_tolerations"}}]
+    # the driver looks them up among the inputs of the DAG around the task: the one-pod condition
+    inputs = spec["components"]["comp-condition-3"]["inputDefinitions"]["parameters"]
+    assert inputs["pipelinechannel--gpu_node_selector"]["parameterType"] == "STRUCT"
+    assert inputs["pipelinechannel--gpu_tolerations"]["parameterType"] == "LIST"
+
+
+PLACEMENT_FIELDS = tuple(_fields(PlacementConfig))
+UNSET_NOTES = {k: "-99 = from the guidance preset" for k in ("kappa_1", "kappa_2", "kappa_3", "kappa_4")} | {
+    "clip_grad_value": "0 = no clipping"}
+EVAL_UNSET = {"eval_limit": (0, "0 = all"), "eval_workers": (0, "0 = all cores"),
+              "clip_floor": (-1.0, "negative = no floor")}  # None-default fields: value and note
 
 
 def test_root_parameters_match_the_config_dataclasses(ir):
     params = ir[0]["root"]["inputDefinitions"]["parameters"]
     expected = {**_fields(WatchTeachersConfig),
-                **{k: v for k, v in _fields(DistillConfig).items() if k not in pipeline_module.NOT_EXPOSED}}
-    assert set(params) == set(expected)
+                **{k: v for k, v in _fields(DistillConfig).items() if k not in pipeline_module.NOT_EXPOSED},
+                **_fields(PlacementConfig)}
+    evaluate_fields = _fields(EvaluateConfig)
+    expected |= {name: evaluate_fields[field] for name, field in pipeline_module.EVALUATE.items()}
+    expected |= {k: v for k, v in _fields(RegisterConfig).items() if k in pipeline_module.GATE}
+    assert set(params) == set(expected) | {"max_fid"}
+    assert params["max_fid"]["parameterType"] == "NUMBER_DOUBLE" and params["max_fid"]["defaultValue"] == 0
+    assert set(pipeline_module.PLACEMENT) == set(PLACEMENT_FIELDS) and set(UNSET_NOTES) == set(PIPELINE_UNSET)
     for name, (field, tp) in expected.items():
         p = params[name]
         assert p["parameterType"] == KFP_TYPE[tp], name
-        assert p["defaultValue"] == field.default and isinstance(p["defaultValue"], bool) == (tp is bool), name
-        assert " ".join(p["description"].split()) == field.metadata["help"] + ".", name
+        want = PIPELINE_UNSET.get(name, EVAL_UNSET.get(name, (default(field),))[0])  # None-default: "unset" value
+        assert p["defaultValue"] == want and isinstance(p["defaultValue"], bool) == (tp is bool), name
+        note = f"; {UNSET_NOTES[name]}" if name in UNSET_NOTES else ""
+        note = f"; {EVAL_UNSET[name][1]}" if name in EVAL_UNSET else note
+        assert " ".join(p["description"].split()) == field.metadata["help"] + note + ".", name
 
 
-@pytest.mark.parametrize("component, cls", [
-    (watch_teachers, WatchTeachersConfig), (download_teacher, DownloadTeacherConfig), (distill, DistillConfig),
-    (register, RegisterConfig)])
-def test_component_parameters_are_the_config_fields(component, cls):
+def test_unset_values_become_none_and_nothing_else_does():
+    from sidflow.stages.distill import from_pipeline, resolved_kappas
+
+    cfg = from_pipeline({**PIPELINE_UNSET, "guidance": "anti_cfg", "kappa": -1.5})
+    assert (cfg.kappa_1, cfg.kappa_2, cfg.kappa_3, cfg.kappa_4, cfg.clip_grad_value) == (None,) * 5
+    assert resolved_kappas(cfg) == {"kappa_1": 1.0, "kappa_2": -1.5, "kappa_3": -1.5, "kappa_4": 1.0}  # the preset
+    cfg = from_pipeline({"guidance": "anti_cfg", "kappa_2": -1.0, "kappa_3": -1.0, "clip_grad_value": 5})
+    assert (cfg.kappa_2, cfg.kappa_3, cfg.clip_grad_value) == (-1.0, -1.0, 5.0)  # a real negative κ is kept
+
+
+@pytest.mark.parametrize("component, classes, extra", [
+    (watch_teachers, [WatchTeachersConfig], set()), (download_teacher, [DownloadTeacherConfig], set()),
+    (distill, [DistillConfig], set()), (register, [RegisterConfig], set()),
+    (evaluate, [EvaluateConfig], set()),
+    (distill_trainjob, [DistillConfig, PlacementConfig], {"trainer_image"})])
+def test_component_parameters_are_the_config_fields(component, classes, extra):
     inputs = component.component_spec.inputs
-    fields = _fields(cls)
-    assert set(inputs) == set(fields)
-    kfp_names = {str: "String", int: "Integer", float: "Float", bool: "Boolean"}
+    fields = {k: v for cls in classes for k, v in _fields(cls).items()}
+    if component is evaluate:  # the pipeline evaluates the distilled generator: no teacher sampler, images in memory
+        fields = {k: v for k, v in fields.items() if k not in ("sampler", "teacher_steps", "guidance", "save_images")}
+    assert set(inputs) == set(fields) | extra
+    kfp_names = {str: "String", int: "Integer", float: "Float", bool: "Boolean", dict: "Dict", list: "List"}
+    unset = {"clip_floor": -1.0, "limit": 0, "workers": 0}  # None defaults KFP cannot carry
     for name, (field, tp) in fields.items():
-        assert inputs[name].default == field.default, name
+        want = unset[name] if default(field) is None and name in unset else default(field)
+        assert inputs[name].default == want, name
         assert inputs[name].type == kfp_names[tp], name
 
 
@@ -126,33 +249,54 @@ def test_watch_component_drops_unknown_fingerprints(tiny_teacher, tmp_path):
     assert json.loads(json.dumps(out)) == out  # what KFP serialises for the ParallelFor
 
 
-def test_run_local_distills_each_new_teacher(tiny_teacher, tmp_path, monkeypatch):
+def test_run_local_end_to_end_on_s3_registers_once_then_skips(s3_bucket, sidflow_cache, tmp_path, monkeypatch):
+    """The whole DAG under kfp.local on the bundled toy teacher, artifacts and registry on the loopback S3."""
+    from sidflow import registry
     from sidflow.cli import main
+    from sidflow.demo import TOY_TEACHER
+    from sidflow.evaluate.toy import toy_eval_set
+    from sidflow.generator import load_generator, sample
 
     monkeypatch.setenv("SIDFLOW_NO_BAR", "1")
     monkeypatch.chdir(tmp_path)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red cat\na blue dog\n")
-    art = tmp_path / "art"
-    assert main(["pipeline", "run-local", "--pipeline-root", str(tmp_path / "root"), "--teachers", tiny_teacher,
-                 "--registry", str(tmp_path / "registry"), "--artifact-root", str(art), "--prompts", str(prompts),
-                 "--set", "batch=2", "--set", "micro_batch=1", "--set", "kimg=0.002", "--set", "precision=fp32",
-                 "--set", "checkpoints=false"]) == 0
-    digest = "sha256:" + storage.manifest_digest(storage.build_manifest(tiny_teacher))
-    teacher_dir = glob.glob(str(art / "teachers" / "*"))
-    assert len(teacher_dir) == 1 and storage.read_manifest(teacher_dir[0]) is not None
-    (model,) = [os.path.dirname(p) for p in glob.glob(str(art / "runs" / "*" / "*" / "model" / "manifest.json"))]
-    info = json.loads(Path(model, "sidflow.json").read_text())
-    assert info["teacher_fingerprint"] == digest
-    assert info["config"]["teacher"] == teacher_dir[0] and info["config"]["kimg"] == 0.002
+    prompts.write_text("a red circle on a white background, center\na blue square on a black background, top left\n")
+    evaluator = str(TOY_TEACHER / "evaluator")
+    eval_set = toy_eval_set(f"{s3_bucket}/eval", evaluator, n=8, reference_images=64)
+    reg, art = f"{s3_bucket}/registry", f"{s3_bucket}/art"
+    args = ["pipeline", "run-local", "--pipeline-root", str(tmp_path / "root"), "--teachers", str(TOY_TEACHER),
+            "--registry", reg, "--artifact-root", art, "--prompts", str(prompts)]
+    for kv in ("batch=2", "micro_batch=2", "kimg=0.004", "precision=fp32", "checkpoints=false",
+               "model_name=toy", f"eval_prompts={eval_set['prompts']}", f"eval_reference={eval_set['reference']}",
+               "eval_protocol=native", f"eval_features=toy:{evaluator}", f"eval_scorer=toy:{evaluator}", "eval_grid=4"):
+        args += ["--set", kv]
+    assert main(args) == 0
+    (version,) = registry.list_versions(reg, "toy")
+    champion = registry.champion(reg, "toy")
+    assert champion is not None and champion.version == version.version == 1
+    digest = "sha256:" + storage.manifest_digest(storage.build_manifest(str(TOY_TEACHER)))
+    assert version.teacher_fingerprint == digest and version.model_uri.startswith(f"{art}/runs/")
+    assert version.metrics["images"] == 8 and 0 <= version.metrics["clip"] <= 1 and version.metrics["fid"] > 0
+    assert version.metrics["model"] == version.model_uri  # the evaluation scored the registered model
+    gen, info = load_generator(version.model_uri)
+    assert sample(gen, info, ["a red circle on a white background, center"], [0]).shape == (1, 32, 32, 3)
+    assert info["config"]["kimg"] == 0.004 and info["teacher_fingerprint"] == digest
+    (out,) = glob.glob(str(tmp_path / "root" / "*" / "*" / "distill" / "executor_output.json"))
+    (card,) = json.loads(Path(out).read_text())["artifacts"]["model"]["artifacts"]  # the KFP Model artifact
+    assert card["metadata"]["uri"] == version.model_uri and card["metadata"]["teacher_fingerprint"] == digest
+
+    assert main(args) == 0  # same teacher, same fingerprint: watch_teachers finds nothing new
+    assert [v.version for v in registry.list_versions(reg, "toy")] == [1]
+    assert len(storage.listdir(f"{art}/runs")) == 1  # no second distillation
 
 
 def test_run_local_refuses_unknown_parameters_in_one_line(tmp_path, capsys):
     from sidflow.cli import main
 
     assert main(["pipeline", "run-local", "--pipeline-root", str(tmp_path / "root"), "--teachers", "t",
-                 "--registry", "r", "--artifact-root", "a", "--prompts", "p", "--set", "kappa_1=2"]) == 2
-    assert capsys.readouterr().err.strip() == "sidflow pipeline: error: unknown sid-distill parameter(s): kappa_1"
+                 "--registry", "r", "--artifact-root", "a", "--prompts", "p", "--set", "kapa_1=2"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "sidflow pipeline: error: unknown sid-distill parameter(s): kapa_1 (did you mean kappa_1?)"
     assert not (tmp_path / "root").exists()
 
 
@@ -172,3 +316,14 @@ def test_register_component_registers_and_promotes(tmp_path):
     assert registry.fingerprints(reg, "sid-generator") == {"sha256:abc"}
     with pytest.raises(ValueError, match="promote='bogus' is not one of"):
         register.python_func(registry=reg, model=model, metrics=str(metrics), promote="bogus")
+
+
+@pytest.mark.parametrize("fid, clip, max_fid, passed", [
+    (30.0, 0.3, 0.0, True), (30.0, 0.3, 25.0, False), (30.0, 0.3, 30.0, True), (float("nan"), 0.3, 0.0, False),
+    (30.0, float("inf"), 0.0, False)])
+def test_registration_gate(tmp_path, fid, clip, max_fid, passed):
+    from components.evaluate import passes_gate
+
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"fid": fid, "clip": clip}))  # json writes NaN/Infinity, as Python reads them
+    assert passes_gate.python_func(metrics=str(metrics), max_fid=max_fid) is passed

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sidflow import storage
-from sidflow.config import param, to_json
+from sidflow.config import override, param, to_json
 from sidflow.method.guidance import kappas
 
 
@@ -67,6 +67,16 @@ class DistillResult:
 
 
 KAPPA_RANGE = (0.0, 20.0)
+# A KFP pipeline parameter cannot default to None (kfp.local 2.17 refuses to run one), so the pipeline and its distill
+# components spell "unset" for the None-default fields with these values; `from_pipeline` turns them back into None.
+# -99 lies outside every guidance mode's κ range; clipping to ±0 would zero every gradient, so 0 is free to mean off.
+PIPELINE_UNSET = {"kappa_1": -99.0, "kappa_2": -99.0, "kappa_3": -99.0, "kappa_4": -99.0, "clip_grad_value": 0.0}
+
+
+def from_pipeline(fields: dict) -> DistillConfig:
+    """Return the DistillConfig of KFP parameter values, where a PIPELINE_UNSET value means None."""
+    return override(DistillConfig(), {k: None if k in PIPELINE_UNSET and v == PIPELINE_UNSET[k] else v
+                                      for k, v in fields.items()})
 
 
 def resolved_kappas(cfg: DistillConfig) -> dict[str, float]:
@@ -103,6 +113,8 @@ def validate(cfg: DistillConfig, world_size: int = 1) -> None:
         raise ValueError(f"batch={cfg.batch} is not divisible by GPUs × micro_batch = {world_size} × {cfg.micro_batch}")
     if not 0 <= cfg.fake_dropout < 1:
         raise ValueError(f"fake_dropout={cfg.fake_dropout} must be in [0, 1)")
+    if cfg.clip_grad_value is not None and not cfg.clip_grad_value > 0:
+        raise ValueError(f"clip_grad_value={cfg.clip_grad_value} must be positive (None: no clipping)")
     if cfg.kimg <= 0 or cfg.checkpoint_kimg <= 0:
         raise ValueError(f"kimg={cfg.kimg} and checkpoint_kimg={cfg.checkpoint_kimg} must be positive")
     check_teacher_dir(materialize(cfg.teacher))

@@ -6,6 +6,7 @@ The result loads with `sidflow.teacher.load_teacher` like any SD1.5 teacher.
 """
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,12 @@ class ToyTeacherConfig:
     unet_steps: int = param(30000, "UNet + text encoder training steps")
     minutes: float = param(8.0, "stop UNet training after this many minutes even if steps remain")
     batch: int = param(256, "images per step")
-    lr: float = param(3e-4, "AdamW learning rate (cosine decay)")
+    lr: float = param(3e-4, "AdamW learning rate, cosine-decayed to 0 over unet_steps or minutes, whichever ends first")
     caption_dropout: float = param(0.1, "probability of training on the empty caption (enables CFG)")
     channels: str = param("32,64,128", "UNet block widths (the last block has no cross-attention)")
     layers_per_block: int = param(1, "resnet layers per UNet block")
+    ema: float = param(0.999, "EMA decay of the UNet weights that are saved")
+    compile: bool = param(False, "torch.compile the UNet step (GPU: fewer kernel launches, minutes of compile time)")
     seed: int = param(0, "random seed")
 
 
@@ -117,9 +120,15 @@ def train_teacher(cfg: ToyTeacherConfig, device=None, log=print) -> dict:
     ema.requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.unet_steps)
+    model = torch.compile(unet) if cfg.compile else unet
     unet_start, step = time.time(), 0
-    for step in range(cfg.unet_steps):
+    for step in range(cfg.unet_steps + 1):
+        # Cosine decay over whichever budget ends first, so a run cut by `minutes` still anneals to 0.
+        done = max(step / cfg.unet_steps, (time.time() - unet_start) / (cfg.minutes * 60))
+        if done >= 1:
+            break
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
         i = torch.randint(n, (cfg.batch,), generator=g, device=device)
         cap = torch.where(torch.rand(cfg.batch, generator=g, device=device) < cfg.caption_dropout,
                           len(uniq) - 1, cap_index[i])
@@ -129,19 +138,16 @@ def train_teacher(cfg: ToyTeacherConfig, device=None, log=print) -> dict:
         x_t = add_noise(x0, eps, at(a, t, x0), at(s, t, x0))
         with autocast:
             emb = text_encoder(ids[cap])[0]
-            loss = nn.functional.mse_loss(unet(x_t, t, encoder_hidden_states=emb).sample.float(), eps)
+            loss = nn.functional.mse_loss(model(x_t, t, encoder_hidden_states=emb).sample.float(), eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        sched.step()
         with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - 0.999)
+            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - cfg.ema)
         if step % 1000 == 0:
             log(f"unet {step}: {loss.item():.4f} ({time.time() - unet_start:.0f} s)")
-        if time.time() - unet_start > cfg.minutes * 60:
-            break
-    metrics.update(unet_loss=loss.item(), unet_steps=step + 1, minutes=(time.time() - start) / 60)
+    metrics.update(unet_loss=loss.item(), unet_steps=step, minutes=(time.time() - start) / 60)
 
     pipe = StableDiffusionPipeline(unet=ema.cpu(), vae=vae.cpu(), text_encoder=text_encoder.cpu().eval(),
                                    tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,

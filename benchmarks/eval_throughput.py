@@ -1,0 +1,280 @@
+"""Throughput of the evaluate stage's image loop, and what a faster precision changes in FID and CLIP.
+
+Networks of the exact architectures with **random weights** (no download): the SD1.5-config UNet, CLIP-L text
+tower and VAE as a one-step generator (t_init = 625), OpenCLIP ViT-g-14, and as the Inception stand-in
+torchvision's inception_v3 (random weights, 2048-d pool3 at 299²: clean-fid's TorchScript
+inception-2015-12-05.pt is the same architecture family but cannot be downloaded here). Reference statistics
+are cached in a real evaluation, so the projection adds only the final FID computation.
+
+Each component is timed on --parts images (seeds other than the end-to-end ones) after one warm-up batch, between
+torch.cuda.synchronize() calls: the UNet, the VAE decode in fp32 and bf16 (and, with --vae-sweep, per dtype and
+memory layout), the CPU chain (crop, Lanczos 256, clean-fid bicubic 299, CLIP preprocessing) in a thread pool,
+Inception, and CLIP in fp32 / TF32 / fp16 on the same images. Then the stage's own loop
+(`sidflow.evaluate.shards.evaluate_rows`: the CPU work of batch b overlaps the generation of batch b + 1) runs on
+--n images three times, same prompts and seeds: strict (VAE fp32, CLIP fp32 as GigaGAN), the stage's defaults, and
+fast (VAE bf16, CLIP --fast-clip). ΔFID = FID(pass) − FID(strict) against a reference made of the component images
+(other seeds, strict path); ΔCLIP = difference of the mean scores. With random weights FID is ~10³, so a ΔFID is
+no reading of the 0.05 bar on a trained model: a precision that moves FID at all here stays off by default.
+
+  python benchmarks/eval_throughput.py --n 2048 --vae-sweep    # one CUDA GPU (~6.5 min on an H100)
+  python benchmarks/eval_throughput.py --smoke --out /tmp/r     # CPU, tiny models, seconds
+"""
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from common import RESULTS, record  # noqa: E402
+
+TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "patch_size": 32,
+                                             "head_width": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def captions(n: int) -> list[str]:
+    """Return n COCO-like captions of varied length."""
+    things = ["cat", "dog", "bus", "kite", "pizza", "giraffe", "surfboard", "clock", "train", "bench"]
+    places = ["on a table", "next to a red building", "in a grassy field near a lake", "at night", ""]
+    return [f"A {things[i % 10]} {places[i % 5]} photographed from the side, number {i}".replace("  ", " ")
+            for i in range(n)]
+
+
+def build_generator(configs: dict, device):
+    """Return a one-step Sampler over SD-layout networks with random weights, built on `device` (no files)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from sidflow.evaluate.sampling import Sampler
+    from sidflow.method.vp import vp_tables
+    from sidflow.teacher import Teacher
+    from sidflow.toy.tiny import write_char_tokenizer
+
+    tok_dir = Path(tempfile.mkdtemp(prefix="sidflow-tok-"))
+    write_char_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
+                              pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    with torch.device(device):  # random init on the GPU: seconds instead of a minute on the CPU
+        unet = UNet2DConditionModel(**configs["unet"]).eval().requires_grad_(False)
+        vae = AutoencoderKL(**configs["vae"]).eval().requires_grad_(False)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                            **configs["text"])).eval().requires_grad_(False)
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+                          prediction_type="epsilon", clip_sample=False, steps_offset=1)
+    a, s = vp_tables(sched.alphas_cumprod)
+    nets = Teacher(path="", unet=unet, text_encoder=text, tokenizer=tokenizer, vae=vae,
+                   scheduler_config=dict(sched.config), alphas_cumprod=sched.alphas_cumprod, a=a, s=s)
+    return Sampler(nets, steps=1, t_init=625)
+
+
+def build_inception(device):
+    """Return the stand-in FID extractor: torchvision inception_v3 (random weights) → 2048-d pool3 at 299²."""
+    from torchvision.models import inception_v3
+
+    from sidflow.evaluate.features import FeatureExtractor
+    from sidflow.evaluate.resize import clean_resize
+
+    torch.manual_seed(0)
+    net = inception_v3(weights=None, aux_logits=False, init_weights=False, transform_input=False)
+    net.fc = torch.nn.Identity()
+    # Random weights with BatchNorm's default running statistics make every feature ≈ 0 (FID would read 0 for
+    # anything): set the statistics once from noise images, so features vary with the image as trained ones do.
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batch
+    with torch.no_grad():
+        net.train()(torch.rand(8, 3, 299, 299) * 2 - 1)
+    net = net.to(device).eval()
+    return FeatureExtractor("torchvision-inception_v3-random", clean_resize, lambda x: net((x - 128) / 128),
+                            torch.device(device))
+
+
+def build_clip(smoke: bool, device):
+    """Return (model, preprocess, tokenizer) of OpenCLIP ViT-g-14 (tiny in smoke runs), random weights, fp32."""
+    import open_clip
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = open_clip.model.CLIP(**TINY_CLIP) if smoke else open_clip.create_model("ViT-g-14", device=device)
+    preprocess = open_clip.image_transform(224, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
+    return model.eval().requires_grad_(False), preprocess, open_clip.get_tokenizer("ViT-g-14")
+
+
+def timed(fn, device) -> tuple[object, float]:
+    """Return (fn(), seconds), synchronizing the GPU on both sides."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def batches(n: int, batch: int) -> list[range]:
+    return [range(i, min(i + batch, n)) for i in range(0, n, batch)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=2048, help="images of each end-to-end pass")
+    p.add_argument("--parts", type=int, default=1024, help="images of each component timing (other seeds: they are "
+                                                          "also the ΔFID reference)")
+    p.add_argument("--batch", type=int, default=32, help="generation batch (the stage's --batch)")
+    p.add_argument("--clip-batch", type=int, default=128, help="batch of the CLIP and Inception component timings")
+    p.add_argument("--fast-clip", choices=["tf32", "fp16"], default="fp16", help="CLIP precision of the fast pass")
+    p.add_argument("--vae-sweep", action="store_true", help="also time VAE decode per dtype and memory layout")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="CPU threads (the stage's --workers)")
+    p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, a few images (keeps the script alive)")
+    p.add_argument("--file", default=None, help="result file name (default eval_throughput_<gpu>.json)")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    if args.smoke:
+        args.n, args.parts, args.batch, args.clip_batch = 8, 4, 4, 4
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # its dtype-cast notices are not for this table
+
+    from sidflow.evaluate.clipscore import openclip_scorer
+    from sidflow.evaluate.fid import feature_stats, frechet_distance
+    from sidflow.evaluate.protocol import PROTOCOLS, PromptSet
+    from sidflow.evaluate.sampling import set_precision
+    from sidflow.evaluate.shards import evaluate_rows, prepare_image
+    from sidflow.toy.tiny import SD15, tiny_configs
+
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels, as the stage does
+        torch.cuda.reset_peak_memory_stats()
+    protocol = PROTOCOLS["coco30k"]
+    sampler = build_generator(tiny_configs(sample_size=64) if args.smoke else SD15, device)
+    set_precision(sampler, "fp16" if device.type == "cuda" else "fp32", "fp32")
+    fast_sampler = copy.copy(sampler)
+    fast_sampler.nets = copy.copy(sampler.nets)
+    fast_sampler.nets.vae = copy.deepcopy(sampler.nets.vae).to(torch.bfloat16)
+    fast_sampler.vae_dtype = "bf16"
+    extractor = build_inception(device)
+    clip, preprocess, tokenizer = build_clip(args.smoke, device)
+    scorers = {p: openclip_scorer(clip if p in ("fp32", "tf32") else copy.deepcopy(clip), preprocess, tokenizer,
+                                  "random", device, p) for p in ("fp32", "tf32", "fp16")}
+    n, m = args.n, min(args.parts, args.n)
+    prompts = PromptSet(captions(n + m), list(range(n + m)), None, "bench")  # rows n.. : the components' own seeds
+    metrics: dict = {}
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else "tiny_cpu" if args.smoke else "gpu"
+    config = {**vars(args), "cpu_threads": args.workers, "unet_dtype": sampler.unet_dtype,
+              "weights": "random (published configs, no download)",
+              "inception": "torchvision inception_v3, random weights, BatchNorm statistics set from noise: stand-in "
+                           "for clean-fid's TorchScript (same family, 2048-d pool3 at 299)",
+              "reference": "cached statistics (not recomputed); the ΔFID reference is the strict path's images of "
+                           "other seeds (the component set)"}
+    save = lambda final=False: record("eval_throughput", args.file or f"eval_throughput_{tag}.json", 1,  # noqa: E731
+                                      metrics, config, Path(args.out), final=final)
+
+    # Components, each on the m images of rows n..n+m-1 after a warm-up batch.
+    rows = range(n, n + m)
+    caps = lambda idx: [prompts.captions[i] for i in idx]  # noqa: E731
+    parts = [range(b.start + n, b.stop + n) for b in batches(m, args.batch)]
+    sampler.latents(caps(parts[0]), list(parts[0]))
+    lat, t_unet = timed(lambda: [sampler.latents(caps(b), list(b)) for b in parts], device)
+    sampler.decode(lat[0])
+    images, t_vae32 = timed(lambda: np.concatenate([sampler.decode(x) for x in lat]), device)
+    fast_sampler.decode(lat[0])
+    images16, t_vae16 = timed(lambda: np.concatenate([fast_sampler.decode(x) for x in lat]), device)
+    diff = np.abs(images.astype(np.int16) - images16)
+    with ThreadPoolExecutor(args.workers) as pool:
+        prepare = lambda im: prepare_image(im, protocol, extractor, scorers["fp32"])  # noqa: E731
+        prepared, t_cpu = timed(lambda: list(pool.map(prepare, images)), device)
+    fid_in, clip_in = np.stack([x[0] for x in prepared]), [x[1] for x in prepared]
+    extractor(fid_in[: args.clip_batch])
+    ref_feats, t_inc = timed(lambda: np.concatenate([extractor(fid_in[b.start : b.stop])
+                                                     for b in batches(m, args.clip_batch)]), device)
+    clip_times, clip_scores = {}, {}
+    for name, scorer in scorers.items():
+        scorer(clip_in[: args.clip_batch], caps(rows[: args.clip_batch]))
+        clip_scores[name], clip_times[name] = timed(
+            lambda: np.concatenate([scorer(clip_in[b.start : b.stop], caps(rows[b.start : b.stop]))
+                                    for b in batches(m, args.clip_batch)]), device)
+    metrics["components_images_per_s"] = {
+        "unet_one_step_fp16": round(m / t_unet, 1), "vae_decode_fp32": round(m / t_vae32, 1),
+        "vae_decode_bf16": round(m / t_vae16, 1), "generation_unet_plus_vae_fp32": round(m / (t_unet + t_vae32), 1),
+        "cpu_crop_lanczos_bicubic_clipprep": round(m / t_cpu, 1), "inception_fp32": round(m / t_inc, 1),
+        **{f"clip_vit_g14_{k}": round(m / v, 1) for k, v in clip_times.items()}}
+    metrics["vae_bf16_vs_fp32_pixels"] = {"mean_abs_levels": round(float(diff.mean()), 4),
+                                          "fraction_changed": round(float((diff > 0).mean()), 4),
+                                          "max_abs_levels": int(diff.max())}
+    metrics["clip_vs_fp32_same_images"] = {
+        k: {"delta_mean": round(float(v.mean() - clip_scores["fp32"].mean()), 7),
+            "max_abs_per_image": round(float(np.abs(v - clip_scores["fp32"]).max()), 7)}
+        for k, v in clip_scores.items() if k != "fp32"}
+    if args.vae_sweep:
+        metrics["vae_decode_images_per_s"] = vae_sweep(sampler, lat, device)
+    save()
+
+    # The stage's loop end to end on rows 0..n-1: strict (GigaGAN-exact CLIP), the stage's defaults, fast.
+    def end_to_end(gen, scorer):
+        return timed(lambda: evaluate_rows(range(n), prompts, gen, protocol, extractor, scorer, args.batch, "bench",
+                                           workers=args.workers), device)
+
+    from sidflow.stages.evaluate import EvaluateConfig
+
+    default_clip = EvaluateConfig().clip_precision
+    runs = {"strict": end_to_end(sampler, scorers["fp32"]), "default": end_to_end(sampler, scorers[default_clip]),
+            "fast": end_to_end(fast_sampler, scorers[args.fast_clip])}
+    ref = feature_stats(ref_feats)
+    stats = {k: feature_stats(r.features) for k, (r, _) in runs.items()}
+    fid = {k: frechet_distance(*v, *ref) for k, v in stats.items()}
+    clip_mean = {k: float(r.scores.mean()) for k, (r, _) in runs.items()}
+    rng = np.random.default_rng(0)
+    _, t_fid = timed(lambda: 0.0 if args.smoke else frechet_distance(
+        *feature_stats(rng.normal(size=(30_000, 2048)).astype(np.float32)), *ref), device)
+    ips = {k: n / t for k, (_, t) in runs.items()}
+    minutes = {k: round((30_000 / v + t_fid) / 60, 2) for k, v in ips.items()}
+    metrics.update({
+        "images_measured": n,
+        "images_per_s": round(ips["default"], 2),
+        "projected_30k_minutes": minutes["default"],
+        "passes": {k: {"images_per_s": round(ips[k], 2), "projected_30k_minutes": minutes[k],
+                       "fid_vs_reference": round(fid[k], 4), "clip": round(clip_mean[k], 6)} for k in runs},
+        "settings": {"strict": {"vae_dtype": "fp32", "clip_precision": "fp32"},
+                     "default": {"vae_dtype": "fp32", "clip_precision": default_clip},
+                     "fast": {"vae_dtype": "bf16", "clip_precision": args.fast_clip}},
+        "final_fid_seconds": round(t_fid, 1),
+        "delta_fid_default": round(fid["default"] - fid["strict"], 5),
+        "delta_clip_default": round(clip_mean["default"] - clip_mean["strict"], 7),
+        "delta_fid_fast": round(fid["fast"] - fid["strict"], 5),
+        "delta_clip_fast": round(clip_mean["fast"] - clip_mean["strict"], 7),
+        "fid_strict_vs_fast": round(frechet_distance(*stats["strict"], *stats["fast"]), 5),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+    })
+    save(final=True)
+
+
+def vae_sweep(sampler, lat: list, device) -> dict:
+    """Return decode images/s of the VAE per dtype and memory layout, on the latents given (first batch warms)."""
+    out = {}
+    for dtype in ("fp32", "bf16", "fp16"):
+        for layout in ("channels_last", "contiguous"):
+            vae = copy.deepcopy(sampler.nets.vae).to(getattr(torch, {"fp32": "float32", "bf16": "bfloat16",
+                                                                     "fp16": "float16"}[dtype]))
+            vae.to(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+            decode = lambda x, vae=vae: vae.decode((x / sampler.nets.vae_scale).to(vae.dtype)).sample  # noqa: E731
+            with torch.no_grad():
+                decode(lat[0])
+                _, t = timed(lambda: [decode(x) for x in lat[1:5]], device)
+            out[f"{dtype}_{layout}"] = round(sum(len(x) for x in lat[1:5]) / t, 1)
+            del vae
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Images for an evaluation: an exported generator's own sampler, or a teacher with N-step DDIM / DPM-Solver + CFG.
+
+Image i starts from z drawn on the CPU with seed i, as `sidflow generate` and the toy teacher sampler draw it, so
+an image does not depend on its batch, its shard or the GPU count. The UNet runs under autocast in `unet_dtype`;
+the VAE decodes in `vae_dtype` (fp32 by default: the precision every VAE is safe in).
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from sidflow import storage
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TeacherSampler = Literal["ddim", "dpm_solver"]
+
+
+def teacher_scheduler(scheduler_config: dict, sampler: TeacherSampler, steps: int):
+    """Return a diffusers scheduler set to `steps`: DDIM as the toy teacher's sample_teacher, or DPM-Solver++."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if sampler == "ddim":  # η = 0, trailing spacing, no x0 clipping (same settings as sample_teacher)
+        sched = DDIMScheduler.from_config({**scheduler_config, "clip_sample": False, "set_alpha_to_one": False,
+                                           "timestep_spacing": "trailing"})
+    else:  # diffusers' default DPM-Solver++(2M) on the teacher's own schedule, as SD pipelines swap it in
+        sched = DPMSolverMultistepScheduler.from_config(scheduler_config)
+    sched.set_timesteps(steps)
+    return sched
+
+
+@dataclass
+class Sampler:
+    """Turns captions and seeds into uint8 images [B, H, W, 3] on the CPU."""
+
+    nets: object  # sidflow.teacher.Teacher: an exported generator loads as one too
+    steps: int  # generator steps K, or teacher sampler steps
+    t_init: int | None  # generator start time; None for a teacher
+    teacher_sampler: TeacherSampler | None = None
+    guidance: float = 1.0
+    unet_dtype: str = "fp32"
+    vae_dtype: str = "fp32"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.nets.unet.parameters()).device
+
+    def noise(self, seeds: list[int]) -> torch.Tensor:
+        """Return z [B, C, h, w], row i drawn on the CPU from seed seeds[i]."""
+        return torch.stack([torch.randn(self.nets.latent_shape, generator=torch.Generator().manual_seed(s))
+                            for s in seeds]).to(self.device)
+
+    @torch.no_grad()
+    def latents(self, captions: list[str], seeds: list[int]) -> torch.Tensor:
+        """Return float32 latents [B, C, h, w] for the captions."""
+        from sidflow.method.guidance import guided_eps
+        from sidflow.method.sid import generate
+        from sidflow.teacher import score_net
+
+        nets, device = self.nets, self.device
+        c, z = nets.encode(captions).to(device), self.noise(seeds)  # [B, 77, D], [B, C, h, w]
+        net = score_net(nets.unet)  # ε̂ in fp32
+        with torch.autocast(device.type, DTYPES[self.unet_dtype], enabled=self.unet_dtype != "fp32"):
+            if self.t_init is not None:  # the generator (method.md §2); fresh noise of steps k > 0 as `sample`
+                g = torch.Generator(device).manual_seed(seeds[0])
+                return generate(net, z, c, nets.a.to(device), nets.s.to(device), self.t_init, self.steps,
+                                generator=g).float()
+            sched = teacher_scheduler(nets.scheduler_config, self.teacher_sampler, self.steps)  # fresh state
+            null, x = nets.null().to(device), z * sched.init_noise_sigma
+            for t in sched.timesteps:
+                tt = torch.full((len(x),), int(t), device=device)
+                x = sched.step(guided_eps(net, x, tt, c, null, self.guidance), t, x).prev_sample
+            return x.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Return uint8 images [B, H, W, 3] of latents, decoded in vae_dtype."""
+        vae = self.nets.vae
+        with torch.autocast(latents.device.type, enabled=False):
+            images = vae.decode((latents / self.nets.vae_scale).to(vae.dtype)).sample.float()  # [B, 3, H, W]
+        return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    def __call__(self, captions: list[str], seeds: list[int]) -> np.ndarray:
+        return self.decode(self.latents(captions, seeds))
+
+
+def load_sampler(uri: str, device, sampler: str = "generator", steps: int = 25, guidance: float = 1.0,
+                 unet_dtype: str = "fp16", vae_dtype: str = "fp32") -> tuple[Sampler, dict]:
+    """Return (sampler, description) for the model at `uri`; description goes into metrics.json.
+
+    On the CPU every network runs in fp32 whatever the dtypes say (recorded as such).
+    """
+    from sidflow.generator import load_generator
+    from sidflow.teacher import load_teacher
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        unet_dtype = vae_dtype = "fp32"
+    if sampler == "generator":
+        nets, info = load_generator(uri, device)
+        out = Sampler(nets, info["config"]["steps"], info["config"]["t_init"])
+        about = {"kind": "generator", "steps": out.steps, "t_init": out.t_init}
+    else:
+        nets = load_teacher(uri, device)
+        out = Sampler(nets, steps, None, sampler, guidance)
+        about = {"kind": "teacher", "sampler": sampler, "steps": steps, "guidance": guidance}
+    set_precision(out, unet_dtype, vae_dtype)
+    return out, {**about, "unet_dtype": unet_dtype, "vae_dtype": vae_dtype, "fingerprint": model_fingerprint(uri)}
+
+
+def set_precision(sampler: Sampler, unet_dtype: str, vae_dtype: str) -> None:
+    """Cast the sampler's UNet and VAE weights in place (UNet NHWC on the GPU) and record the dtypes."""
+    sampler.unet_dtype, sampler.vae_dtype = unet_dtype, vae_dtype
+    nets = sampler.nets
+    nets.unet.to(DTYPES[unet_dtype])
+    nets.vae.to(DTYPES[vae_dtype])
+    if sampler.device.type == "cuda":  # NHWC convolutions run on the tensor cores without layout transposes
+        nets.unet.to(memory_format=torch.channels_last)
+        # The VAE stays NCHW: its 512² GroupNorm layers dominate, and it decodes 10–15% faster so on an H100
+        # (benchmarks/results/eval_throughput_h100.json, vae_decode_images_per_s).
+
+
+def model_fingerprint(uri: str) -> str:
+    """sha256 over the model directory's files: its manifest's digest, or one built by hashing a local directory."""
+    manifest = storage.read_manifest(uri) or storage.build_manifest(storage.local_path(uri))
+    return "sha256:" + storage.manifest_digest(manifest)

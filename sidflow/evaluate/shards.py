@@ -1,0 +1,116 @@
+"""The work of one evaluation, cut into shards: generate, crop/resize, features, scores; one file per shard.
+
+Shard k holds prompts [k·size, (k+1)·size); rank r of W takes shards r, r + W, … . A shard file is written whole
+(npz: rows, features, scores, the run key and the first grid images), so a restarted evaluation skips every
+shard already written with the same run key. Inside a shard the CPU work of batch b (crop, Lanczos, clean-fid
+bicubic, CLIP preprocessing, in a thread pool: PIL releases the GIL) overlaps the GPU generation of batch b + 1.
+"""
+
+import io
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from sidflow import storage
+from sidflow.evaluate.protocol import PromptSet, Protocol
+from sidflow.evaluate.resize import protocol_resize
+
+SHARDS = "shards"
+
+
+def shard_rows(n: int, size: int) -> list[range]:
+    """Return the prompt rows of each shard: consecutive ranges of `size` (the last may be shorter)."""
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def shard_uri(output: str, k: int) -> str:
+    """URI of shard k's file under the evaluation's output."""
+    return storage.join(output, SHARDS, f"shard-{k:06d}.npz")
+
+
+@dataclass
+class ShardResult:
+    """Per-image results of one shard, in row order."""
+
+    rows: np.ndarray  # [n] int64 prompt rows
+    features: np.ndarray  # [n, D] float32
+    scores: np.ndarray  # [n] float64
+    grid: np.ndarray  # [g, s, s, 3] uint8: the images of the first rows that go into grid.png
+    key: str  # run key: what produced these numbers
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, rows=self.rows, features=self.features, scores=self.scores, grid=self.grid, key=np.str_(self.key))
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ShardResult":
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+        return cls(z["rows"], z["features"], z["scores"], z["grid"], str(z["key"]))
+
+
+def read_shard(uri: str, key: str) -> ShardResult | None:
+    """Return the shard written at `uri` by a run with the same key; None if there is none yet."""
+    if not storage.exists(uri):
+        return None
+    shard = ShardResult.from_bytes(storage.read_bytes(uri))
+    if shard.key != key:
+        raise ValueError(f"{uri} was written by a different evaluation (model, prompts, protocol, features, scorer "
+                         "or precision changed): use a new output, or delete its shards/")
+    return shard
+
+
+def prepare_image(image: np.ndarray, protocol: Protocol, extractor, scorer) -> tuple:
+    """CPU work for one image: protocol crop/resize, the extractor's and the scorer's input, the grid tile."""
+    fid_image = protocol_resize(image, protocol.fid_size)
+    clip_image = fid_image if protocol.clip_size == protocol.fid_size else protocol_resize(image, protocol.clip_size)
+    return extractor.prepare(fid_image), scorer.prepare(clip_image), clip_image
+
+
+def evaluate_rows(rows: range, prompts: PromptSet, sampler, protocol: Protocol, extractor, scorer, batch: int,
+                  key: str, grid: int = 0, workers: int | None = None, image_dir: str | None = None,
+                  progress=None) -> ShardResult:
+    """Generate and measure the images of `rows`; keep the images of rows < `grid` for the sample grid."""
+    feats, scores, tiles = [], [], []
+    pool = ThreadPoolExecutor(workers or os.cpu_count() or 1)
+    writes: list[Future] = []
+
+    def measure(idx: range, prepared: list[Future]) -> None:  # GPU: features and scores of a prepared batch
+        done = [f.result() for f in prepared]
+        feats.append(extractor(np.stack([d[0] for d in done])))
+        scores.append(scorer([d[1] for d in done], [prompts.captions[i] for i in idx]))
+        tiles.extend(d[2] for i, d in zip(idx, done) if i < grid)
+        if progress is not None:
+            progress.update(len(idx))
+
+    try:
+        pending = None
+        for start in range(0, len(rows), batch):
+            idx = rows[start : start + batch]
+            images = sampler([prompts.captions[i] for i in idx], [prompts.seeds[i] for i in idx])  # [B, H, W, 3]
+            prepared = [pool.submit(prepare_image, im, protocol, extractor, scorer) for im in images]
+            if image_dir is not None:
+                writes += [pool.submit(_write_png, storage.join(image_dir, f"{i:06d}.png"), im)
+                           for i, im in zip(idx, images)]
+            if pending is not None:
+                measure(*pending)  # the previous batch, while this one's CPU work runs
+            pending = (idx, prepared)
+        if pending is not None:
+            measure(*pending)
+        for w in writes:
+            w.result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+    dim = feats[0].shape[1] if feats else 0
+    return ShardResult(np.asarray(rows, dtype=np.int64), np.concatenate(feats) if feats else np.zeros((0, dim)),
+                       np.concatenate(scores) if scores else np.zeros(0), np.asarray(tiles, dtype=np.uint8), key)
+
+
+def _write_png(uri: str, image: np.ndarray) -> None:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    storage.write_bytes(uri, buf.getvalue())

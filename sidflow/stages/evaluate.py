@@ -1,0 +1,231 @@
+"""Stage `evaluate`: FID and CLIP score of a generator (or a teacher) under the zero-shot COCO protocol.
+
+The protocol is GigaGAN's, which DMD2 and SiD-LSG report (evaluation.md §0): one image per caption of a prompt set,
+image i from seed i; both fake and real images center-cropped and Lanczos-resized to 256, then clean-fid `clean`
+(bicubic 299, TF-Inception pool3) against reference statistics of all 40,504 val2014 images; CLIP = cosine of
+OpenCLIP ViT-g-14 embeddings with the "A photo depicts " prefix. Prompts are sharded over the processes of the
+launch (one per GPU); shards are files under `output`, so a restarted run resumes. Rank 0 then writes
+metrics.json (last), clip_scores.parquet, grid.png and row.md. With the toy shapes evaluator as features and
+scorer, `fid` is shapes-FID and `clip` is prompt accuracy.
+"""
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from sidflow import storage
+from sidflow.config import param, to_json
+
+METRICS = "metrics.json"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What to evaluate, against which reference, with which networks and precision, and where results go."""
+
+    model: str = param("", "model URI: an exported generator (the distill output's model/), or a teacher when "
+                           "sampler is ddim or dpm_solver")
+    prompts: str = param("", "prompt set URI: .parquet with caption, seed (default: row index), optional image_id "
+                             "(`sidflow data coco-prompts`)")
+    reference: str = param("", "reference statistics URI (.npz from `sidflow data ref-stats`, same protocol and "
+                               "features)")
+    output: str = param("", "URI for metrics.json, clip_scores.parquet, grid.png, row.md and shards/")
+    protocol: Literal["coco30k", "sdxl10k", "native"] = param(
+        "coco30k", "coco30k: crop + Lanczos 256 (GigaGAN/DMD2/SiD-LSG); sdxl10k: FID at 512, CLIP at 256 (DMD2 "
+                   "SDXL); native: images as generated (toy)")
+    features: str = param("inception", "FID features: 'inception' (clean-fid's TF-Inception from "
+                                       "inception_weights) or 'toy:<evaluator URI>' (shapes-FID)")
+    inception_weights: str = param("", "URI (s3:// or local) of inception-2015-12-05.pt, clean-fid's TF-Inception "
+                                       "TorchScript")
+    scorer: str = param("openclip", "'openclip' (clip_model + clip_weights, GigaGAN's CLIP score) or "
+                                    "'toy:<evaluator URI>' (prompt accuracy)")
+    clip_model: str = param("ViT-g-14", "OpenCLIP architecture, or URI of an open_clip directory "
+                                        "(open_clip_config.json + weights)")
+    clip_weights: str = param("laion2b_s12b_b42k", "OpenCLIP pretrained tag (Hugging Face cache) or URI of the "
+                                                   "checkpoint file; unused when clip_model is a directory")
+    clip_precision: Literal["fp32", "tf32", "fp16", "bf16"] = param(
+        "tf32", "CLIP precision: tf32 = fp32 weights, TF32 matmuls (4x faster; moves the score < 1e-4, "
+                "benchmarks/eval_throughput.py); fp32 = GigaGAN's exact .float(); fp16/bf16 faster still")
+    sampler: Literal["generator", "ddim", "dpm_solver"] = param(
+        "generator", "generator: the exported generator's own K steps; ddim / dpm_solver: a teacher with "
+                     "teacher_steps steps and CFG guidance (comparison rows)")
+    teacher_steps: int = param(25, "steps of the ddim / dpm_solver teacher sampler")
+    guidance: float = param(3.0, "CFG scale of the teacher sampler (SD1.5's best-FID setting, evaluation.md §1)")
+    unet_dtype: Literal["fp16", "bf16", "fp32"] = param(
+        "fp16", "UNet autocast precision on GPU (SiD-LSG generates in fp16); CPU runs use fp32")
+    vae_dtype: Literal["fp32", "bf16", "fp16"] = param(
+        "fp32", "VAE decode precision on GPU; fp32 is safe for every VAE (SDXL's overflows in fp16)")
+    batch: int = param(32, "images generated per process per batch")
+    shard_size: int = param(1024, "prompts per shard: the unit of work handed to a process and of resume")
+    limit: int | None = param(None, "evaluate only the first N prompts (smoke runs); None: all")
+    grid: int = param(16, "images in grid.png: those of the first N prompts")
+    save_images: bool = param(False, "also write every image to images/<row>.png (off: images stay in memory)")
+    workers: int | None = param(None, "CPU threads per process for crop, resize and CLIP preprocessing; None: all "
+                                      "cores")
+    gpus: str = param("1", "GPUs to use: a count or 'all' (sidflow evaluate launches one process per GPU)")
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    """Where metrics.json is, and the headline numbers in it."""
+
+    metrics_uri: str
+    fid: float
+    clip: float
+    images: int
+    metrics: dict
+
+
+def validate(cfg: EvaluateConfig) -> None:
+    """Raise a one-line error for any user mistake, before a model is loaded or a GPU touched."""
+    from sidflow.evaluate.protocol import PROTOCOLS, read_prompt_set
+    from sidflow.evaluate.reference import read_reference
+
+    for name in ("model", "prompts", "reference", "output"):
+        if not getattr(cfg, name):
+            raise ValueError(f"{name} is empty: {EvaluateConfig.__dataclass_fields__[name].metadata['help']}")
+    for name in ("batch", "shard_size", "teacher_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ValueError(f"limit={cfg.limit} must be at least 1 (or None: all prompts)")
+    if cfg.features != "inception" and not cfg.features.startswith("toy:"):
+        raise ValueError(f"features={cfg.features!r} is not 'inception' or 'toy:<evaluator URI>'")
+    if cfg.scorer != "openclip" and not cfg.scorer.startswith("toy:"):
+        raise ValueError(f"scorer={cfg.scorer!r} is not 'openclip' or 'toy:<evaluator URI>'")
+    if cfg.features == "inception":
+        from sidflow.evaluate.features import INCEPTION_FILE, INCEPTION_URL
+
+        if not cfg.inception_weights or not storage.exists(cfg.inception_weights):
+            raise FileNotFoundError(f"inception_weights={cfg.inception_weights!r}: {INCEPTION_FILE} is not there; "
+                                    f"download it from {INCEPTION_URL} and pass its URI (s3:// or a local path)")
+    if cfg.scorer == "openclip":
+        from sidflow.evaluate.clipscore import check_openclip
+
+        check_openclip(cfg.clip_model, cfg.clip_weights)
+    _check_model(cfg)
+    read_prompt_set(cfg.prompts)
+    meta = read_reference(cfg.reference).meta
+    if meta["fid_size"] != PROTOCOLS[cfg.protocol].fid_size:
+        raise ValueError(f"reference={cfg.reference!r} was computed for protocol {meta['protocol']!r}, not "
+                         f"{cfg.protocol!r}: recompute it with `sidflow data ref-stats --protocol {cfg.protocol}`")
+
+
+def _check_model(cfg: EvaluateConfig) -> None:
+    from sidflow.generator import INFO_FILE
+    from sidflow.teacher import check_teacher_dir, materialize
+
+    path = materialize(cfg.model)
+    check_teacher_dir(path)
+    if cfg.sampler == "generator" and not os.path.isfile(os.path.join(path, INFO_FILE)):
+        raise ValueError(f"model={cfg.model!r} has no {INFO_FILE}: not an exported sidflow generator; to evaluate "
+                         "a teacher pass --sampler ddim (or dpm_solver) with --teacher-steps and --guidance")
+
+
+def run(cfg: EvaluateConfig) -> EvaluateResult:
+    """Validate, record config.json, evaluate this process's shards, then (rank 0) write the results."""
+    import torch
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    from sidflow.evaluate.clipscore import load_openclip
+    from sidflow.evaluate.features import load_features
+    from sidflow.evaluate.protocol import PROTOCOLS, read_prompt_set
+    from sidflow.evaluate.reference import read_reference
+    from sidflow.evaluate.sampling import load_sampler
+    from sidflow.evaluate.shards import evaluate_rows, read_shard, shard_rows, shard_uri
+
+    validate(cfg)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    device, rank, world = acc.device, acc.process_index, acc.num_processes
+    torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its kernels once and keeps the fastest
+    if rank == 0:
+        storage.write_text(storage.join(cfg.output, "config.json"), to_json(cfg))
+    start = time.time()
+    prompts = read_prompt_set(cfg.prompts)
+    reference = read_reference(cfg.reference)
+    extractor = load_features(cfg.features, cfg.inception_weights, device)
+    if reference.meta["features"] != extractor.fingerprint:
+        raise ValueError(f"reference={cfg.reference!r} holds features of {reference.meta['features']}, this "
+                         f"evaluation uses {extractor.fingerprint}: recompute it with `sidflow data ref-stats`")
+    if cfg.scorer == "openclip":
+        scorer = load_openclip(cfg.clip_model, cfg.clip_weights, device, cfg.clip_precision)
+    else:
+        from sidflow.evaluate.toy import toy_scorer
+
+        scorer = toy_scorer(cfg.scorer[len("toy:"):], device)
+    sampler, about = load_sampler(cfg.model, device, cfg.sampler, cfg.teacher_steps, cfg.guidance,
+                                  cfg.unet_dtype, cfg.vae_dtype)
+    protocol = PROTOCOLS[cfg.protocol]
+    n = min(len(prompts), cfg.limit or len(prompts))
+    key = _run_key(prompts.fingerprint, n, protocol.name, extractor.fingerprint, scorer.fingerprint, about,
+                   cfg.shard_size, cfg.batch)  # batch: a K-step generator seeds its later noise per batch
+    shards = shard_rows(n, cfg.shard_size)
+    mine = [k for k in range(len(shards)) if k % world == rank]
+    bar = tqdm(total=sum(len(shards[k]) for k in mine), unit="img", desc="evaluate", dynamic_ncols=True,
+               disable=rank != 0 or os.environ.get("SIDFLOW_NO_BAR") == "1")
+    for k in mine:
+        if read_shard(shard_uri(cfg.output, k), key) is not None:  # resumed: written by an earlier run
+            bar.update(len(shards[k]))
+            continue
+        result = evaluate_rows(shards[k], prompts, sampler, protocol, extractor, scorer, cfg.batch, key, cfg.grid,
+                               cfg.workers, storage.join(cfg.output, "images") if cfg.save_images else None, bar)
+        storage.write_bytes(shard_uri(cfg.output, k), result.to_bytes())
+    bar.close()
+    acc.wait_for_everyone()
+    metrics_uri = storage.join(cfg.output, METRICS)
+    if rank == 0:
+        _write_results(cfg, prompts, reference, extractor, scorer, about, key, len(shards), n, world,
+                       time.time() - start)
+    acc.wait_for_everyone()
+    metrics = json.loads(storage.read_text(metrics_uri))
+    return EvaluateResult(metrics_uri, metrics["fid"], metrics["clip"], metrics["images"], metrics)
+
+
+def _run_key(*parts) -> str:
+    """sha256 of everything that decides a shard's numbers: shards of another evaluation are never mixed in."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _write_results(cfg, prompts, reference, extractor, scorer, about, key, n_shards, n, world, seconds) -> dict:
+    """Gather every shard, compute FID and the mean score, write the result files with metrics.json last."""
+    import numpy as np
+
+    from sidflow.evaluate.fid import feature_stats, frechet_distance
+    from sidflow.evaluate.report import captioned_grid, markdown_row, scores_parquet
+    from sidflow.evaluate.shards import read_shard, shard_uri
+
+    shards = [read_shard(shard_uri(cfg.output, k), key) for k in range(n_shards)]
+    rows = np.concatenate([s.rows for s in shards])
+    assert np.array_equal(rows, np.arange(n)), "a shard is missing or out of order"
+    scores = np.concatenate([s.scores for s in shards])
+    mu, sigma = feature_stats(np.concatenate([s.features for s in shards]))
+    fid = frechet_distance(mu, sigma, reference.mu, reference.sigma)
+    metrics = {
+        "fid": fid, "clip": float(scores.mean()), "images": int(n), "reference_images": reference.meta["images"],
+        "protocol": cfg.protocol, "model": cfg.model, "model_fingerprint": about["fingerprint"],
+        "sampler": {k: v for k, v in about.items() if k != "fingerprint"},
+        "prompts": cfg.prompts, "prompts_fingerprint": prompts.fingerprint,
+        "reference": cfg.reference, "reference_fingerprint": reference.fingerprint,
+        "features": extractor.fingerprint, "scorer": scorer.fingerprint, "processes": world,
+        "seconds": round(seconds, 1), "images_per_s": round(n / seconds, 2),
+    }
+    out = cfg.output
+    scores_parquet(storage.join(out, "clip_scores.parquet"), rows, prompts.captions, prompts.seeds, prompts.image_ids,
+                   scores)
+    tiles = [s.grid for s in shards if len(s.grid)]
+    if tiles:
+        grid = np.concatenate(tiles)
+        storage.write_bytes(storage.join(out, "grid.png"), captioned_grid(grid, prompts.captions[: len(grid)]))
+    storage.write_text(storage.join(out, "row.md"), markdown_row(metrics))
+    storage.write_text(storage.join(out, METRICS), json.dumps(metrics, indent=2))  # last: readers wait for it
+    return metrics
+
+
+def summary(result: EvaluateResult) -> str:
+    """Return the one-line JSON summary the CLI prints."""
+    return json.dumps({"metrics": result.metrics_uri, "fid": round(result.fid, 4), "clip": round(result.clip, 5),
+                       "images": result.images})
