@@ -3,8 +3,10 @@
 from pathlib import Path
 
 from sidflow.config import markdown_table
+from sidflow.evaluate.reference import RefStatsConfig
 from sidflow.stages.distill import DistillConfig
 from sidflow.stages.download_teacher import DownloadTeacherConfig
+from sidflow.stages.evaluate import EvaluateConfig
 from sidflow.stages.register import RegisterConfig
 from sidflow.toy.train_teacher import ToyTeacherConfig
 
@@ -17,5 +19,5 @@ def test_first_two_commands():
 
 
 def test_parameter_tables_match_the_configs():
-    for cls in (DistillConfig, DownloadTeacherConfig, RegisterConfig, ToyTeacherConfig):
+    for cls in (DistillConfig, DownloadTeacherConfig, RegisterConfig, ToyTeacherConfig, EvaluateConfig, RefStatsConfig):
         assert markdown_table(cls) in README, f"README's {cls.__name__} table is stale: regenerate it"
