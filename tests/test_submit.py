@@ -2,77 +2,43 @@
 stand-in of the KFP v2beta1 REST API (no cluster)."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 
 from pipeline import submit
 from pipeline.compile import DEFAULT_OUT
 from sidflow.cli import main
+from tests.loopback import JsonServer
 
 PARAMS = submit.package_parameters(DEFAULT_OUT)  # the committed IR: what a submit sends against
 REQUIRED = ["teachers=hf://stable-diffusion-v1-5/stable-diffusion-v1-5@main", "registry=s3://b/registry",
             "artifact_root=s3://b/sidflow", "prompts=s3://b/prompts.txt"]
 
 
-class FakeKfp:
+class FakeKfp(JsonServer):
     """The v2beta1 endpoints kfp.Client calls, on 127.0.0.1; records every request as (method, path, query, body)."""
 
     def __init__(self, experiments=(), fail=None):
-        self.requests, self.experiments, self.fail = [], list(experiments), fail or {}
-        fake = self
+        self.experiments, self.fail = list(experiments), fail or {}
+        super().__init__(self._route)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _answer(self, status: int, body: dict):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _handle(self, method: str):
-                url = urlparse(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else None
-                fake.requests.append((method, url.path, parse_qs(url.query), body))
-                if (method, url.path) in fake.fail:
-                    return self._answer(*fake.fail[(method, url.path)])
-                route = {
-                    ("GET", "/apis/v2beta1/healthz"): lambda: {"multi_user": False},
-                    ("GET", "/apis/v2beta1/experiments"): lambda: {"experiments": fake.experiments} if
-                    fake.experiments else {},
-                    ("POST", "/apis/v2beta1/experiments"): lambda: {"experiment_id": "exp-new", **body},
-                    ("POST", "/apis/v2beta1/runs"): lambda: {"run_id": "run-42", **body},
-                    ("POST", "/apis/v2beta1/recurringruns"): lambda: {"recurring_run_id": "rr-7", **body},
-                }.get((method, url.path))
-                if route is None:
-                    return self._answer(404, {"error": f"no route {method} {url.path}", "code": 5})
-                self._answer(200, route())
-
-            def do_GET(self):
-                self._handle("GET")
-
-            def do_POST(self):
-                self._handle("POST")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _route(self, method, path, query, body):
+        if (method, path) in self.fail:
+            return self.fail[(method, path)]
+        route = {
+            ("GET", "/apis/v2beta1/healthz"): lambda: {"multi_user": False},
+            ("GET", "/apis/v2beta1/experiments"): lambda: {"experiments": self.experiments} if self.experiments else {},
+            ("POST", "/apis/v2beta1/experiments"): lambda: {"experiment_id": "exp-new", **body},
+            ("POST", "/apis/v2beta1/runs"): lambda: {"run_id": "run-42", **body},
+            ("POST", "/apis/v2beta1/recurringruns"): lambda: {"recurring_run_id": "rr-7", **body},
+        }.get((method, path))
+        if route is None:
+            return 404, {"error": f"no route {method} {path}", "code": 5}
+        return 200, route()
 
     def bodies(self, method: str, path: str) -> list[dict]:
         return [b for m, p, _, b in self.requests if (m, p) == (method, path)]
 
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

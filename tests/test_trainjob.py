@@ -6,11 +6,8 @@ import copy
 import json
 import re
 import shlex
-import threading
 import types
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
 
 import jsonschema
 import pytest
@@ -18,6 +15,7 @@ import yaml
 
 from sidflow import config, storage, trainjob
 from sidflow.stages.distill import DistillConfig
+from tests.loopback import JsonServer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "manifests" / "examples" / "distill-trainjob.yaml"
@@ -185,78 +183,46 @@ def test_rbac_grants_exactly_what_run_calls():
 # Create, poll, adopt: a loopback stand-in of the Kubernetes API serving trainjobs. ---------------------------------
 
 
-class FakeKube:
+class FakeKube(JsonServer):
     """trainjobs of one namespace on 127.0.0.1; a job turns `outcome` after `polls` GETs; records every request."""
 
     VERB = {"POST": "create", "GET": "get", "DELETE": "delete"}
 
     def __init__(self, outcome="Complete", polls=2, existing=None, on_finish=None, flaky=0):
-        self.jobs, self.requests, self.gets = {}, [], 0
+        self.jobs, self.gets = {}, 0
         self.outcome, self.polls, self.on_finish, self.flaky = outcome, polls, on_finish, flaky
         if existing is not None:
             self.jobs[existing["metadata"]["name"]] = existing
-        fake = self
+        super().__init__(self._route)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _answer(self, status, body):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _handle(self, method):
-                url = urlparse(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else None
-                fake.requests.append((method, url.path, parse_qs(url.query), body))
-                m = re.fullmatch(r"/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainjobs(?:/([^/]+))?",
-                                 url.path)
-                if m is None or m.group(1) != "ml":
-                    return self._answer(404, {"kind": "Status", "code": 404})
-                name = m.group(2)
-                if method == "POST":
-                    if body["metadata"]["name"] in fake.jobs:
-                        return self._answer(409, {"kind": "Status", "reason": "AlreadyExists", "code": 409})
-                    fake.jobs[body["metadata"]["name"]] = copy.deepcopy(body)
-                    return self._answer(201, body)
-                if name not in fake.jobs:
-                    return self._answer(404, {"kind": "Status", "reason": "NotFound", "code": 404})
-                if method == "DELETE":
-                    del fake.jobs[name]
-                    return self._answer(200, {"kind": "Status", "status": "Success"})
-                if fake.flaky:
-                    fake.flaky -= 1
-                    return self._answer(503, {"kind": "Status", "code": 503})
-                fake.gets += 1
-                job = fake.jobs[name]
-                if fake.gets >= fake.polls and "status" not in job:
-                    if fake.on_finish:
-                        fake.on_finish(job)
-                    job["status"] = {"conditions": [
-                        {"type": "Created", "status": "True", "reason": "JobsCreated", "message": ""},
-                        {"type": fake.outcome, "status": "True", "reason": "BackoffLimitExceeded" if
-                         fake.outcome == "Failed" else "JobsCompleted", "message": "jobset node failed"}]}
-                self._answer(200, job)
-
-            def do_GET(self):
-                self._handle("GET")
-
-            def do_POST(self):
-                self._handle("POST")
-
-            def do_DELETE(self):
-                self._handle("DELETE")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _route(self, method, path, query, body):
+        m = re.fullmatch(r"/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainjobs(?:/([^/]+))?", path)
+        if m is None or m.group(1) != "ml":
+            return 404, {"kind": "Status", "code": 404}
+        name = m.group(2)
+        if method == "POST":
+            if body["metadata"]["name"] in self.jobs:
+                return 409, {"kind": "Status", "reason": "AlreadyExists", "code": 409}
+            self.jobs[body["metadata"]["name"]] = copy.deepcopy(body)
+            return 201, body
+        if name not in self.jobs:
+            return 404, {"kind": "Status", "reason": "NotFound", "code": 404}
+        if method == "DELETE":
+            del self.jobs[name]
+            return 200, {"kind": "Status", "status": "Success"}
+        if self.flaky:
+            self.flaky -= 1
+            return 503, {"kind": "Status", "code": 503}
+        self.gets += 1
+        job = self.jobs[name]
+        if self.gets >= self.polls and "status" not in job:
+            if self.on_finish:
+                self.on_finish(job)
+            job["status"] = {"conditions": [
+                {"type": "Created", "status": "True", "reason": "JobsCreated", "message": ""},
+                {"type": self.outcome, "status": "True", "reason": "BackoffLimitExceeded" if
+                 self.outcome == "Failed" else "JobsCompleted", "message": "jobset node failed"}]}
+        return 200, job
 
     def api(self):
         from kubernetes import client
@@ -281,8 +247,7 @@ def kube(monkeypatch):
 
     yield start
     for f in fakes:
-        f.server.shutdown()
-        f.server.server_close()
+        f.close()
 
 
 def test_run_creates_the_job_and_waits_until_complete(kube):
