@@ -201,11 +201,8 @@ def _watch_teachers(args) -> int:
 
 
 def _pipeline(args) -> int:
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pipeline/ and components/ sit beside sidflow/
-    from pipeline import compile as kfp_pipeline
-    from pipeline import submit
+    from sidflow.kfp import compile as kfp_pipeline
+    from sidflow.kfp import submit
 
     if args.pipeline_command == "compile":
         print(kfp_pipeline.compile(args.out))
@@ -213,7 +210,7 @@ def _pipeline(args) -> int:
     if args.pipeline_command == "run-local":
         from google.protobuf import json_format
 
-        from pipeline.sid_distill import sid_distill
+        from sidflow.kfp.sid_distill import sid_distill
 
         params = submit.parameters(json_format.MessageToDict(sid_distill.pipeline_spec))
         arguments = submit.parse_overrides(args.set or [], params)
@@ -245,10 +242,10 @@ def _pipeline(args) -> int:
 
 
 def _committed_pipeline() -> str:
-    """Return the path of the committed compiled pipeline, pipeline/sid_distill.yaml (beside sidflow/)."""
-    from pathlib import Path
+    """Return the path of the compiled pipeline that ships with the package, sidflow/kfp/sid_distill.yaml."""
+    from sidflow.kfp.compile import DEFAULT_OUT
 
-    return str(Path(__file__).resolve().parents[1] / "pipeline" / "sid_distill.yaml")
+    return DEFAULT_OUT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_pipeline)
     kp = p.add_subparsers(dest="pipeline_command", required=True)
     p = kp.add_parser("compile", help="compile the pipeline to IR YAML")
-    p.add_argument("--out", default="pipeline/sid_distill.yaml", help="output YAML path")
+    p.add_argument("--out", default="sid_distill.yaml", help="output YAML path (the package's own copy is "
+                   "regenerated with `python -m sidflow.kfp.compile`)")
     p = kp.add_parser("run-local", help="run the whole pipeline on this machine (kfp.local, no pod settings)")
     p.add_argument("--pipeline-root", default="kfp-local", help="local directory for kfp.local outputs")
     p.add_argument("--teachers", required=True, help="comma-separated teacher sources")

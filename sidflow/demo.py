@@ -27,16 +27,13 @@ def demo_parameters(root: Path, kimg: float, kappa: float, eval_set: dict) -> di
 
 def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> int:
     """Run the demo under `out`; print the table and the grid path; return the exit code."""
-    import sys
     import warnings
 
     from sidflow import registry
     from sidflow.evaluate.toy import toy_eval_set
+    from sidflow.kfp.compile import run_local
     from sidflow.stages import evaluate
     from sidflow.toy import shapes
-
-    sys.path.insert(0, str(TOY_TEACHER.parents[1]))  # pipeline/ and components/ sit beside sidflow/
-    from pipeline.compile import run_local
 
     # kfp.local warns that pod settings (GPUs, images, display names) do not apply on this machine: expected here.
     warnings.filterwarnings("ignore", module=r"kfp\..*")

@@ -25,7 +25,7 @@ MANAGER = "sidflow.kubeflow.org/distill"  # key of sidflow's entry in spec.runti
 RBAC_VERBS = ("create", "delete", "get")  # every call `run` makes; manifests/base/rbac-trainjobs.yaml grants these
 S3_SECRET = "sidflow-s3"  # the Kubernetes secret every stage reads its S3 settings from (manifests/base)
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION")
-# Per GPU, the same share the single-pod distill gets (pipeline/sid_distill.py: 1 GPU, 8 CPU, 64G, 16Gi /dev/shm).
+# Per GPU, the same share the single-pod distill gets (sidflow/kfp/sid_distill.py: 1 GPU, 8 CPU, 64G, 16Gi /dev/shm).
 CPU_PER_GPU, MEMORY_G_PER_GPU, SHM_GI_PER_GPU = 8, 64, 16
 TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
 TOLERATION_OPERATORS, TAINT_EFFECTS = ("Equal", "Exists"), ("NoSchedule", "PreferNoSchedule", "NoExecute")

@@ -115,10 +115,7 @@ def test_recurring_run_example_avoids_traps():
 
 
 def test_pipeline_mounts_the_secret_the_manifests_define():
-    import sys
-
-    sys.path.insert(0, str(ROOT))
-    from pipeline.sid_distill import S3_SECRET
+    from sidflow.kfp.sid_distill import S3_SECRET
 
     secret = next(d for d in _docs(ROOT / "manifests" / "base" / "s3-credentials-secret.yaml") if d["kind"] == "Secret")
     assert secret["metadata"]["name"] == S3_SECRET

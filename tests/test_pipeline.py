@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.distill import distill
-from components.distill_trainjob import distill_trainjob
-from components.download_teacher import download_teacher
-from components.evaluate import evaluate
-from components.register import register
-from components.watch_teachers import watch_teachers
-from pipeline import sid_distill as pipeline_module
-from pipeline.compile import DEFAULT_OUT, compile
 from sidflow import storage
 from sidflow.config import default
+from sidflow.kfp import sid_distill as pipeline_module
+from sidflow.kfp.compile import DEFAULT_OUT, compile
+from sidflow.kfp.components.distill import distill
+from sidflow.kfp.components.distill_trainjob import distill_trainjob
+from sidflow.kfp.components.download_teacher import download_teacher
+from sidflow.kfp.components.evaluate import evaluate
+from sidflow.kfp.components.register import register
+from sidflow.kfp.components.watch_teachers import watch_teachers
 from sidflow.stages.distill import PIPELINE_UNSET, DistillConfig
 from sidflow.stages.download_teacher import DownloadTeacherConfig
 from sidflow.stages.evaluate import EvaluateConfig
@@ -238,7 +238,7 @@ def test_component_parameters_are_the_config_fields(component, classes, extra):
 
 def test_committed_yaml_is_up_to_date(ir):
     committed = list(yaml.safe_load_all(Path(DEFAULT_OUT).read_text()))
-    assert committed == ir, "pipeline/sid_distill.yaml is stale: run `sidflow pipeline compile`"
+    assert committed == ir, "sidflow/kfp/sid_distill.yaml is stale: run `python -m sidflow.kfp.compile`"
 
 
 def test_watch_component_drops_unknown_fingerprints(tiny_teacher, tmp_path):
@@ -322,7 +322,7 @@ def test_register_component_registers_and_promotes(tmp_path):
     (30.0, 0.3, 0.0, True), (30.0, 0.3, 25.0, False), (30.0, 0.3, 30.0, True), (float("nan"), 0.3, 0.0, False),
     (30.0, float("inf"), 0.0, False)])
 def test_registration_gate(tmp_path, fid, clip, max_fid, passed):
-    from components.evaluate import passes_gate
+    from sidflow.kfp.components.evaluate import passes_gate
 
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"fid": fid, "clip": clip}))  # json writes NaN/Infinity, as Python reads them

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from pipeline import submit
-from pipeline.compile import DEFAULT_OUT
 from sidflow.cli import main
+from sidflow.kfp import submit
+from sidflow.kfp.compile import DEFAULT_OUT
 from tests.loopback import JsonServer
 
 PARAMS = submit.package_parameters(DEFAULT_OUT)  # the committed IR: what a submit sends against

@@ -159,13 +159,13 @@ def test_example_is_what_its_command_prints(capsys):
 
 
 def test_trainer_image_is_the_distill_components():
-    from components.distill import BASE_IMAGE
+    from sidflow.kfp.components.distill import BASE_IMAGE
 
     assert trainjob.TRAINER_IMAGE == BASE_IMAGE
 
 
 def test_per_gpu_share_is_the_single_pods():
-    from pipeline import sid_distill as p
+    from sidflow.kfp import sid_distill as p
 
     assert p.DISTILL_GPUS == 1
     assert (str(trainjob.CPU_PER_GPU), f"{trainjob.MEMORY_G_PER_GPU}G", f"{trainjob.SHM_GI_PER_GPU}Gi") == (
@@ -296,7 +296,7 @@ def test_component_runs_the_job_and_returns_the_model(kube, tmp_path, monkeypatc
     """distill_trainjob's own body, with the kubeconfig pointing at the fake API and a local run URI."""
     from kfp import dsl
 
-    from components.distill_trainjob import distill_trainjob
+    from sidflow.kfp.components.distill_trainjob import distill_trainjob
     from sidflow.stages.distill import PIPELINE_UNSET
 
     output = str(tmp_path / "run")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.compile import DEFAULT_OUT
+from sidflow.kfp.compile import DEFAULT_OUT
 
 KFP_TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": bool, "STRUCT": dict,
              "LIST": list}

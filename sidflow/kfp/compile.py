@@ -1,6 +1,6 @@
 """Compile the sid-distill pipeline to IR YAML, or run it on this machine with kfp.local.
 
-    python -m pipeline.compile [--out pipeline/sid_distill.yaml]   (also `sidflow pipeline compile`)
+    python -m sidflow.kfp.compile [--out sidflow/kfp/sid_distill.yaml]   (also `sidflow pipeline compile --out …`)
 """
 
 import argparse
@@ -13,7 +13,7 @@ def compile(path: str = DEFAULT_OUT) -> str:
     """Compile the sid-distill pipeline to `path` (IR YAML: pipeline spec + kubernetes platform spec); return path."""
     from kfp import compiler
 
-    from pipeline.sid_distill import sid_distill
+    from sidflow.kfp.sid_distill import sid_distill
 
     compiler.Compiler().compile(sid_distill, package_path=path)
     return path
@@ -23,7 +23,7 @@ def run_local(pipeline_root: str, **arguments):
     """Run the whole pipeline here with kfp.local (SubprocessRunner in this interpreter; pod settings ignored)."""
     from kfp import local
 
-    from pipeline.sid_distill import sid_distill
+    from sidflow.kfp.sid_distill import sid_distill
 
     unknown = sorted(set(arguments) - set(sid_distill.component_spec.inputs))
     if unknown:

@@ -12,13 +12,13 @@ descriptions against the dataclasses.
 
 from kfp import dsl, kubernetes
 
-from components.distill import BASE_IMAGE as TRAINER_IMAGE
-from components.distill import distill
-from components.distill_trainjob import distill_trainjob
-from components.download_teacher import download_teacher
-from components.evaluate import evaluate, passes_gate
-from components.register import register
-from components.watch_teachers import watch_teachers
+from sidflow.kfp.components.distill import BASE_IMAGE as TRAINER_IMAGE
+from sidflow.kfp.components.distill import distill
+from sidflow.kfp.components.distill_trainjob import distill_trainjob
+from sidflow.kfp.components.download_teacher import download_teacher
+from sidflow.kfp.components.evaluate import evaluate, passes_gate
+from sidflow.kfp.components.register import register
+from sidflow.kfp.components.watch_teachers import watch_teachers
 from sidflow.trainjob import S3_KEYS, S3_SECRET  # the Kubernetes secret every stage reads its S3 settings from
 
 DISTILL_GPUS = 1  # the component runs one training process; multi-GPU pods go through `sidflow distill --gpus N`

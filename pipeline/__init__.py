@@ -1,1 +1,0 @@
-"""The sid-distill Kubeflow pipeline (sid_distill.py), its compile and local-run helpers (compile.py)."""
