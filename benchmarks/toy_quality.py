@@ -23,6 +23,12 @@ from sidflow.config import override  # noqa: E402
 from sidflow.toy import evaluator, shapes  # noqa: E402
 
 
+def eval_set(n: int) -> tuple[dict, np.ndarray, list[int]]:
+    """The prompts (seen and held-out combinations), real reference renders and seeds every row is scored on."""
+    prompts = {"seen": shapes.sample(n, 12_345, "train")[1], "heldout": shapes.sample(n, 12_346, "heldout")[1]}
+    return prompts, shapes.sample(n * 5, 777, "train")[0], list(range(n))
+
+
 def evaluate(model, make_images, prompts: dict, reference: np.ndarray) -> dict:
     """Return shapes-FID (seen prompts) and prompt accuracy (seen, held-out) of a sampler."""
     seen = make_images(prompts["seen"])
@@ -62,10 +68,7 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = evaluator.load(args.evaluator or Path(args.teacher) / "evaluator", device)
-    prompts = {split: shapes.sample(args.n, 12_345 + i, split)[1] for i, split in enumerate(("train", "heldout"))}
-    prompts["seen"] = prompts.pop("train")
-    reference = shapes.sample(args.n * 5, 777, "train")[0]
-    seeds = list(range(args.n))
+    prompts, reference, seeds = eval_set(args.n)
     rows, grids = [], {}
     config = {k: v for k, v in vars(args).items() if k != "out"}
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 from common import RESULTS, record  # noqa: E402
-from toy_quality import parse_runs  # noqa: E402
+from toy_quality import eval_set, evaluate, parse_runs  # noqa: E402
 
 from sidflow.config import override  # noqa: E402
 from sidflow.toy import evaluator, shapes  # noqa: E402
@@ -40,10 +40,7 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = evaluator.load(args.evaluator or Path(args.teacher) / "evaluator", device)
-    seen = shapes.sample(args.n, 12_345, "train")[1]
-    held = shapes.sample(args.n, 12_346, "heldout")[1]
-    reference = shapes.sample(args.n * 5, 777, "train")[0]
-    seeds = list(range(args.n))
+    prompts, reference, seeds = eval_set(args.n)
     work = Path(tempfile.mkdtemp(prefix="sidflow-sweep-"))
     (work / "prompts.txt").write_text("\n".join(sorted({shapes.caption(*c) for c in shapes.combos("train")})))
     curves = {}
@@ -57,12 +54,8 @@ def main() -> None:
             result = run(override(base, {"kimg": kimg, "checkpoint_kimg": kimg, "resume": True}))
             minutes = (time.time() - start) / 60
             gen, info = load_generator(result.model_uri, device)
-            imgs = sample(gen, info, seen, seeds, batch=512)
-            point = {"kimg": result.kimg, "minutes": round(minutes, 2),
-                     "shapes_fid": round(evaluator.shapes_fid(model, imgs, reference), 2),
-                     "prompt_acc_seen": round(evaluator.prompt_accuracy(model, imgs, seen), 4),
-                     "prompt_acc_heldout": round(evaluator.prompt_accuracy(
-                         model, sample(gen, info, held, seeds, batch=512), held), 4),
+            scores, _ = evaluate(model, lambda caps: sample(gen, info, caps, seeds, batch=512), prompts, reference)
+            point = {"kimg": result.kimg, "minutes": round(minutes, 2), **scores,
                      "loss_g": result.metrics.get("loss_g"), "loss_fake": result.metrics.get("loss_fake"),
                      "images_per_s": result.metrics.get("images_per_s")}
             curves[name]["points"].append(point)

@@ -162,7 +162,7 @@ def _train_evaluator(args) -> int:
 def _demo(args) -> int:
     from sidflow.demo import run_demo
 
-    return run_demo(args.out)
+    return 0 if run_demo(args.out) is not None else 1
 
 
 def _registry(args) -> int:
@@ -241,13 +241,6 @@ def _pipeline(args) -> int:
     return 0
 
 
-def _committed_pipeline() -> str:
-    """Return the path of the compiled pipeline that ships with the package, sidflow/kfp/sid_distill.yaml."""
-    from sidflow.kfp.compile import DEFAULT_OUT
-
-    return DEFAULT_OUT
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sidflow` console script."""
     # Library chatter (optional torchvision backends, diffusers config notices) is not for our users.
@@ -256,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from sidflow.kfp import compile as kfp_compile
     from sidflow.stages.distill import DistillConfig
     from sidflow.stages.download_teacher import DownloadTeacherConfig
 
@@ -369,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--experiment", default="sidflow", help="experiment name, created if missing")
         p.add_argument("--pipeline-root", help="artifact root of the run, e.g. s3://bucket/kfp (default: the "
                                                "kfp-launcher ConfigMap's defaultPipelineRoot)")
-        p.add_argument("--package", default=_committed_pipeline(), help="compiled pipeline YAML")
+        p.add_argument("--package", default=kfp_compile.DEFAULT_OUT, help="compiled pipeline YAML (default: the one "
+                       "shipped in the package)")
         p.add_argument("--service-account", help="Kubernetes ServiceAccount the run's pods use")
         p.add_argument("--dry-run", action="store_true", help="print the typed parameters and stop")
         if name == "submit":

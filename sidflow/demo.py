@@ -25,8 +25,9 @@ def demo_parameters(root: Path, kimg: float, kappa: float, eval_set: dict) -> di
             "eval_features": f"toy:{evaluator}", "eval_scorer": f"toy:{evaluator}", "eval_batch": 128}
 
 
-def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> int:
-    """Run the demo under `out`; print the table and the grid path; return the exit code."""
+def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> dict | None:
+    """Run the demo under `out`; print the table and the grid path; return {"rows": {name: metrics}, "champion",
+    "model"}, or None if the pipeline registered no champion."""
     import warnings
 
     from sidflow import registry
@@ -51,7 +52,7 @@ def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> i
     champion = registry.champion(reg, MODEL_NAME)
     if champion is None:
         print("the pipeline registered no champion: see the task logs above")
-        return 1
+        return None
     if before is not None and before.version == champion.version:
         print(f"      teacher already distilled (registry v{champion.version}); delete {root} to distill again")
     print(f"[2/3] registry: {MODEL_NAME} v{champion.version} is champion: {champion.model_uri}")
@@ -73,4 +74,4 @@ def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> i
     if grids:  # written by the evaluate task next to its metrics.json
         print(f"\nsample grid (distilled, one step, captioned): {grids[-1]}")
     print(json.dumps({"champion": champion.version, "model": champion.model_uri}))
-    return 0
+    return {"rows": rows, "champion": champion.version, "model": champion.model_uri}

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -336,7 +337,8 @@ def delete_tree(uri: str) -> None:
 # Published directories ------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """sha256 hex of a local file (the digest manifests record)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_MiB), b""):
@@ -348,7 +350,8 @@ def build_manifest(src_local_dir: str) -> dict:
     """The manifest a publish of this local directory would write (hashes every file; nothing is written)."""
     src = Path(src_local_dir)
     rels = [rel for rel in list_files(str(src)) if rel != MANIFEST]
-    files = _parallel(lambda rel: {"path": rel, "size": (src / rel).stat().st_size, "sha256": _sha256(src / rel)}, rels)
+    files = _parallel(lambda rel: {"path": rel, "size": (src / rel).stat().st_size, "sha256": sha256_file(src / rel)},
+                      rels)
     return {"version": 1, "files": files, "created": datetime.now(timezone.utc).isoformat()}
 
 
@@ -362,7 +365,7 @@ def publish_dir(src_local_dir: str, uri: str) -> dict:
 
     def put(rel: str) -> dict:
         path = src / rel
-        entry = {"path": rel, "size": path.stat().st_size, "sha256": _sha256(path)}
+        entry = {"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)}
         upload_file(str(path), join(uri, rel))
         return entry
 
@@ -397,11 +400,36 @@ def fetch_dir(uri: str, dst_local_dir: str) -> dict:
         size = (dst / rel).stat().st_size
         if size != entry["size"]:
             raise ValueError(f"{uri}: {rel} is corrupted: {size} bytes, manifest says {entry['size']}")
-        if _sha256(dst / rel) != entry["sha256"]:
+        if sha256_file(dst / rel) != entry["sha256"]:
             raise ValueError(f"{uri}: {rel} is corrupted: sha256 differs from the manifest")
 
     _parallel(get, manifest["files"])
     return manifest
+
+
+def cache_root() -> Path:
+    """Where remote directories and files are fetched to: $SIDFLOW_CACHE, else sidflow-cache in the temp directory."""
+    return Path(os.environ.get("SIDFLOW_CACHE", Path(tempfile.gettempdir()) / "sidflow-cache"))
+
+
+def fetch_dir_once(uri: str, dst: Path) -> str:
+    """Fetch the directory at `uri` into `dst` unless `dst` exists; return `dst`.
+
+    Published directories are verified against their manifest (fetch_dir), plain ones copied (download_dir). The copy
+    is made beside `dst` and renamed into place, so processes fetching at once never see half a directory.
+    """
+    if not dst.is_dir():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=dst.parent))
+        if read_manifest(uri) is not None:
+            fetch_dir(uri, str(tmp))
+        else:
+            download_dir(uri, str(tmp))
+        try:
+            os.replace(tmp, dst)
+        except OSError:  # another process won the race; its copy is complete
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(dst)
 
 
 def manifest_digest(manifest: dict) -> str:

@@ -7,8 +7,6 @@ bare DDPM config defaults to clipping x0 into [-1, 1], which is wrong for latent
 
 import json
 import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,17 +71,8 @@ def materialize(uri: str, cache_dir: str | None = None) -> str:
     manifest = storage.read_manifest(uri)
     if manifest is None:
         raise TeacherError(f"teacher {uri} has no manifest.json: publish it with `sidflow download-teacher`")
-    root = Path(cache_dir or os.environ.get("SIDFLOW_CACHE", Path(tempfile.gettempdir()) / "sidflow-cache"))
-    dst = root / "teachers" / storage.manifest_digest(manifest)[:16]
-    if not dst.is_dir():  # fetch beside, then rename: ranks loading at once never see a half-fetched teacher
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=dst.parent))
-        storage.fetch_dir(uri, str(tmp))
-        try:
-            os.replace(tmp, dst)
-        except OSError:  # another process won the race; its copy is complete and identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(dst)
+    root = Path(cache_dir) if cache_dir else storage.cache_root()
+    return storage.fetch_dir_once(uri, root / "teachers" / storage.manifest_digest(manifest)[:16])
 
 
 @dataclass

@@ -44,10 +44,15 @@ def test_dockerfile_installs_package_and_pins_torch(name):
     ins = _instructions(DOCKERFILES[name])
     runs = [a for op, a in ins if op == "RUN"]
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] for op, a in ins if op == "ARG" and "=" in a}
-    assert any(re.search(r"pip install (--no-cache-dir )?\.(\s|$)", r) for r in runs), "no `pip install .`"
+    extra = r'"\.\[eval\]"' if name == "trainer" else r"\."  # the trainer image also runs evaluate
+    assert any(re.search(rf"pip install (--no-cache-dir )?{extra}(\s|$)", r) for r in runs), "no `pip install .`"
     torch_runs = [r for r in runs if "torch==" in r]
     assert torch_runs, "torch is not pinned"
-    assert args.get("TORCH_VERSION") == "2.13.0"
+    make = (ROOT / "Makefile").read_text()
+    assert args.get("TORCH_VERSION") == re.search(r"torch==(\S+)", make).group(1)  # the version the tests run on
+    if name == "trainer":  # clean-fid's torchvision, pinned with torch as in the Makefile
+        assert args.get("TORCHVISION_VERSION") == re.search(r"torchvision==(\S+)", make).group(1)
+        assert all("torchvision==${TORCHVISION_VERSION}" in r for r in torch_runs)
     index = "https://download.pytorch.org/whl/cpu" if name == "runtime" else "https://download.pytorch.org/whl/cu"
     assert all(f"--index-url {index}" in r for r in torch_runs)
     assert all("--no-cache-dir" in r for r in runs if "pip install" in r)

@@ -12,7 +12,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from sidflow.evaluate.local import file_sha256, local_file
+from sidflow import storage
+from sidflow.evaluate.local import local_file
 from sidflow.evaluate.resize import clean_resize
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -57,7 +58,7 @@ def inception(weights_uri: str, device) -> FeatureExtractor:
     def net(x: torch.Tensor) -> torch.Tensor:  # x [B, 3, 299, 299] in [0, 255]
         return layers((x - 128) / 128)  # [B, 2048], as InceptionV3W.forward with resize_inside=False
 
-    return FeatureExtractor("inception:sha256:" + file_sha256(path), clean_resize, net, torch.device(device))
+    return FeatureExtractor("inception:sha256:" + storage.sha256_file(path), clean_resize, net, torch.device(device))
 
 
 def load_features(spec: str, inception_weights: str, device) -> FeatureExtractor:

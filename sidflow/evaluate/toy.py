@@ -8,9 +8,10 @@ the register stage's gate works unchanged. Images go in as generated (protocol `
 import numpy as np
 import torch
 
+from sidflow import storage
 from sidflow.evaluate.clipscore import Scorer
 from sidflow.evaluate.features import FeatureExtractor, as_float
-from sidflow.evaluate.local import file_sha256, local_dir
+from sidflow.evaluate.local import local_dir
 
 
 def _load(uri: str, device):
@@ -21,7 +22,7 @@ def _load(uri: str, device):
     path = local_dir(uri, "toy evaluator (evaluator.json + evaluator.pt, from `sidflow toy train-evaluator`)")
     if not (Path(path) / "evaluator.pt").is_file():
         raise FileNotFoundError(f"toy evaluator {uri} has no evaluator.pt (`sidflow toy train-evaluator` writes one)")
-    return evaluator.load(path, device), "toy:sha256:" + file_sha256(str(Path(path) / "evaluator.pt"))
+    return evaluator.load(path, device), "toy:sha256:" + storage.sha256_file(str(Path(path) / "evaluator.pt"))
 
 
 def toy_features(uri: str, device) -> FeatureExtractor:
@@ -52,7 +53,6 @@ def toy_eval_set(root: str, evaluator_uri: str, n: int = 256, reference_images: 
                  ) -> dict[str, str]:
     """Write a shapes prompt set (n seen-combination captions, image i from seed i) and the reference statistics of
     fresh real renders under `root`; return {"prompts": URI, "reference": URI} for `sidflow evaluate`."""
-    from sidflow import storage
     from sidflow.evaluate.protocol import write_prompt_set
     from sidflow.evaluate.reference import RefStatsConfig, compute_reference
     from sidflow.toy import shapes

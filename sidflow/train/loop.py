@@ -139,7 +139,7 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
         g_shared = _gen(cfg.seed, it, 2, 0, "cpu")  # the same on every rank
         idx = torch.randint(len(prompts), (2, world, rounds, cfg.micro_batch), generator=g_shared)
         k_step = int(torch.randint(1, cfg.steps + 1, (1,), generator=g_shared))  # one k per iteration (§6.1)
-        sums = torch.zeros(4, device=device)  # loss_fake, loss_g, nan_fake, nan_g
+        sums = torch.zeros(5, device=device)  # loss_fake, loss_g, nan_fake, nan_g, stop requests
         phases = _Phases(cfg.profile, device)
 
         # Fake score step.
@@ -184,10 +184,11 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
         phases.mark("generator_optimizer_ema")
 
         # Maintenance: metrics, checkpoint, preemption.
-        sums = acc.reduce(sums, reduction="sum")  # one small all-reduce per iteration
-        stop_now = acc.reduce(torch.tensor(float(stop["flag"]), device=device), reduction="sum").item() > 0
+        sums[4] = float(stop["flag"])
+        # One small all-reduce and one host sync per iteration: the losses and whether any rank was asked to stop.
+        v = acc.reduce(sums, reduction="sum").tolist()
+        stop_now = v[4] > 0
         if it % cfg.log_every == 0 or nimg >= total:
-            v = sums.tolist()
             metrics = {"kimg": nimg / 1000, "iteration": it, "loss_fake": v[0] / cfg.batch, "loss_g": v[1] / cfg.batch,
                        "nan_dropped": int(v[2] + v[3]), "images_per_s": cfg.batch / (time.perf_counter() - tick),
                        **phases.seconds()}

@@ -1,0 +1,47 @@
+"""`make demo` measured: wall time of the whole pipeline under kfp.local on this machine's CPU, and its table.
+
+Runs `sidflow.demo.run_demo` in a fresh directory (so the teacher is distilled, not skipped) and records the
+seconds it took and the shapes-FID / prompt accuracy of each row it printed.
+
+  python benchmarks/demo_cpu.py            # writes benchmarks/results/demo_cpu.json
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import RESULTS, record  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kimg", type=float, default=3.2, help="the demo's training length (its default)")
+    p.add_argument("--n", type=int, default=256, help="prompts scored per row (the demo's default)")
+    p.add_argument("--file", default="demo_cpu.json")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+
+    import torch
+
+    from sidflow.demo import run_demo
+
+    work = tempfile.mkdtemp(prefix="sidflow-demo-bench-")
+    start = time.time()
+    result = run_demo(work, kimg=args.kimg, n=args.n)
+    seconds = time.time() - start
+    if result is None:
+        raise SystemExit("the demo registered no champion")
+    rows = {name: {"shapes_fid": round(m["fid"], 3), "prompt_acc": round(m["clip"], 4)}
+            for name, m in result["rows"].items()}
+    metrics = {"seconds": round(seconds, 1), "minutes": round(seconds / 60, 2), "rows": rows,
+               "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    record("demo_cpu", args.file, 0, metrics, vars(args), Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
