@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from sidflow import storage
-from sidflow.method.sid import generate
-from sidflow.teacher import Teacher, load_teacher, score_net
+from sidflow.teacher import Teacher, load_teacher
 
 INFO_FILE = "sidflow.json"
 
@@ -85,18 +84,10 @@ def load_generator(uri: str, device="cpu") -> tuple[Teacher, dict]:
 @torch.no_grad()
 def sample(gen: Teacher, info: dict, prompts: list[str], seeds: list[int], batch: int = 8) -> np.ndarray:
     """Return uint8 images [N, H, W, 3]; image i starts from z drawn with seed seeds[i] (method.md §2, §7.1)."""
-    device = next(gen.unet.parameters()).device
-    net, out = score_net(gen.unet), []
-    steps, t_init = info["config"]["steps"], info["config"]["t_init"]
-    for i in range(0, len(prompts), batch):
-        c = gen.encode(prompts[i : i + batch]).to(device)
-        z = torch.stack([torch.randn(gen.latent_shape, generator=torch.Generator().manual_seed(s))
-                         for s in seeds[i : i + batch]]).to(device)
-        g = torch.Generator(device).manual_seed(seeds[i])  # fresh noise of steps k > 0
-        x_g = generate(net, z, c, gen.a.to(device), gen.s.to(device), t_init, steps, generator=g)
-        images = gen.vae.decode(x_g / gen.vae_scale).sample.float()  # [B, 3, H, W] in [-1, 1]
-        out.append((images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-    return np.concatenate(out)
+    from sidflow.evaluate.sampling import Sampler  # the one sampler: evaluate, generate and the benchmarks share it
+
+    run = Sampler(gen, info["config"]["steps"], info["config"]["t_init"])
+    return np.concatenate([run(prompts[i : i + batch], seeds[i : i + batch]) for i in range(0, len(prompts), batch)])
 
 
 def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:

@@ -18,10 +18,10 @@ TeacherSampler = Literal["ddim", "dpm_solver"]
 
 
 def teacher_scheduler(scheduler_config: dict, sampler: TeacherSampler, steps: int):
-    """Return a diffusers scheduler set to `steps`: DDIM as the toy teacher's sample_teacher, or DPM-Solver++."""
+    """Return a diffusers scheduler set to `steps`: DDIM (η = 0, the toy benchmarks' teacher rows) or DPM-Solver++."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-    if sampler == "ddim":  # η = 0, trailing spacing, no x0 clipping (same settings as sample_teacher)
+    if sampler == "ddim":  # η = 0, trailing spacing, no x0 clipping
         sched = DDIMScheduler.from_config({**scheduler_config, "clip_sample": False, "set_alpha_to_one": False,
                                            "timestep_spacing": "trailing"})
     else:  # diffusers' default DPM-Solver++(2M) on the teacher's own schedule, as SD pipelines swap it in

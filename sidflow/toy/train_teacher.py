@@ -163,25 +163,7 @@ def train_teacher(cfg: ToyTeacherConfig, device=None, log=print) -> dict:
 def sample_teacher(teacher, prompts: list[str], seeds: list[int], steps: int, guidance: float,
                    batch: int = 256) -> np.ndarray:
     """Return uint8 images [N, H, W, 3] from the teacher with DDIM (η = 0) and CFG on ε, image i from seed i."""
-    from diffusers import DDIMScheduler
+    from sidflow.evaluate.sampling import Sampler
 
-    from sidflow.method.guidance import guided_eps
-    from sidflow.teacher import score_net
-
-    device = next(teacher.unet.parameters()).device
-    ddim = DDIMScheduler.from_config({**teacher.scheduler_config, "clip_sample": False,
-                                      "set_alpha_to_one": False, "timestep_spacing": "trailing"})
-    ddim.set_timesteps(steps)
-    null, net = teacher.null().to(device), score_net(teacher.unet)
-    out = []
-    for i in range(0, len(prompts), batch):
-        c = teacher.encode(prompts[i : i + batch]).to(device)
-        x = torch.stack([torch.randn(teacher.latent_shape, generator=torch.Generator().manual_seed(s))
-                         for s in seeds[i : i + batch]]).to(device)
-        with torch.no_grad():
-            for t in ddim.timesteps:
-                tt = torch.full((len(x),), int(t), device=device)
-                x = ddim.step(guided_eps(net, x, tt, c, null, guidance), t, x).prev_sample
-            images = teacher.vae.decode(x / teacher.vae_scale).sample.float()
-        out.append((images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-    return np.concatenate(out)
+    run = Sampler(teacher, steps, None, "ddim", guidance)
+    return np.concatenate([run(prompts[i : i + batch], seeds[i : i + batch]) for i in range(0, len(prompts), batch)])
