@@ -1,10 +1,15 @@
-"""DDP on one host: the same `sidflow distill` command on 1 and N GPUs, same global batch and seed.
+"""Scaling on one host: the same `sidflow distill` command on 1 and N GPUs, DDP and FSDP, same global batch and seed.
 
-Reports images/s for each GPU count, the speed-up and scaling efficiency against one GPU, and how far the
-per-iteration losses of each run are from the 1-GPU run (every draw is keyed by the global micro-batch index,
-so the runs differ only by floating-point reduction order). SD1.5 configs with random weights: no download.
+Reports images/s for each GPU count and placement, the speed-up and scaling efficiency against one GPU, peak
+memory, and how far the per-iteration losses of each run are from the 1-GPU run (every draw is keyed by the global
+micro-batch index, so the runs differ only by floating-point reduction order). On one GPU both placements are the
+same unsharded program, so that run is measured once and is the reference of both. SD1.5 configs with random
+weights (SDXL's with --model sdxl): no download. The result file is rewritten after every run, so a cut-off
+call keeps what it measured.
 
   python benchmarks/ddp.py --model sd15 --gpus 1,2 --micro-batch 8 --batch 32 --iters 6 --warmup 2
+  python benchmarks/ddp.py --model sd15 --gpus 1,2,4,8 --sharding ddp,fsdp --batch 128 --file scaling.json
+  python benchmarks/ddp.py --model sdxl --gpus 1,2,4,8 --sharding fsdp --micro-batch 2 --batch 16 --grad-checkpointing
 """
 
 import argparse
@@ -20,54 +25,77 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import RESULTS, record  # noqa: E402
 
+MODELS = {"sd15": "SD15", "sdxl": "SDXL", "tiny": "tiny_configs", "tiny-sdxl": "tiny_sdxl_configs"}  # in toy.tiny
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["sd15", "tiny"], default="sd15")
+    p.add_argument("--model", choices=list(MODELS), default="sd15")
     p.add_argument("--gpus", default="1,2", help="comma-separated GPU counts; the first is the reference")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--batch", type=int, default=32, help="global batch, the same for every GPU count")
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--sharding", default="ddp", help="comma-separated placements: ddp, fsdp")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--file", default="scaling_h200x2.json")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
 
-    from sidflow.toy.tiny import SD15, build_sd, tiny_configs
+    import torch
+
+    from sidflow.toy import tiny
 
     work = Path(tempfile.mkdtemp(prefix="sidflow-ddp-"))
-    teacher = build_sd(work / "teacher", SD15 if args.model == "sd15" else tiny_configs())
+    configs = getattr(tiny, MODELS[args.model])
+    teacher = tiny.build_sd(work / "teacher", configs if isinstance(configs, dict) else configs(),
+                            device="cuda" if torch.cuda.is_available() else "cpu")
     (work / "prompts.txt").write_text("\n".join(f"a photo of object number {i}" for i in range(1000)))
     counts = [int(n) for n in args.gpus.split(",")]
-    runs = {}
-    for n in counts:
-        cmd = [sys.executable, "-m", "sidflow.cli", "distill", "--teacher", teacher, "--prompts",
-               str(work / "prompts.txt"), "--output", str(work / f"run-{n}"), "--gpus", str(n), "--kappa", "1.5",
-               "--batch", str(args.batch), "--micro-batch", str(args.micro_batch), "--checkpoints", "false",
-               "--kimg", str(args.batch * (args.warmup + args.iters) / 1000), "--ema-halflife-kimg", "0",
-               "--grad-checkpointing", str(args.grad_checkpointing).lower()]
-        subprocess.run(cmd, check=True, env={**os.environ, "SIDFLOW_NO_BAR": "1"})
-        runs[n] = [json.loads(x) for x in (work / f"run-{n}" / "logs" / "metrics.jsonl").read_text().splitlines()]
-    ref = counts[0]
-    ips = {n: statistics.median(x["images_per_s"] for x in runs[n][args.warmup:]) for n in counts}
-    metrics = {
-        "images_per_s": {str(n): round(v, 3) for n, v in ips.items()},
-        "images_per_s_per_gpu": {str(n): round(v / n, 3) for n, v in ips.items()},
-        "speedup": {str(n): round(ips[n] / ips[ref], 3) for n in counts},
-        "efficiency": {str(n): round(ips[n] * ref / (ips[ref] * n), 3) for n in counts},
-        "loss_g": {str(n): [round(x["loss_g"], 4) for x in runs[n]] for n in counts},
-        "loss_fake": {str(n): [round(x["loss_fake"], 4) for x in runs[n]] for n in counts},
-        "max_rel_diff_loss_fake": {str(n): max(abs(a["loss_fake"] - b["loss_fake"]) / abs(b["loss_fake"])
-                                               for a, b in zip(runs[n], runs[ref])) for n in counts},
-    }
-    if len(counts) == 2 and counts[0] == 1:  # the names benchmarks.md gives scaling_h200x2.json
-        metrics.update(images_per_s_1gpu=metrics["images_per_s"]["1"],
-                       images_per_s_2gpu=metrics["images_per_s"][str(counts[1])],
-                       scaling_2gpu=metrics["efficiency"][str(counts[1])])
-    record("ddp_" + args.model, args.file, max(counts), metrics, {k: v for k, v in vars(args).items() if k != "out"},
-           Path(args.out))
+    modes = args.sharding.split(",")
+    runs: dict[tuple[str, int], list[dict]] = {}
+    failed: dict[tuple[str, int], str] = {}
+    for mode in modes:
+        for n in counts:
+            if n == 1 and (modes[0], 1) in runs:  # one GPU: the same unsharded program in every placement
+                runs[mode, 1] = runs[modes[0], 1]
+                continue
+            out = work / f"run-{mode}-{n}"
+            cmd = [sys.executable, "-m", "sidflow.cli", "distill", "--teacher", teacher, "--prompts",
+                   str(work / "prompts.txt"), "--output", str(out), "--gpus", str(n), "--kappa", "1.5",
+                   "--batch", str(args.batch), "--micro-batch", str(args.micro_batch), "--checkpoints", "false",
+                   "--kimg", str(args.batch * (args.warmup + args.iters) / 1000), "--ema-halflife-kimg", "0",
+                   "--grad-checkpointing", str(args.grad_checkpointing).lower(), "--sharding", mode]
+            rc = subprocess.run(cmd, env={**os.environ, "SIDFLOW_NO_BAR": "1"}).returncode
+            if rc:  # recorded as failed; the other placements and counts still run
+                failed[mode, n] = f"sidflow distill exited with {rc}"
+            else:
+                runs[mode, n] = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+            _record(args, runs, failed, modes, counts, final=(mode, n) == (modes[-1], counts[-1]))
 
+
+def _record(args, runs: dict, failed: dict, modes: list[str], counts: list[int], final: bool) -> None:
+    ref = counts[0]
+    ips = {key: statistics.median(x["images_per_s"] for x in lines[args.warmup:]) for key, lines in runs.items()}
+    mem = {key: max(x.get("peak_mem_gib", 0) for x in lines) for key, lines in runs.items()}
+    metrics: dict = {}
+    for mode in modes:
+        done = [n for n in counts if (mode, n) in runs]
+        base = ips.get((mode, ref))
+        metrics[mode] = [{"gpus": n, "images_per_s": round(ips[mode, n], 3),
+                          "images_per_s_per_gpu": round(ips[mode, n] / n, 3),
+                          "efficiency": round(ips[mode, n] * ref / (base * n), 3) if base else None,
+                          "peak_mem_gib": mem[mode, n],
+                          "max_rel_diff_loss_fake": max(abs(a["loss_fake"] - b["loss_fake"]) / abs(b["loss_fake"])
+                                                        for a, b in zip(runs[mode, n], runs[mode, ref])),
+                          "loss_g": [round(x["loss_g"], 4) for x in runs[mode, n]]} for n in done]
+        metrics[mode] += [{"gpus": n, "error": failed[mode, n]} for n in counts if (mode, n) in failed]
+    first = modes[0]  # the flat names benchmarks.md gives scaling_h200x2.json: the first placement
+    if len(counts) == 2 and counts[0] == 1 and (first, counts[1]) in runs:
+        metrics.update(images_per_s_1gpu=round(ips[first, 1], 3), images_per_s_2gpu=round(ips[first, counts[1]], 3),
+                       scaling_2gpu=round(ips[first, counts[1]] / (2 * ips[first, 1]), 3))
+    record("scaling_" + args.model, args.file, max(n for _, n in runs), metrics,
+           {k: v for k, v in vars(args).items() if k != "out"}, Path(args.out), final=final)
 
 if __name__ == "__main__":
     main()

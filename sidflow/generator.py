@@ -55,9 +55,17 @@ def export_generator(unet: torch.nn.Module, teacher: Teacher, uri: str, info: di
     betas = DDPMScheduler.from_config(teacher.scheduler_config).betas[: t_init + 1]
     scheduler = EulerDiscreteScheduler(num_train_timesteps=t_init + 1, trained_betas=betas.tolist(),
                                        timestep_spacing="trailing", prediction_type="epsilon", steps_offset=1)
-    pipe = StableDiffusionPipeline(unet=unet, vae=teacher.vae, text_encoder=teacher.text_encoder,
-                                   tokenizer=teacher.tokenizer, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    if teacher.is_sdxl:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(unet=unet, vae=teacher.vae, text_encoder=teacher.text_encoder,
+                                         text_encoder_2=teacher.text_encoder_2, tokenizer=teacher.tokenizer,
+                                         tokenizer_2=teacher.tokenizer_2, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=teacher.null_zeros)
+    else:
+        pipe = StableDiffusionPipeline(unet=unet, vae=teacher.vae, text_encoder=teacher.text_encoder,
+                                       tokenizer=teacher.tokenizer, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
     with tempfile.TemporaryDirectory(prefix="sidflow-export-") as tmp:
         pipe.save_pretrained(tmp)
         (Path(tmp) / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))

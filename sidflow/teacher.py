@@ -1,8 +1,14 @@
-"""Load a diffusers text-to-image teacher and expose what SiD needs from it (method.md §1, §3).
+"""Load a diffusers text-to-image teacher and expose what SiD needs from it (method.md §1, §3, §6.4).
 
 A teacher is a StableDiffusionPipeline-layout directory (unet/, text_encoder/, tokenizer/, scheduler/, vae/,
-model_index.json), local or at a storage URI. The schedule is rebuilt as DDPM with `clip_sample` off, since a
-bare DDPM config defaults to clipping x0 into [-1, 1], which is wrong for latents (method.md §8.9).
+model_index.json), plus text_encoder_2/ and tokenizer_2/ for SDXL, local or at a storage URI. The schedule is
+rebuilt as DDPM with `clip_sample` off, since a bare DDPM config defaults to clipping x0 into [-1, 1], which is
+wrong for latents (method.md §8.9).
+
+SDXL conditioning is packed into one tensor per prompt, [78, 2048]: rows 0..76 the context (both encoders'
+penultimate hidden states, concatenated), row 77 the pooled projection of encoder 2 followed by the six time ids.
+Guidance, prompt dropout, the prompt cache and the sampler then treat SD and SDXL prompts alike; `score_net`
+unpacks it into the UNet's `added_cond_kwargs`.
 """
 
 import json
@@ -20,7 +26,8 @@ from sidflow.method.vp import at, vp_tables, x0_from_eps
 
 INFO_FILE = "sidflow-teacher.json"  # {"source", "fingerprint"} of a hub teacher, published inside the directory
 SD_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae")
-SDXL_MARKERS = ("text_encoder_2", "tokenizer_2")
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
+NULL_MODES = ("auto", "empty", "zeros")  # the unconditional prompt ∅: auto follows the teacher (method.md §6.4)
 
 
 class TeacherError(ValueError):
@@ -35,11 +42,10 @@ def check_teacher_dir(path: str | os.PathLike) -> dict:
     if not (path / "model_index.json").is_file():
         raise TeacherError(f"teacher {path} has no model_index.json: not a diffusers pipeline directory")
     index = json.loads((path / "model_index.json").read_text())
-    if any(m in index for m in SDXL_MARKERS) or "XL" in index.get("_class_name", ""):
-        raise TeacherError(f"teacher {path} is an SDXL pipeline (two text encoders): SDXL is not yet supported")
-    missing = [p for p in SD_PARTS if not (path / p).is_dir() or not any((path / p).iterdir())]
+    sdxl = _is_sdxl(index)
+    missing = [p for p in SD_PARTS + SDXL_PARTS * sdxl if not (path / p).is_dir() or not any((path / p).iterdir())]
     if missing:
-        raise TeacherError(f"teacher {path} is missing {', '.join(missing)}")
+        raise TeacherError(f"teacher {path} is missing {', '.join(missing)}" + " (an SDXL pipeline)" * sdxl)
     sched_file = path / "scheduler" / "scheduler_config.json"
     if not sched_file.is_file():
         raise TeacherError(f"teacher {path} has no scheduler/scheduler_config.json")
@@ -52,6 +58,10 @@ def check_teacher_dir(path: str | os.PathLike) -> dict:
     if sched.get("rescale_betas_zero_snr"):
         raise TeacherError(f"teacher {path} uses a zero-terminal-SNR schedule; sidflow supports the plain VP schedule")
     return sched
+
+
+def _is_sdxl(index: dict) -> bool:
+    return any(p in index for p in SDXL_PARTS) or "XL" in index.get("_class_name", "")
 
 
 def fingerprint(uri: str) -> str | None:
@@ -88,6 +98,9 @@ class Teacher:
     alphas_cumprod: Tensor
     a: Tensor  # [T] a_t = sqrt(alpha_bar_t)
     s: Tensor  # [T] s_t = sqrt(1 - alpha_bar_t)
+    text_encoder_2: torch.nn.Module | None = None  # SDXL only
+    tokenizer_2: object = None
+    null_zeros: bool = False  # ∅ is zeros (SDXL's force_zeros_for_empty_prompt) instead of the encoding of ""
     cache_size: int = 4096
     _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
@@ -97,6 +110,15 @@ class Teacher:
         return float(self.vae.config.scaling_factor)
 
     @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def image_size(self) -> int:
+        """Return the side of the decoded image in pixels (the VAE upsamples by 2 per block after the first)."""
+        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         """Return (C, H, W) of the UNet's latents."""
         size = self.unet.config.sample_size
@@ -104,14 +126,12 @@ class Teacher:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Tensor:
-        """Return CLIP last-hidden-state embeddings [B, 77, D] (method.md §2), cached per prompt on the CPU."""
+        """Return prompt conditioning [B, 77, D] (CLIP last hidden state, method.md §2), or SDXL's packed
+        [B, 78, 2048] (module docstring, method.md §6.4); cached per prompt on the CPU."""
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if todo:
-            ids = self.tokenizer(todo, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
-            device = next(self.text_encoder.parameters()).device
-            emb = self.text_encoder(ids.to(device))[0].float().cpu()
-            for p, e in zip(todo, emb):
+            emb = self._encode_sdxl(todo) if self.is_sdxl else self._hidden(self.text_encoder, self.tokenizer, todo)[0]
+            for p, e in zip(todo, emb.float().cpu()):
                 self._cache[p] = e
         for p in prompts:
             self._cache.move_to_end(p)
@@ -120,39 +140,102 @@ class Teacher:
             self._cache.popitem(last=False)
         return out
 
+    @staticmethod
+    def _hidden(encoder, tokenizer, prompts: list[str]):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        return encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+
+    def _encode_sdxl(self, prompts: list[str]) -> Tensor:
+        # Both encoders' penultimate hidden states (SDXL's clip_skip convention), the pooled projection of the
+        # second, and time ids (original size, crop top-left, target size) for an uncropped square image.
+        one = self._hidden(self.text_encoder, self.tokenizer, prompts)
+        two = self._hidden(self.text_encoder_2, self.tokenizer_2, prompts)
+        context = torch.cat([one.hidden_states[-2], two.hidden_states[-2]], dim=-1)  # [B, 77, D1 + D2]
+        pooled = two.text_embeds  # [B, P]
+        size = self.image_size
+        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=pooled.dtype, device=pooled.device)
+        row = torch.zeros(len(prompts), 1, context.shape[-1], dtype=context.dtype, device=context.device)
+        row[:, 0, : pooled.shape[-1]] = pooled
+        row[:, 0, pooled.shape[-1] : pooled.shape[-1] + 6] = time_ids
+        return torch.cat([context, row], dim=1)
+
     def null(self) -> Tensor:
-        """Return the embedding of the empty prompt `""` [1, 77, D] (not a zero tensor, method.md §3)."""
-        return self.encode([""])
+        """Return ∅, the unconditional prompt [1, 77, D] (SDXL: [1, 78, 2048]): the encoding of `""` (method.md §3,
+        not a zero tensor), or zeros where the teacher's pipeline zeroes it (SDXL; its time ids are kept)."""
+        empty = self.encode([""])
+        if not self.null_zeros:
+            return empty
+        zeros = torch.zeros_like(empty)
+        if self.is_sdxl:
+            zeros[:, -1] = empty[:, -1]
+            zeros[:, -1, : self.pooled_dim] = 0
+        return zeros
+
+    @property
+    def pooled_dim(self) -> int:
+        return _pooled_dim(self.unet.config)
 
     def x0(self, eps: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """Return the x0 prediction for ε̂ at (x_t, t), no clipping. method.md §1."""
         return x0_from_eps(x_t, eps, at(self.a, t, x_t), at(self.s, t, x_t))
 
 
+def _pooled_dim(config) -> int:
+    # SDXL's added-condition input is [pooled (P) | 6 time ids, each embedded to addition_time_embed_dim].
+    return config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+
+
 def score_net(unet: torch.nn.Module) -> ScoreNet:
-    """Return net(x_t, t, c) -> ε̂ in fp32 for a UNet2DConditionModel (SD1.5/2.1 conditioning)."""
+    """Return net(x_t, t, c) -> ε̂ in fp32 for a UNet2DConditionModel; SDXL's packed c is unpacked here."""
+    config = getattr(unet, "module", unet).config  # under DDP the UNet is the wrapper's .module
+    if config.get("addition_embed_type") != "text_time":
 
-    def net(x_t: Tensor, t: Tensor, c: Tensor) -> Tensor:
-        return unet(x_t, t, encoder_hidden_states=c.to(x_t.device)).sample.float()
+        def net(x_t: Tensor, t: Tensor, c: Tensor) -> Tensor:
+            return unet(x_t, t, encoder_hidden_states=c.to(x_t.device)).sample.float()
 
-    return net
+        return net
+    p = _pooled_dim(config)
+
+    def net_xl(x_t: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        c = c.to(x_t.device)
+        added = {"text_embeds": c[:, -1, :p], "time_ids": c[:, -1, p : p + 6]}
+        return unet(x_t, t, encoder_hidden_states=c[:, :-1], added_cond_kwargs=added).sample.float()
+
+    return net_xl
 
 
-def load_teacher(uri: str, device: str | torch.device = "cpu", cache_dir: str | None = None) -> Teacher:
-    """Load the teacher at `uri` (local path, file:// or s3://) in fp32, frozen, on `device`."""
+def load_teacher(uri: str, device: str | torch.device = "cpu", cache_dir: str | None = None,
+                 null: str = "auto") -> Teacher:
+    """Load the teacher at `uri` (local path, file:// or s3://) in fp32, frozen, on `device`.
+
+    `null` picks ∅: "empty" encodes "", "zeros" is a zero embedding, "auto" follows the pipeline's
+    `force_zeros_for_empty_prompt` (true for SDXL, absent for SD1.5/2.1).
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    if null not in NULL_MODES:
+        raise TeacherError(f"null={null!r} is not one of {list(NULL_MODES)}")
     path = materialize(uri, cache_dir)
     sched_cfg = check_teacher_dir(path)
+    index = json.loads((Path(path) / "model_index.json").read_text())
     scheduler = DDPMScheduler.from_config({**sched_cfg, "clip_sample": False})
     fp32 = {"torch_dtype": torch.float32}  # fp16-saved weights too: training keeps fp32 master copies
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **fp32).to(device)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **fp32).to(device)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **fp32).to(device)
-    for m in (unet, text_encoder, vae):
-        m.requires_grad_(False).eval()
+    text_encoder_2 = tokenizer_2 = None
+    if _is_sdxl(index):
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **fp32)
+        text_encoder_2 = text_encoder_2.to(device)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
+    for m in (unet, text_encoder, vae, text_encoder_2):
+        if m is not None:
+            m.requires_grad_(False).eval()
     a, s = vp_tables(scheduler.alphas_cumprod)
+    zeros = null == "zeros" or (null == "auto" and bool(index.get("force_zeros_for_empty_prompt", False)))
     return Teacher(path=path, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
-                   scheduler_config=dict(scheduler.config), alphas_cumprod=scheduler.alphas_cumprod, a=a, s=s)
+                   scheduler_config=dict(scheduler.config), alphas_cumprod=scheduler.alphas_cumprod, a=a, s=s,
+                   text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, null_zeros=zeros)

@@ -44,3 +44,17 @@ def test_toy_quality_sid_rows_and_merge(tmp_path):
     assert [r["row"] for r in rows] == ["real", "sid-fewstep"]
     assert rows[1]["steps"] == 2 and rows[1]["guidance"] == 2.0 and rows[1]["images_seen"] == 32
     assert 0 <= rows[1]["prompt_acc_seen"] <= 1 and rows[1]["shapes_fid"] > 0
+
+
+def test_scaling_script_measures_both_placements(tmp_path):
+    # 2 CPU processes over gloo stand in for 2 GPUs; the 1-process run is the reference of both placements.
+    subprocess.run([sys.executable, "benchmarks/ddp.py", "--model", "tiny", "--gpus", "1,2", "--sharding", "ddp,fsdp",
+                    "--micro-batch", "1", "--batch", "2", "--iters", "1", "--warmup", "1", "--file", "scaling.json",
+                    "--out", str(tmp_path)], check=True, cwd=ROOT, capture_output=True,
+                   env={**__import__("os").environ, "SIDFLOW_NO_BAR": "1"})
+    m = json.loads((tmp_path / "scaling.json").read_text())["metrics"]
+    for mode in ("ddp", "fsdp"):
+        assert [r["gpus"] for r in m[mode]] == [1, 2]
+        assert m[mode][0]["efficiency"] == 1.0 and m[mode][1]["images_per_s_per_gpu"] > 0
+        assert m[mode][1]["max_rel_diff_loss_fake"] < 1e-3  # same draws, same losses, whatever the placement
+    assert m["ddp"][0] == m["fsdp"][0] and m["scaling_2gpu"] == m["ddp"][1]["efficiency"]

@@ -41,7 +41,7 @@ def _cli(cfg: DistillConfig, *extra) -> list[str]:
 
 
 def _weights(uri: str) -> dict:
-    return checkpoint.load(uri)["G"]
+    return checkpoint.load(uri)["G"]["model"]
 
 
 def _assert_same(a: dict, b: dict, tol: float):
@@ -119,16 +119,40 @@ def test_resume_after_sigterm_equals_uninterrupted_run(tiny_teacher, prompts, tm
     assert len(metrics) == 8  # the pre-kill lines were kept, none repeated
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tiny_teacher, prompts, tmp_path):
-    # DDP over gloo on CPU: all-reduce on the last accumulation round only (method.md §8.2) must give the
-    # same update as one process accumulating the whole global batch.
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(tiny_teacher, prompts, tmp_path, sharding):
+    # DDP or FSDP over gloo on CPU: reducing on the last accumulation round only (method.md §8.2) must give the
+    # same update as one process accumulating the whole global batch; so must FSDP's sharded Adam and EMA.
     # torchrun runs each process on one thread, so sums differ in the last bits; a large Adam ε keeps Adam's
     # first steps (≈ lr·sign(g) for tiny g) from amplifying that rounding into a different sign.
     one = _cfg(tiny_teacher, prompts, tmp_path / "one", kimg=0.008, checkpoint_kimg=0.008, batch=4, adam_eps=1e-2)
-    two = dataclasses.replace(one, output=str(tmp_path / "two"), gpus="2")
+    two = dataclasses.replace(one, output=str(tmp_path / "two"), gpus="2", sharding=sharding)
     run(one)
     proc = subprocess.run(_cli(two), env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ("sharded over 2 processes" in proc.stdout + proc.stderr) == (sharding == "fsdp")
+    end = checkpoint.name_for(8)
+    a, b = (checkpoint.load(str(tmp_path / run / "checkpoints" / end)) for run in ("one", "two"))
+    for net in ("G", "fake", "ema"):
+        _assert_same(a[net]["model"], b[net]["model"], 1e-5)
+    # The exported generator is whole (gathered from the shards under FSDP) and equals the EMA.
+    from diffusers import UNet2DConditionModel
+
+    exported = UNet2DConditionModel.from_pretrained(str(tmp_path / "two" / "model"), subfolder="unet").state_dict()
+    _assert_same(exported, b["ema"]["model"], 0.0)
+
+
+def test_fsdp_resumes_a_single_process_checkpoint(tiny_teacher, prompts, tmp_path):
+    # Checkpoints hold full state dicts whatever wrote them: a 2-process FSDP run resumes a 1-process run's
+    # checkpoint (weights and Adam state re-sharded) and lands where the 1-process run does.
+    one = _cfg(tiny_teacher, prompts, tmp_path / "one", kimg=0.008, checkpoint_kimg=0.004, batch=4, adam_eps=1e-2)
+    run(one)
+    half = checkpoint.name_for(4)
+    storage.publish_dir(str(tmp_path / "one" / "checkpoints" / half), str(tmp_path / "two" / "checkpoints" / half))
+    two = dataclasses.replace(one, output=str(tmp_path / "two"), gpus="2", sharding="fsdp")
+    proc = subprocess.run(_cli(two), env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout + proc.stderr and "sharded over 2 processes" in proc.stdout + proc.stderr
     end = checkpoint.name_for(8)
     _assert_same(_weights(str(tmp_path / "one" / "checkpoints" / end)),
                  _weights(str(tmp_path / "two" / "checkpoints" / end)), 1e-5)

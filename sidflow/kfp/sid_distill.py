@@ -60,15 +60,15 @@ def _gpu_pod(task: dsl.PipelineTask, gpus: int, retries: int, node_selector, tol
 
 @dsl.pipeline(name="sid-distill")
 def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-generator", artifact_root: str = "",
-                prompts: str = "", guidance: str = "lsg", kappa: float = 1.5, kappa_1: float = -99.0,
-                kappa_2: float = -99.0, kappa_3: float = -99.0, kappa_4: float = -99.0, alpha: float = 1.0,
-                t_min: int = 20, t_max: int = 980, t_init: int = 625, steps: int = 1, fake_dropout: float = 0.1,
-                lr_fake: float = 1e-06, lr_g: float = 1e-06, adam_beta1: float = 0.0, adam_beta2: float = 0.999,
-                adam_eps: float = 1e-08, batch: int = 512, micro_batch: int = 1, kimg: float = 10000.0,
-                precision: str = "bf16", tf32: bool = False, grad_checkpointing: bool = False,
+                prompts: str = "", guidance: str = "lsg", kappa: float = 1.5, null_prompt: str = "auto",
+                kappa_1: float = -99.0, kappa_2: float = -99.0, kappa_3: float = -99.0, kappa_4: float = -99.0,
+                alpha: float = 1.0, t_min: int = 20, t_max: int = 980, t_init: int = 625, steps: int = 1,
+                fake_dropout: float = 0.1, lr_fake: float = 1e-06, lr_g: float = 1e-06, adam_beta1: float = 0.0,
+                adam_beta2: float = 0.999, adam_eps: float = 1e-08, batch: int = 512, micro_batch: int = 1,
+                kimg: float = 10000.0, precision: str = "bf16", tf32: bool = False, grad_checkpointing: bool = False,
                 clip_grad_value: float = 0.0, ema_halflife_kimg: float = 50.0, ema_rampup: float = 0.05,
                 checkpoint_kimg: float = 100.0, log_every: int = 1, checkpoints: bool = True, profile: bool = False,
-                seed: int = 0, gpus: str = "1", resume: bool = True, distill_nodes: int = 1,
+                seed: int = 0, sharding: str = "ddp", gpus: str = "1", resume: bool = True, distill_nodes: int = 1,
                 gpu_node_selector: dict = {}, gpu_tolerations: list = [], eval_prompts: str = "",
                 eval_reference: str = "", eval_protocol: str = "coco30k", eval_features: str = "inception",
                 inception_weights: str = "", eval_scorer: str = "openclip", clip_model: str = "ViT-g-14",
@@ -92,6 +92,8 @@ def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-g
         kappa_3: override κ3; tied to κ2 in the reference code, so it must equal κ2 (§3); -99 = from the guidance
             preset.
         kappa_4: override κ4: CFG on the teacher inside the generator loss (§3); -99 = from the guidance preset.
+        null_prompt: ∅ for CFG and dropout: encoding of '' or zeros; auto = the teacher's
+            force_zeros_for_empty_prompt (zeros for SDXL, '' for SD1.5/2.1) (§3, §6.4).
         alpha: α of the SiD generator loss; 1.0 for SD (method.md §4).
         t_min: smallest diffusion time t drawn for both losses (§1).
         t_max: t is drawn from {t_min..t_max-1} (§1).
@@ -118,6 +120,8 @@ def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-g
         checkpoints: publish checkpoints; off only for benchmarks and smoke runs (no resume).
         profile: time each phase of an iteration (synchronizes the GPU: slower).
         seed: random seed; every draw of iteration i derives from (seed, i, rank).
+        sharding: ddp = a full replica per GPU; fsdp = parameters, grads and Adam state sharded (FSDP2), needed for
+            SDXL.
         gpus: GPUs to use: a count or 'all' (sidflow distill launches one process per GPU).
         resume: resume from the newest complete checkpoint under output, if any.
         distill_nodes: distill nodes: 1 = one pod (the KFP task itself); more = a Kubeflow Trainer TrainJob of that

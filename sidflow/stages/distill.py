@@ -17,7 +17,7 @@ from sidflow.method.guidance import kappas
 
 @dataclass(frozen=True)
 class DistillConfig:
-    teacher: str = param("", "teacher URI (a published diffusers SD1.5/SD2.1-base directory, local or s3://)")
+    teacher: str = param("", "teacher URI (a published diffusers SD1.5/SD2.1-base/SDXL directory, local or s3://)")
     prompts: str = param("", "training prompts URI: .txt (one per line) or .parquet with a 'prompt' column")
     output: str = param("", "run URI: config.json, checkpoints/, logs/ and model/ are written under it")
     guidance: Literal["lsg", "long", "short", "zero_cfg", "anti_cfg"] = param(
@@ -27,6 +27,9 @@ class DistillConfig:
     kappa_2: float | None = param(None, "override κ2 (= κ3): CFG on the fake network inside the generator loss (§3)")
     kappa_3: float | None = param(None, "override κ3; tied to κ2 in the reference code, so it must equal κ2 (§3)")
     kappa_4: float | None = param(None, "override κ4: CFG on the teacher inside the generator loss (§3)")
+    null_prompt: Literal["auto", "empty", "zeros"] = param(
+        "auto", "∅ for CFG and dropout: encoding of '' or zeros; auto = the teacher's force_zeros_for_empty_prompt "
+        "(zeros for SDXL, '' for SD1.5/2.1) (§3, §6.4)")
     alpha: float = param(1.0, "α of the SiD generator loss; 1.0 for SD (method.md §4)")
     t_min: int = param(20, "smallest diffusion time t drawn for both losses (§1)")
     t_max: int = param(980, "t is drawn from {t_min..t_max-1} (§1)")
@@ -53,6 +56,8 @@ class DistillConfig:
     checkpoints: bool = param(True, "publish checkpoints; off only for benchmarks and smoke runs (no resume)")
     profile: bool = param(False, "time each phase of an iteration (synchronizes the GPU: slower)")
     seed: int = param(0, "random seed; every draw of iteration i derives from (seed, i, rank)")
+    sharding: Literal["ddp", "fsdp"] = param(
+        "ddp", "ddp = a full replica per GPU; fsdp = parameters, grads and Adam state sharded (FSDP2), needed for SDXL")
     gpus: str = param("1", "GPUs to use: a count or 'all' (sidflow distill launches one process per GPU)")
     resume: bool = param(True, "resume from the newest complete checkpoint under output, if any")
 

@@ -13,7 +13,12 @@ def ema_beta(batch: int, nimg: int, halflife_kimg: float, rampup: float | None) 
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    """Set ema ← β ema + (1 − β) net over all parameters in one multi-tensor op (buffers copied)."""
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1 - beta)
+    """Set ema ← β ema + (1 − β) net over all parameters in one multi-tensor op (buffers copied).
+
+    Under FSDP both are sharded alike, so each process updates its own shards.
+    """
+    from sidflow.train.sharding import local
+
+    torch._foreach_lerp_([local(p) for p in ema.parameters()], [local(p.detach()) for p in net.parameters()], 1 - beta)
     for b_ema, b in zip(ema.buffers(), net.buffers()):
-        b_ema.copy_(b)
+        local(b_ema).copy_(local(b))

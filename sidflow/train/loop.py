@@ -4,7 +4,6 @@ One-step SiD-LSG is the K = 1 case. Each process draws everything for iteration 
 (seed, i, rank), so a resumed run replays exactly the draws of an uninterrupted one.
 """
 
-import contextlib
 import copy
 import json
 import math
@@ -26,11 +25,12 @@ from sidflow.prompts import read_prompts
 from sidflow.teacher import fingerprint, load_teacher, score_net
 from sidflow.train import checkpoint
 from sidflow.train.ema import ema_beta, update_ema
+from sidflow.train.sharding import Placement, local
 
 
 def _finite_grads(params, clip: float | None) -> None:
     # NaN → 0, ±inf → ±1e5 on every grad (method.md §3 step 5, §8.4); value clipping only when asked.
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [local(p.grad) for p in params if p.grad is not None]  # a sharded grad: this process's shard
     for g in grads:
         torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
     if clip is not None and grads:
@@ -66,7 +66,7 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
     p_drop = cfg.fake_dropout if guided_fake else 0.0  # dropout only when the fake is guided (§3)
 
     # Networks: G and the fake score are full copies of the frozen teacher UNet (method.md §2).
-    teacher = load_teacher(cfg.teacher, device)
+    teacher = load_teacher(cfg.teacher, device, null=cfg.null_prompt)
     prompts = read_prompts(cfg.prompts)
     if device.type == "cuda":  # NHWC convolutions run on the tensor cores without layout transposes
         teacher.unet.to(memory_format=torch.channels_last)
@@ -80,6 +80,12 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
     G.requires_grad_(True).train()
     fake.requires_grad_(True).train()
     ema = copy.deepcopy(G).requires_grad_(False).eval() if cfg.ema_halflife_kimg > 0 else None
+    place = Placement(cfg.sharding, acc)
+    for net in (G, fake, ema):  # optimizers are built after sharding: FSDP replaces the parameters by shards
+        if net is not None:
+            place.shard(net)
+    if place.sharded:
+        acc.print(f"fsdp: G, fake{', EMA' if ema is not None else ''} sharded over {world} processes")
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     fused = device.type == "cuda"  # one kernel for the whole update instead of several per parameter
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=betas, eps=cfg.adam_eps, fused=fused)
@@ -90,17 +96,15 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
     # Resume from the newest complete checkpoint.
     nimg, it = 0, 0
     last = checkpoint.latest(cfg.output) if cfg.resume else None
-    if last is not None:
+    if last is not None:  # full state dicts, whatever the placement that wrote them
         state = checkpoint.load(last)
-        G.load_state_dict(state["G"])
-        fake.load_state_dict(state["fake"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_f.load_state_dict(state["opt_f"])
+        place.load_full_state(G, state["G"], opt_g)
+        place.load_full_state(fake, state["fake"], opt_f)
         if ema is not None:
-            ema.load_state_dict(state["ema"])
+            place.load_full_state(ema, state["ema"])
         nimg, it = state["nimg"], state["iteration"]
         acc.print(f"resumed from {last} at {nimg / 1000:.3f} kimg")
-    G_ddp, fake_ddp = acc.prepare_model(G), acc.prepare_model(fake)
+    G_ddp, fake_ddp = place.wrap(G), place.wrap(fake)
     net_t, net_g, net_f = score_net(teacher.unet), score_net(G), score_net(fake)
     net_g_ddp, net_f_ddp = score_net(G_ddp), score_net(fake_ddp)
 
@@ -115,9 +119,6 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
     bar = _progress(total, nimg, acc.is_main_process)
     shape = teacher.latent_shape
     metrics: dict = {}
-
-    def sync(model, last_round):  # all-reduce grads on the last accumulation round only (method.md §8.2)
-        return contextlib.nullcontext() if last_round or world == 1 else acc.no_sync(model)
 
     def draw(phase: int, r: int, dropout: float):
         # Everything a micro-batch draws comes from generators keyed by its global index (phase, rank·rounds + r):
@@ -147,7 +148,7 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
             c, z, eps, t, g_dev = draw(0, r, p_drop)
             with torch.no_grad(), acc.autocast():
                 x_g = generate(net_g, z, c, a, s, cfg.t_init, cfg.steps, k_step, generator=g_dev)
-            with sync(fake_ddp, r == rounds - 1), acc.autocast():
+            with place.no_sync(fake_ddp, r == rounds - 1), acc.autocast():
                 loss, nan = _drop_nan(fake_step_loss(net_f_ddp, x_g, c, null, t, eps, a, s, k["kappa_1"]))
                 acc.backward(loss.sum() / b_tot)
             sums[0] += loss.detach().sum()
@@ -162,7 +163,7 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
         fake.requires_grad_(False)
         for r in range(rounds):
             c, z, eps, t, g_dev = draw(1, r, 0.0)
-            with sync(G_ddp, r == rounds - 1), acc.autocast():
+            with place.no_sync(G_ddp, r == rounds - 1), acc.autocast():
                 x_g = generate(net_g_ddp, z, c, a, s, cfg.t_init, cfg.steps, k_step, grad_last=True,
                                generator=g_dev)
                 loss, nan = _drop_nan(generator_step_loss(net_t, net_f, x_g, c, null, t, eps, a, s,
@@ -192,17 +193,18 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
             metrics = {"kimg": nimg / 1000, "iteration": it, "loss_fake": v[0] / cfg.batch, "loss_g": v[1] / cfg.batch,
                        "nan_dropped": int(v[2] + v[3]), "images_per_s": cfg.batch / (time.perf_counter() - tick),
                        **phases.seconds()}
+            if device.type == "cuda":  # this process's peak, which is what must fit on a GPU
+                metrics["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             if acc.is_main_process:
                 _log(logdir, writer, metrics)
                 bar.set_postfix(loss_f=f"{metrics['loss_fake']:.4g}", loss_g=f"{metrics['loss_g']:.4g}",
                                 img_s=f"{metrics['images_per_s']:.2f}")
         bar.update(cfg.batch)
         if cfg.checkpoints and (nimg >= next_ckpt or stop_now or nimg >= total):
+            state = {"G": place.full_state(G, opt_g), "fake": place.full_state(fake, opt_f),  # collective under FSDP
+                     "ema": place.full_state(ema) if ema is not None else None}
             if acc.is_main_process:
-                checkpoint.save(cfg.output, nimg, {
-                    "G": G.state_dict(), "fake": fake.state_dict(), "ema": ema.state_dict() if ema else None,
-                    "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(), "nimg": nimg, "iteration": it,
-                    "config": to_dict(cfg)})
+                checkpoint.save(cfg.output, nimg, {**state, "nimg": nimg, "iteration": it, "config": to_dict(cfg)})
                 storage.upload_dir(str(logdir), storage.join(cfg.output, "logs"))
             acc.wait_for_everyone()
             next_ckpt += int(cfg.checkpoint_kimg * 1000)
@@ -215,11 +217,13 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
         signal.signal(signal.SIGTERM, previous)
 
     model_uri = storage.join(cfg.output, "model")
-    if not stop_now and acc.is_main_process:  # Export the generator (EMA weights when EMA is on).
+    # Export the generator (EMA weights when EMA is on), gathered whole onto rank 0.
+    export = None if stop_now else place.gather(ema if ema is not None else G, teacher.unet)
+    if export is not None and acc.is_main_process:
         info = {"teacher": cfg.teacher, "teacher_fingerprint": fingerprint(cfg.teacher) or "unpublished",
                 "nimg": nimg, "weights": "ema" if ema is not None else "raw", "steps": cfg.steps,
                 "config": to_dict(cfg), "metrics": metrics}
-        export_generator(ema if ema is not None else G, teacher, model_uri, info)
+        export_generator(export, teacher, model_uri, info)
     acc.wait_for_everyone()
     return DistillResult(model_uri=model_uri, kimg=nimg / 1000, iterations=it, interrupted=stop_now, metrics=metrics)
 

@@ -16,17 +16,16 @@ BASE_IMAGE = "ghcr.io/example/sidflow-runtime:0.1.0"  # containers/: this packag
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def distill_trainjob(metrics: Output[Metrics], model: Output[Model], trainer_image: str, distill_nodes: int = 1,
                      gpu_node_selector: dict = {}, gpu_tolerations: list = [], teacher: str = "", prompts: str = "",
-                     output: str = "", guidance: str = "lsg", kappa: float = 1.5, kappa_1: Optional[float] = None,
-                     kappa_2: Optional[float] = None, kappa_3: Optional[float] = None,
+                     output: str = "", guidance: str = "lsg", kappa: float = 1.5, null_prompt: str = "auto",
+                     kappa_1: Optional[float] = None, kappa_2: Optional[float] = None, kappa_3: Optional[float] = None,
                      kappa_4: Optional[float] = None, alpha: float = 1.0, t_min: int = 20, t_max: int = 980,
                      t_init: int = 625, steps: int = 1, fake_dropout: float = 0.1, lr_fake: float = 1e-06,
-                     lr_g: float = 1e-06, adam_beta1: float = 0.0, adam_beta2: float = 0.999,
-                     adam_eps: float = 1e-08, batch: int = 512, micro_batch: int = 1, kimg: float = 10000.0,
-                     precision: str = "bf16", tf32: bool = False, grad_checkpointing: bool = False,
-                     clip_grad_value: Optional[float] = None, ema_halflife_kimg: float = 50.0,
-                     ema_rampup: float = 0.05, checkpoint_kimg: float = 100.0, log_every: int = 1,
-                     checkpoints: bool = True, profile: bool = False, seed: int = 0, gpus: str = "1",
-                     resume: bool = True) -> str:
+                     lr_g: float = 1e-06, adam_beta1: float = 0.0, adam_beta2: float = 0.999, adam_eps: float = 1e-08,
+                     batch: int = 512, micro_batch: int = 1, kimg: float = 10000.0, precision: str = "bf16",
+                     tf32: bool = False, grad_checkpointing: bool = False, clip_grad_value: Optional[float] = None,
+                     ema_halflife_kimg: float = 50.0, ema_rampup: float = 0.05, checkpoint_kimg: float = 100.0,
+                     log_every: int = 1, checkpoints: bool = True, profile: bool = False, seed: int = 0,
+                     sharding: str = "ddp", gpus: str = "1", resume: bool = True) -> str:
     """Distill `teacher` on `distill_nodes` nodes × `gpus` GPUs as a TrainJob; return the exported model's URI.
 
     The distill parameters are those of the `distill` component (DistillConfig fields, the same defaults and the
@@ -42,7 +41,7 @@ def distill_trainjob(metrics: Output[Metrics], model: Output[Model], trainer_ima
             many nodes with `gpus` GPUs each.
         gpu_node_selector: node labels the GPU pods must carry; {} = any.
         gpu_tolerations: tolerations of the GPU pods (Kubernetes JSON).
-        teacher: teacher URI (a published diffusers SD1.5/SD2.1-base directory, local or s3://).
+        teacher: teacher URI (a published diffusers SD1.5/SD2.1-base/SDXL directory, local or s3://).
         prompts: training prompts URI: .txt (one per line) or .parquet with a 'prompt' column.
         output: run URI: config.json, checkpoints/, logs/ and model/ are written under it.
     """
