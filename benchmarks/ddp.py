@@ -50,6 +50,8 @@ def main() -> None:
     configs = getattr(tiny, MODELS[args.model])
     teacher = tiny.build_sd(work / "teacher", configs if isinstance(configs, dict) else configs(),
                             device="cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the runs are child processes: give GPU 0 back to rank 0
     (work / "prompts.txt").write_text("\n".join(f"a photo of object number {i}" for i in range(1000)))
     counts = [int(n) for n in args.gpus.split(",")]
     modes = args.sharding.split(",")
