@@ -6,6 +6,7 @@ import os
 import sys
 
 from sidflow import config
+from sidflow.launch import gpu_count, in_launch
 
 
 def _stage_parser(sub, name: str, cls, help: str) -> argparse.ArgumentParser:
@@ -18,18 +19,14 @@ def _distill(args) -> int:
     from sidflow.stages import distill
 
     cfg = config.from_args(distill.DistillConfig, args)
-    n = _gpu_count(cfg.gpus)
-    if n > 1 and "WORLD_SIZE" not in os.environ:  # relaunch one process per GPU with torchrun
-        distill.validate(cfg, world_size=n)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "-m", "sidflow.cli", *sys.argv[1:]]
-        os.execv(sys.executable, cmd)
     if args.dry_run:
-        distill.validate(cfg, world_size=distill.world_size())
+        distill.validate(cfg, world_size=gpu_count(cfg.gpus))
         print(config.to_json(cfg))
         return 0
-    result = distill.run(cfg)
-    print(distill.summary(result))
+    ran_here = gpu_count(cfg.gpus) == 1 or in_launch()
+    result = distill.launch(cfg)  # several GPUs: one child process each, whose rank 0 prints the summary
+    if ran_here and os.environ.get("RANK", "0") == "0":
+        print(distill.summary(result))
     return 143 if result.interrupted else 0  # 128 + SIGTERM: the orchestrator retries and the run resumes
 
 
@@ -49,8 +46,8 @@ def _evaluate(args) -> int:
     from sidflow.stages import evaluate
 
     cfg = config.from_args(evaluate.EvaluateConfig, args)
-    n = _gpu_count(cfg.gpus)
-    if n > 1 and "WORLD_SIZE" not in os.environ:  # relaunch one process per GPU with torchrun
+    n = gpu_count(cfg.gpus)
+    if n > 1 and not in_launch():  # relaunch one process per GPU with torchrun
         evaluate.validate(cfg)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                "-m", "sidflow.cli", *sys.argv[1:]]
@@ -88,20 +85,6 @@ def _data(args) -> int:
     protocol.write_prompt_set(args.out, captions, image_ids=ids)
     print(json.dumps({"out": args.out, "prompts": len(captions), "image_ids": ids is not None}))
     return 0
-
-
-def _gpu_count(gpus: str) -> int:
-    if gpus == "all":
-        import torch
-
-        return max(torch.cuda.device_count(), 1)
-    try:
-        n = int(gpus)
-    except ValueError:
-        raise ValueError(f"gpus={gpus!r} must be a count or 'all'") from None
-    if n < 1:
-        raise ValueError(f"gpus={gpus!r} must be at least 1")
-    return n
 
 
 def _download_teacher(args) -> int:

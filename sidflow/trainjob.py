@@ -41,6 +41,10 @@ class PlacementConfig:
         'node labels the GPU pods must carry, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}; {} = any')})
     gpu_tolerations: list = field(default_factory=list, metadata={"help": (
         'tolerations of the GPU pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]')})
+    distill_cpu: str = param("8", "CPUs of the one-pod distill (distill_nodes = 1); give about 8 per GPU of `gpus` "
+                                  "(TrainJob nodes get 8 per GPU themselves)")
+    distill_memory: str = param("64G", "memory of the one-pod distill; about 64G per GPU of `gpus`, more for SDXL "
+                                       "(every process loads the teacher); TrainJob nodes get 64G per GPU")
 
 
 def job_name(output: str) -> str:

@@ -225,3 +225,17 @@ def test_prompts_from_parquet_and_text(tmp_path):
         read_prompts(str(tmp_path / "bad.parquet"))
     (tmp_path / "p.txt").write_text("one\n\n two \n")
     assert read_prompts(str(tmp_path / "p.txt")) == ["one", "two"]
+
+
+def test_launch_runs_one_process_per_gpu_and_returns_what_rank0_reported(tiny_teacher, prompts, tmp_path):
+    # The KFP one-pod component calls launch(): gpus=2 must give 2 processes (gloo on CPU), not 1.
+    from sidflow.stages.distill import launch
+
+    cfg = _cfg(tiny_teacher, prompts, tmp_path / "run", gpus="2", batch=4, kimg=0.008, checkpoint_kimg=0.008)
+    result = launch(cfg)
+    assert (result.iterations, result.kimg, result.interrupted) == (2, 0.008, False)
+    assert storage.read_manifest(result.model_uri) is not None and np.isfinite(result.metrics["loss_g"])
+    config = checkpoint.load(checkpoint.latest(str(tmp_path / "run")))["config"]
+    assert config["gpus"] == "2"
+    lines = (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # one writer (rank 0), one line per iteration

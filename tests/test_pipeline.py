@@ -131,7 +131,10 @@ def test_multi_node_branch_creates_a_trainjob(ir):
     assert params["trainer_image"] == {"runtimeValue": {"constant": distill.component_spec.implementation
                                                         .container.image}}
     assert job["retryPolicy"]["maxRetryCount"] == pipeline_module.DISTILL_RETRIES  # a retry adopts or replaces it
-    assert set(params) - {"trainer_image", *PLACEMENT_FIELDS} == set(train["inputs"]["parameters"])
+    # The one-pod task's resources are run-time parameters, which the compiler hands it as extra inputs.
+    resource_inputs = {"accelerator_count", "cpu_limit", "cpu_request", "memory_limit", "memory_request",
+                       "pipelinechannel--gpus", "pipelinechannel--distill_cpu", "pipelinechannel--distill_memory"}
+    assert set(params) - {"trainer_image", *PLACEMENT_FIELDS} == set(train["inputs"]["parameters"]) - resource_inputs
     executor = spec["deploymentSpec"]["executors"]["exec-distill-trainjob"]["container"]
     assert executor["image"].startswith("ghcr.io/example/sidflow-runtime:")  # a CPU pod that only orchestrates
     assert "resources" not in executor
@@ -144,9 +147,15 @@ def test_pod_settings_caching_and_retries(ir):
     train, _ = _distill_tasks(spec)
     resources = spec["deploymentSpec"]["executors"]["exec-distill"]["container"]["resources"]
     assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
-    assert resources["accelerator"]["resourceCount"] == str(pipeline_module.DISTILL_GPUS)
-    assert resources["resourceCpuRequest"] == resources["resourceCpuLimit"] == pipeline_module.DISTILL_CPU
-    assert resources["resourceMemoryRequest"] == resources["resourceMemoryLimit"] == pipeline_module.DISTILL_MEMORY
+    assert resources["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
+    # GPUs, CPU and memory of the one-pod distill are set at run time: gpus, distill_cpu, distill_memory.
+    assert resources["resourceCpuRequest"] == resources["resourceCpuLimit"] == (
+        "{{$.inputs.parameters['pipelinechannel--distill_cpu']}}")
+    assert resources["resourceMemoryRequest"] == resources["resourceMemoryLimit"] == (
+        "{{$.inputs.parameters['pipelinechannel--distill_memory']}}")
+    root = spec["root"]["inputDefinitions"]["parameters"]
+    assert (root["distill_cpu"]["defaultValue"], root["distill_memory"]["defaultValue"]) == (
+        pipeline_module.DISTILL_CPU, pipeline_module.DISTILL_MEMORY)
     inner = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
     assert train["retryPolicy"]["maxRetryCount"] == pipeline_module.DISTILL_RETRIES
     assert train["cachingOptions"] == {"enableCache": True}

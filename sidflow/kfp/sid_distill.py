@@ -21,7 +21,8 @@ from sidflow.kfp.components.register import register
 from sidflow.kfp.components.watch_teachers import watch_teachers
 from sidflow.trainjob import S3_KEYS, S3_SECRET  # the Kubernetes secret every stage reads its S3 settings from
 
-DISTILL_GPUS = 1  # the component runs one training process; multi-GPU pods go through `sidflow distill --gpus N`
+# The one-pod distill requests `gpus` GPUs (a count in the pipeline) and runs one process per GPU; its CPU and memory
+# are the run-time parameters distill_cpu and distill_memory; these are their per-GPU defaults.
 DISTILL_CPU, DISTILL_MEMORY, DISTILL_SHM = "8", "64G", "16Gi"
 DISTILL_RETRIES = 3  # a retried distill resumes from its newest complete checkpoint (same output URI)
 # Run URI: <artifact_root>/runs/<run id>/<task id>. Not the teacher's slug: kfp.local (2.17) resolves a loop item's
@@ -30,7 +31,8 @@ DISTILL_RETRIES = 3  # a retried distill resumes from its newest complete checkp
 # The None-default fields (κ1..κ4, clip_grad_value) are exposed with the "unset" values of distill.PIPELINE_UNSET,
 # because kfp.local cannot run a pipeline parameter whose default is None.
 NOT_EXPOSED = ("teacher", "output")
-PLACEMENT = ("distill_nodes", "gpu_node_selector", "gpu_tolerations")  # sidflow.trainjob.PlacementConfig
+PLACEMENT = ("distill_nodes", "gpu_node_selector", "gpu_tolerations", "distill_cpu",  # trainjob.PlacementConfig
+             "distill_memory")
 # Pipeline parameter -> EvaluateConfig field. `eval_` where the bare name is a distill parameter or would be unclear;
 # limit and workers take 0 for None (all prompts, all cores).
 EVALUATE = {"eval_prompts": "prompts", "eval_reference": "reference", "eval_protocol": "protocol",
@@ -47,11 +49,13 @@ def _s3_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_KEYS})
 
 
-def _gpu_pod(task: dsl.PipelineTask, gpus: int, retries: int, node_selector, tolerations) -> dsl.PipelineTask:
-    """GPU, CPU and memory, retries (the GPU stages resume), the S3 secret, and run-time node placement."""
+def _gpu_pod(task: dsl.PipelineTask, gpus, retries: int, node_selector, tolerations, cpu=DISTILL_CPU,
+             memory=DISTILL_MEMORY) -> dsl.PipelineTask:
+    """GPU, CPU and memory (constants or run-time parameters), retries (the GPU stages resume), the S3 secret, and
+    run-time node placement."""
     task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
-    task.set_cpu_request(DISTILL_CPU).set_cpu_limit(DISTILL_CPU)
-    task.set_memory_request(DISTILL_MEMORY).set_memory_limit(DISTILL_MEMORY)
+    task.set_cpu_request(cpu).set_cpu_limit(cpu)
+    task.set_memory_request(memory).set_memory_limit(memory)
     task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0)
     kubernetes.add_node_selector_json(task, node_selector)  # resolved at run time by the KFP driver
     kubernetes.add_toleration_json(task, tolerations)
@@ -69,13 +73,13 @@ def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-g
                 clip_grad_value: float = 0.0, ema_halflife_kimg: float = 50.0, ema_rampup: float = 0.05,
                 checkpoint_kimg: float = 100.0, log_every: int = 1, checkpoints: bool = True, profile: bool = False,
                 seed: int = 0, sharding: str = "ddp", gpus: str = "1", resume: bool = True, distill_nodes: int = 1,
-                gpu_node_selector: dict = {}, gpu_tolerations: list = [], eval_prompts: str = "",
-                eval_reference: str = "", eval_protocol: str = "coco30k", eval_features: str = "inception",
-                inception_weights: str = "", eval_scorer: str = "openclip", clip_model: str = "ViT-g-14",
-                clip_weights: str = "laion2b_s12b_b42k", clip_precision: str = "tf32", unet_dtype: str = "fp16",
-                vae_dtype: str = "fp32", eval_batch: int = 32, eval_shard_size: int = 1024, eval_limit: int = 0,
-                eval_grid: int = 16, eval_workers: int = 0, eval_gpus: str = "1", max_fid: float = 0.0,
-                promote: str = "auto", clip_floor: float = -1.0):
+                gpu_node_selector: dict = {}, gpu_tolerations: list = [], distill_cpu: str = "8",
+                distill_memory: str = "64G", eval_prompts: str = "", eval_reference: str = "",
+                eval_protocol: str = "coco30k", eval_features: str = "inception", inception_weights: str = "",
+                eval_scorer: str = "openclip", clip_model: str = "ViT-g-14", clip_weights: str = "laion2b_s12b_b42k",
+                clip_precision: str = "tf32", unet_dtype: str = "fp16", vae_dtype: str = "fp32", eval_batch: int = 32,
+                eval_shard_size: int = 1024, eval_limit: int = 0, eval_grid: int = 16, eval_workers: int = 0,
+                eval_gpus: str = "1", max_fid: float = 0.0, promote: str = "auto", clip_floor: float = -1.0):
     """Distill every teacher whose current version has no registered generator yet.
 
     Args:
@@ -122,7 +126,8 @@ def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-g
         seed: random seed; every draw of iteration i derives from (seed, i, rank).
         sharding: ddp = a full replica per GPU; fsdp = parameters, grads and Adam state sharded (FSDP2), needed for
             SDXL.
-        gpus: GPUs to use: a count or 'all' (sidflow distill launches one process per GPU).
+        gpus: GPUs to use: a count or 'all' (one process per GPU); in the pipeline a count: the GPUs each distill pod
+            requests.
         resume: resume from the newest complete checkpoint under output, if any.
         distill_nodes: distill nodes: 1 = one pod (the KFP task itself); more = a Kubeflow Trainer TrainJob of that
             many nodes with `gpus` GPUs each.
@@ -130,6 +135,10 @@ def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-g
             "NVIDIA-H100-80GB-HBM3"}; {} = any.
         gpu_tolerations: tolerations of the GPU pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists",
             "effect": "NoSchedule"}].
+        distill_cpu: CPUs of the one-pod distill (distill_nodes = 1); give about 8 per GPU of `gpus` (TrainJob nodes
+            get 8 per GPU themselves).
+        distill_memory: memory of the one-pod distill; about 64G per GPU of `gpus`, more for SDXL (every process loads
+            the teacher); TrainJob nodes get 64G per GPU.
         eval_prompts: prompt set URI: .parquet with caption, seed (default: row index), optional image_id
             (`sidflow data coco-prompts`).
         eval_reference: reference statistics URI (.npz from `sidflow data ref-stats`, same protocol and
@@ -161,12 +170,10 @@ def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-g
         promote: auto: promote only if FID beats the champion's (and CLIP meets clip_floor); always; never.
         clip_floor: minimum CLIP score a model needs to be promoted; None: no floor; negative = no floor.
     """
-    placement = {"distill_nodes": distill_nodes, "gpu_node_selector": gpu_node_selector,
-                 "gpu_tolerations": gpu_tolerations}
-    hyper = {k: v for k, v in locals().items()
-             if k not in ("teachers", "registry", "model_name", "artifact_root", "placement", *PLACEMENT, *EVALUATE,
-                          *GATE)}
-    args = locals()
+    args = dict(locals())
+    placement = {name: args[name] for name in PLACEMENT}
+    hyper = {k: v for k, v in args.items()
+             if k not in ("teachers", "registry", "model_name", "artifact_root", *PLACEMENT, *EVALUATE, *GATE)}
     scoring = {field: args[name] for name, field in EVALUATE.items()}
     watch = watch_teachers(teachers=teachers, registry=registry, model_name=model_name, artifact_root=artifact_root)
     watch.set_display_name("Find new teachers").set_caching_options(False)  # the registry and the hub change
@@ -179,7 +186,7 @@ def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-g
         with dsl.If(distill_nodes == 1, name="one-pod"):
             train = distill(teacher=fetch.outputs["uri"], output=run_uri, **hyper)
             train.set_display_name("Distill one-step generator")
-            _gpu_pod(train, DISTILL_GPUS, DISTILL_RETRIES, gpu_node_selector, gpu_tolerations)
+            _gpu_pod(train, gpus, DISTILL_RETRIES, gpu_node_selector, gpu_tolerations, distill_cpu, distill_memory)
             kubernetes.empty_dir_mount(train, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                        size_limit=DISTILL_SHM)
         with dsl.Else(name="multi-node"):  # this CPU task creates the TrainJob and waits for it

@@ -58,7 +58,8 @@ class DistillConfig:
     seed: int = param(0, "random seed; every draw of iteration i derives from (seed, i, rank)")
     sharding: Literal["ddp", "fsdp"] = param(
         "ddp", "ddp = a full replica per GPU; fsdp = parameters, grads and Adam state sharded (FSDP2), needed for SDXL")
-    gpus: str = param("1", "GPUs to use: a count or 'all' (sidflow distill launches one process per GPU)")
+    gpus: str = param("1", "GPUs to use: a count or 'all' (one process per GPU); in the pipeline a count: the GPUs "
+                           "each distill pod requests")
     resume: bool = param(True, "resume from the newest complete checkpoint under output, if any")
 
 
@@ -145,6 +146,24 @@ def run(cfg: DistillConfig) -> DistillResult:
     validate(cfg, world_size=world_size())
     storage.write_text(storage.join(cfg.output, "config.json"), to_json(cfg))
     return train(cfg)
+
+
+def launch(cfg: DistillConfig) -> DistillResult:
+    """Run the stage on `cfg.gpus` GPUs: in this process for one (or inside a torchrun launch), else as one child
+    process per GPU; return the result rank 0 reported. Used by the CLI and the one-pod KFP component alike."""
+    from sidflow.launch import gpu_count, in_launch, run_per_gpu
+
+    n = gpu_count(cfg.gpus)
+    if n == 1 or in_launch():
+        return run(cfg)
+    validate(cfg, world_size=n)
+    rc, lines = run_per_gpu("distill", cfg, n)
+    summaries = [json.loads(x) for x in lines if x.startswith('{"model": ')]
+    if rc not in (0, 143) or not summaries:  # 143: interrupted by SIGTERM, checkpointed; the summary says so
+        raise RuntimeError(f"distill on {n} processes failed (exit code {rc}); the lines above say why")
+    s = summaries[-1]
+    return DistillResult(model_uri=s.pop("model"), kimg=s.pop("kimg"), iterations=s.pop("iterations"),
+                         interrupted=s.pop("interrupted"), metrics=s)
 
 
 def world_size() -> int:

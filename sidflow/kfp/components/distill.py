@@ -38,7 +38,7 @@ def distill(metrics: Output[Metrics], model: Output[Model], teacher: str = "", p
     from sidflow.stages import distill as stage
 
     cfg = stage.from_pipeline(fields)  # checks Literal values and types like the CLI does
-    result = stage.run(cfg)
+    result = stage.launch(cfg)  # one process per GPU of the pod
     print(stage.summary(result))
     for name, value in {"kimg": result.kimg, "iterations": result.iterations, **result.metrics}.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):

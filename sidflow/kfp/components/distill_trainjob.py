@@ -15,8 +15,9 @@ BASE_IMAGE = "ghcr.io/example/sidflow-runtime:0.1.0"  # containers/: this packag
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def distill_trainjob(metrics: Output[Metrics], model: Output[Model], trainer_image: str, distill_nodes: int = 1,
-                     gpu_node_selector: dict = {}, gpu_tolerations: list = [], teacher: str = "", prompts: str = "",
-                     output: str = "", guidance: str = "lsg", kappa: float = 1.5, null_prompt: str = "auto",
+                     gpu_node_selector: dict = {}, gpu_tolerations: list = [], distill_cpu: str = "8",
+                     distill_memory: str = "64G", teacher: str = "", prompts: str = "", output: str = "",
+                     guidance: str = "lsg", kappa: float = 1.5, null_prompt: str = "auto",
                      kappa_1: Optional[float] = None, kappa_2: Optional[float] = None, kappa_3: Optional[float] = None,
                      kappa_4: Optional[float] = None, alpha: float = 1.0, t_min: int = 20, t_max: int = 980,
                      t_init: int = 625, steps: int = 1, fake_dropout: float = 0.1, lr_fake: float = 1e-06,
@@ -41,12 +42,14 @@ def distill_trainjob(metrics: Output[Metrics], model: Output[Model], trainer_ima
             many nodes with `gpus` GPUs each.
         gpu_node_selector: node labels the GPU pods must carry; {} = any.
         gpu_tolerations: tolerations of the GPU pods (Kubernetes JSON).
+        distill_cpu: CPUs of the one-pod distill only (unused here: TrainJob nodes get 8 per GPU).
+        distill_memory: memory of the one-pod distill only (unused here: TrainJob nodes get 64G per GPU).
         teacher: teacher URI (a published diffusers SD1.5/SD2.1-base/SDXL directory, local or s3://).
         prompts: training prompts URI: .txt (one per line) or .parquet with a 'prompt' column.
         output: run URI: config.json, checkpoints/, logs/ and model/ are written under it.
     """
     placement = {"distill_nodes": distill_nodes, "gpu_node_selector": gpu_node_selector,
-                 "gpu_tolerations": gpu_tolerations}
+                 "gpu_tolerations": gpu_tolerations, "distill_cpu": distill_cpu, "distill_memory": distill_memory}
     fields = {k: v for k, v in locals().items()
               if k not in ("metrics", "model", "trainer_image", "placement", *placement)}
     from sidflow import trainjob
