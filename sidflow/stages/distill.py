@@ -131,7 +131,7 @@ def validate(cfg: DistillConfig, world_size: int = 1) -> None:
 
 
 def _check_writable(uri: str) -> None:
-    probe = storage.join(uri, ".write-probe")
+    probe = storage.join(uri, f".write-probe-{os.getpid()}")  # per process: the ranks of a launch all check
     try:
         storage.write_bytes(storage.join(probe, "probe"), b"ok")
         storage.delete_tree(probe)
