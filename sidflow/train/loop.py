@@ -97,12 +97,13 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
     nimg, it = 0, 0
     last = checkpoint.latest(cfg.output) if cfg.resume else None
     if last is not None:  # full state dicts, whatever the placement that wrote them
-        state = checkpoint.load(last)
-        place.load_full_state(G, state["G"], opt_g)
-        place.load_full_state(fake, state["fake"], opt_f)
+        state = checkpoint.load(last) if place.reads_checkpoint() else {}
+        place.load_full_state(G, state.get("G"), opt_g)
+        place.load_full_state(fake, state.get("fake"), opt_f)
         if ema is not None:
-            place.load_full_state(ema, state["ema"])
-        nimg, it = state["nimg"], state["iteration"]
+            place.load_full_state(ema, state.get("ema"))
+        nimg, it = place.share([state.get("nimg"), state.get("iteration")])
+        del state
         acc.print(f"resumed from {last} at {nimg / 1000:.3f} kimg")
     G_ddp, fake_ddp = place.wrap(G), place.wrap(fake)
     net_t, net_g, net_f = score_net(teacher.unet), score_net(G), score_net(fake)

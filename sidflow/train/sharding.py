@@ -73,12 +73,25 @@ class Placement:
             out["opt"] = get_optimizer_state_dict(model, opt, options=FULL)
         return out
 
-    def load_full_state(self, model: nn.Module, state: dict, opt: torch.optim.Optimizer | None = None) -> None:
-        """Load a full state dict (from `full_state`, in either mode) into `model` and `opt` on every process."""
-        options = StateDictOptions(full_state_dict=True)
+    def reads_checkpoint(self) -> bool:
+        """Whether this process reads the checkpoint file: every DDP replica does; under FSDP only rank 0, which
+        broadcasts it into the shards (8 full copies of an SDXL checkpoint would not fit in one node's memory)."""
+        return not self.sharded or self.acc.is_main_process
+
+    def load_full_state(self, model: nn.Module, state: dict | None, opt: torch.optim.Optimizer | None = None) -> None:
+        """Load a full state dict (from `full_state`, in either mode) into `model` and `opt`; a collective call.
+        Under FSDP only rank 0 passes `state` (the others None)."""
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.sharded)
+        state = state or {"model": {}, "opt": {}}
         set_model_state_dict(model, state["model"], options=options)
         if opt is not None:
             set_optimizer_state_dict(model, opt, optim_state_dict=state["opt"], options=options)
+
+    def share(self, values: list) -> list:
+        """Return rank 0's `values` (plain Python objects) on every process."""
+        if self.sharded:
+            torch.distributed.broadcast_object_list(values, src=0)
+        return values
 
     def gather(self, model: nn.Module, like: nn.Module) -> nn.Module | None:
         """Return an unsharded CPU copy of `model` built like `like` on rank 0 (None elsewhere); collective."""
@@ -87,8 +100,12 @@ class Placement:
         state = get_model_state_dict(model, options=FULL)
         if not self.acc.is_main_process:
             return None
-        full = type(like).from_config(like.config)
-        full.load_state_dict(state)
+        with torch.device("meta"):  # no random init of weights that are overwritten next
+            full = type(like).from_config(like.config)
+        full.load_state_dict(state, assign=True)
+        left = [name for name, t in [*full.named_parameters(), *full.named_buffers()] if t.is_meta]
+        if left:  # a non-persistent buffer is not in the state dict: it would be exported empty
+            raise RuntimeError(f"gathered {type(like).__name__} has no values for {', '.join(left[:3])}")
         return full.float()
 
 
