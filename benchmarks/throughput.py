@@ -8,6 +8,8 @@ teacher and fake forward·input-backward (×2 batch when guided), with a backwar
 input-only backward), and the forward FLOPs counted by torch.utils.flop_counter.
 
   python benchmarks/throughput.py --model sd15 --micro-batch 8 --rounds 2 --iters 6
+  python benchmarks/throughput.py --model sdxl --gpus 2 --sharding fsdp --micro-batch 1 --rounds 4 \
+      --grad-checkpointing --file throughput_sdxl_h200x2.json                  # per GPU, FSDP on 2 GPUs
   python benchmarks/throughput.py --model tiny --iters 3 --out /tmp/results      # CPU smoke run
 """
 
@@ -26,15 +28,16 @@ from common import RESULTS, record  # noqa: E402
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 peak of the SXM parts
 
 
-def forward_tflop(unet, device) -> float:
-    """Return TFLOP of one UNet forward on one sample (counted, not estimated)."""
+def forward_tflop(teacher) -> float:
+    """Return TFLOP of one UNet forward on one sample (counted, not estimated), with the teacher's conditioning."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    c, h, w = unet.config.in_channels, unet.config.sample_size, unet.config.sample_size
-    x = torch.randn(1, c, h, w, device=device)
-    emb = torch.randn(1, 77, unet.config.cross_attention_dim, device=device)
+    from sidflow.teacher import score_net
+
+    device = next(teacher.unet.parameters()).device
+    x = torch.randn(1, *teacher.latent_shape, device=device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(x, torch.tensor([500], device=device), encoder_hidden_states=emb)
+        score_net(teacher.unet)(x, torch.tensor([500], device=device), teacher.encode(["a photo"]).to(device))
     return counter.get_total_flops() / 1e12
 
 
@@ -46,9 +49,14 @@ def forward_equivalents(k1: float, k2: float, k4: float) -> float:
     return fake_step + gen_step
 
 
+MODELS = {"sd15": "SD15", "sdxl": "SDXL", "tiny": "tiny_configs", "tiny-sdxl": "tiny_sdxl_configs"}  # in toy.tiny
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["sd15", "tiny"], default="sd15")
+    p.add_argument("--model", choices=list(MODELS), default="sd15")
+    p.add_argument("--gpus", type=int, default=1, help="processes (one per GPU); figures are per GPU")
+    p.add_argument("--sharding", choices=["ddp", "fsdp"], default="ddp")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2, help="accumulation rounds per phase")
     p.add_argument("--iters", type=int, default=6)
@@ -61,29 +69,29 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
 
-    from sidflow.stages.distill import DistillConfig, run
-    from sidflow.toy.tiny import SD15, build_sd, tiny_configs
+    from sidflow.stages.distill import DistillConfig, launch
+    from sidflow.teacher import load_teacher
+    from sidflow.toy import tiny
 
     work = Path(tempfile.mkdtemp(prefix="sidflow-bench-"))
-    teacher = build_sd(work / "teacher", SD15 if args.model == "sd15" else tiny_configs())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    configs = getattr(tiny, MODELS[args.model])
+    teacher = tiny.build_sd(work / "teacher", configs if isinstance(configs, dict) else configs(), device=device.type)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # several GPUs: the runs are child processes, rank 0 shares GPU 0 with us
     (work / "prompts.txt").write_text("\n".join(f"a photo of object number {i}" for i in range(1000)))
-    batch = args.micro_batch * args.rounds
+    batch = args.micro_batch * args.rounds * args.gpus
     cfg = DistillConfig(teacher=teacher, prompts=str(work / "prompts.txt"), output=str(work / "run"), kappa=args.kappa,
                         batch=batch, micro_batch=args.micro_batch, kimg=batch * (args.warmup + args.iters) / 1000,
                         precision=args.precision, grad_checkpointing=args.grad_checkpointing,
-                        ema_halflife_kimg=args.ema, checkpoints=False, profile=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    run(cfg)
+                        ema_halflife_kimg=args.ema, checkpoints=False, profile=True, gpus=str(args.gpus),
+                        sharding=args.sharding)
+    launch(cfg)
     lines = [json.loads(x) for x in (work / "run" / "logs" / "metrics.jsonl").read_text().splitlines()][args.warmup:]
-    ips = statistics.median(x["images_per_s"] for x in lines)
+    ips = statistics.median(x["images_per_s"] for x in lines) / args.gpus
     phases = {k.removeprefix("phase_").removesuffix("_s"): statistics.median(x[k] for x in lines)
               for k in lines[0] if k.startswith("phase_")}
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet").to(device)
-    fwd = forward_tflop(unet, device)
+    fwd = forward_tflop(load_teacher(teacher, device))
     per_sample = fwd * forward_equivalents(args.kappa, args.kappa, args.kappa)
     tflops = ips * per_sample
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
@@ -92,21 +100,21 @@ def main() -> None:
         "images_per_s_per_gpu": round(ips, 3),
         "tflops_per_gpu": round(tflops, 1),
         "mfu": round(tflops / peak, 3) if peak else None,
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "peak_mem_gib": max(x.get("peak_mem_gib", 0) for x in lines) if device.type == "cuda" else None,  # rank 0
         "micro_batch": args.micro_batch,
         "precision": args.precision,
         "phase_split": {k: round(v / sum(phases.values()), 3) for k, v in phases.items()},
         "phase_seconds": {k: round(v, 4) for k, v in phases.items()},
-        "unet_forward_tflop_per_sample": round(fwd, 4),
+        "unet_forward_tflop_per_sample": float(f"{fwd:.4g}"),
         "iterations_timed": len(lines),
         "loss_g_last": lines[-1]["loss_g"],
         "loss_fake_last": lines[-1]["loss_fake"],
     }
-    name = f"throughput_{args.model}" + ("" if args.precision == "bf16" else "_fp32")
+    name = f"throughput_{args.model.replace('-', '_')}" + ("" if args.precision == "bf16" else "_fp32")
     tag = next((k.lower() for k in PEAK_BF16_TFLOPS if k in gpu), "cpu" if gpu == "cpu" else "gpu")
     file = args.file or f"{name}_{tag}.json"
-    record(name, file, 1, metrics, {**vars(args), "batch": batch, "weights": "random (published config, no download)"},
-           Path(args.out))
+    config = {**vars(args), "batch": batch, "weights": "random (published config, no download)"}
+    record(name, file, args.gpus, metrics, config, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,16 @@ def test_throughput_script_writes_its_record(tmp_path):
     assert abs(sum(m["phase_split"].values()) - 1) < 0.01
 
 
+def test_throughput_script_on_two_processes_with_fsdp_and_an_sdxl_layout(tmp_path):
+    subprocess.run([sys.executable, "benchmarks/throughput.py", "--model", "tiny-sdxl", "--gpus", "2", "--sharding",
+                    "fsdp", "--micro-batch", "1", "--rounds", "1", "--iters", "1", "--warmup", "1", "--ema", "0",
+                    "--file", "x.json", "--out", str(tmp_path)], check=True, cwd=ROOT, capture_output=True,
+                   env={**__import__("os").environ, "SIDFLOW_NO_BAR": "1"})
+    record = json.loads((tmp_path / "x.json").read_text())
+    assert record["gpus"] == 2 and record["config"]["batch"] == 2 and record["config"]["sharding"] == "fsdp"
+    assert record["metrics"]["images_per_s_per_gpu"] > 0 and record["metrics"]["unet_forward_tflop_per_sample"] > 0
+
+
 def test_eval_throughput_script_writes_its_record(tmp_path):
     subprocess.run([sys.executable, "benchmarks/eval_throughput.py", "--smoke", "--out", str(tmp_path)], check=True,
                    cwd=ROOT, capture_output=True)
