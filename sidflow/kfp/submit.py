@@ -83,6 +83,9 @@ def parse_value(name: str, tp: type, text: str) -> typing.Any:
     return text
 
 
+POD_COUNTS = ("gpus",)  # become a pod's GPU request at run time, so 'all' (fine on the CLI) cannot work here
+
+
 def parse_overrides(pairs: list[str], params: dict[str, tuple[type, typing.Any]],
                     pipeline: str = "sid-distill") -> dict[str, typing.Any]:
     """Return {name: typed value} of `key=value` strings; anything malformed or unknown is a one-line ValueError."""
@@ -105,6 +108,8 @@ def parse_overrides(pairs: list[str], params: dict[str, tuple[type, typing.Any]]
         choices = _choices().get(key)
         if choices and out[key] not in choices:
             raise ValueError(f"{key}={out[key]!r} is not one of {list(choices)}")
+        if key in POD_COUNTS and not (str(out[key]).isdigit() and int(out[key]) >= 1):
+            raise ValueError(f"{key}={out[key]!r} must be a count here: the distill pod requests that many GPUs")
     return out
 
 
