@@ -62,8 +62,11 @@ class Placement:
         return contextlib.nullcontext() if last_round else self.acc.no_sync(model)
 
     def full_state(self, model: nn.Module, opt: torch.optim.Optimizer | None = None) -> dict | None:
-        """Return the full state dict of `model` (and of `opt` under key 'opt') on the CPU; a collective call."""
+        """Return the full state dict of `model` (and of `opt` under key 'opt') on rank 0, None elsewhere; under FSDP
+        a collective call that gathers the shards onto rank 0's CPU."""
         if not self.sharded:
+            if not self.acc.is_main_process:  # every replica holds the same state
+                return None
             out = {"model": model.state_dict()}
             if opt is not None:
                 out["opt"] = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
