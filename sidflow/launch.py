@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 
 def gpu_count(gpus: str) -> int:
@@ -41,26 +43,35 @@ def cli_args(cfg) -> list[str]:
     return out
 
 
-def run_per_gpu(command: str, cfg, n: int) -> tuple[int, list[str]]:
-    """Run `sidflow <command>` with cfg on n local processes; stream their output; return (exit code, its lines).
+RESULT_ENV = "SIDFLOW_RESULT_FILE"  # where rank 0 of a launch writes its result for the launching process
 
-    SIGTERM and SIGINT reach the processes (torchrun forwards them), so a preempted pod still checkpoints.
+
+def run_per_gpu(command: str, cfg, n: int) -> tuple[int, dict | None]:
+    """Run `sidflow <command>` with cfg on n local processes; return (exit code, the result rank 0 reported).
+
+    The processes share this process's terminal (live progress bars); SIGTERM and SIGINT reach them (torchrun
+    forwards them), so a preempted pod still checkpoints.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
            "sidflow.cli", command, *cli_args(cfg)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    forward = lambda sig, _frame: proc.send_signal(sig)  # noqa: E731
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
-    lines = []
-    try:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            lines.append(line.rstrip("\n"))
-        return proc.wait(), lines
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    with tempfile.TemporaryDirectory(prefix="sidflow-launch-") as tmp:
+        result = Path(tmp) / "result.json"
+        proc = subprocess.Popen(cmd, env={**os.environ, RESULT_ENV: str(result)})
+        forward = lambda sig, _frame: proc.send_signal(sig)  # noqa: E731
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
+        try:
+            rc = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return rc, json.loads(result.read_text()) if result.exists() else None
+
+
+def report(result: dict) -> None:
+    """Inside a launch, on rank 0: hand `result` to the launching process (nothing to do outside a launch)."""
+    path = os.environ.get(RESULT_ENV)
+    if path and os.environ.get("RANK", "0") == "0":
+        Path(path).write_text(json.dumps(result))
 
 
 def _main_thread() -> bool:
