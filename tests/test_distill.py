@@ -239,3 +239,26 @@ def test_launch_runs_one_process_per_gpu_and_returns_what_rank0_reported(tiny_te
     assert config["gpus"] == "2"
     lines = (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # one writer (rank 0), one line per iteration
+
+
+def test_sigterm_to_a_multi_process_launch_checkpoints_and_resumes(tiny_teacher, prompts, tmp_path):
+    # A preempted multi-GPU pod: SIGTERM reaches the launching process, which forwards it to every rank; they stop at
+    # the same iteration, publish a checkpoint, and the launch exits 143. The same command then finishes the run.
+    one = _cfg(tiny_teacher, prompts, tmp_path / "one", kimg=0.016, checkpoint_kimg=0.004, batch=4, adam_eps=1e-2)
+    run(one)
+    two = dataclasses.replace(one, output=str(tmp_path / "two"), gpus="2")
+    proc = subprocess.Popen(_cli(two), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = tmp_path / "two" / "checkpoints" / checkpoint.name_for(4) / "manifest.json"
+    deadline = time.monotonic() + 300
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 143, out[-3000:]
+    stopped_at = checkpoint.latest(str(tmp_path / "two"))
+    assert stopped_at is not None and not stopped_at.endswith(checkpoint.name_for(16))
+    done = subprocess.run(_cli(two), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    end = checkpoint.name_for(16)
+    _assert_same(_weights(str(tmp_path / "one" / "checkpoints" / end)),
+                 _weights(str(tmp_path / "two" / "checkpoints" / end)), 1e-5)
