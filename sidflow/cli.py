@@ -46,19 +46,13 @@ def _evaluate(args) -> int:
     from sidflow.stages import evaluate
 
     cfg = config.from_args(evaluate.EvaluateConfig, args)
-    n = gpu_count(cfg.gpus)
-    if n > 1 and not in_launch():  # relaunch one process per GPU with torchrun
-        evaluate.validate(cfg)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "-m", "sidflow.cli", *sys.argv[1:]]
-        os.execv(sys.executable, cmd)
     if args.dry_run:
         evaluate.validate(cfg)
         print(config.to_json(cfg))
         return 0
-    result = evaluate.run(cfg)
-    if os.environ.get("RANK", "0") == "0":  # one summary line per launch, not one per process
-        print(evaluate.summary(result))
+    result = evaluate.launch(cfg)  # several GPUs: one child process each
+    if os.environ.get("RANK", "0") == "0" and (gpu_count(cfg.gpus) == 1 or not in_launch()):
+        print(evaluate.summary(result))  # one summary line per launch: the launching process or a lone rank 0
     return 0
 
 

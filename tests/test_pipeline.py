@@ -118,7 +118,7 @@ def test_evaluate_takes_either_branchs_model_and_gates_register(ir):
         assert evaluate_task["inputs"]["parameters"][field] == {"componentInputParameter": f"pipelinechannel--{name}"}
     resources = spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]
     assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
-    assert resources["accelerator"]["resourceCount"] == str(pipeline_module.EVAL_GPUS)
+    assert resources["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--eval_gpus']}}"
     assert evaluate_task["retryPolicy"]["maxRetryCount"] == pipeline_module.EVAL_RETRIES
 
 

@@ -174,8 +174,9 @@ def test_parser_types_values_as_the_pipeline_declares(pair, value):
     (["gpu_tolerations={bad"], "gpu_tolerations='{bad' is not a JSON array"),
     (["guidance=lgs"], "guidance='lgs' is not one of ['lsg', 'long', 'short', 'zero_cfg', 'anti_cfg']"),
     (["seed=1", "seed=2"], "seed is given twice"),
-    (["gpus=all"], "gpus='all' must be a count here: the distill pod requests that many GPUs"),
-    (["gpus=0"], "gpus='0' must be a count here: the distill pod requests that many GPUs"),
+    (["gpus=all"], "gpus='all' must be a count here: the pod requests that many GPUs"),
+    (["gpus=0"], "gpus='0' must be a count here: the pod requests that many GPUs"),
+    (["eval_gpus=all"], "eval_gpus='all' must be a count here: the pod requests that many GPUs"),
     (["sharding=zero3"], "sharding='zero3' is not one of ['ddp', 'fsdp']"),
 ])
 def test_parser_errors_are_one_line(pairs, message):

@@ -42,7 +42,7 @@ EVALUATE = {"eval_prompts": "prompts", "eval_reference": "reference", "eval_prot
             "eval_shard_size": "shard_size", "eval_limit": "limit", "eval_grid": "grid", "eval_workers": "workers",
             "eval_gpus": "gpus"}
 GATE = ("max_fid", "promote", "clip_floor")  # the evaluate gate and RegisterConfig's promotion fields
-EVAL_GPUS, EVAL_RETRIES = 1, 2  # a retried evaluation keeps the shards already written
+EVAL_RETRIES = 2  # a retried evaluation keeps the shards already written; its pod requests eval_gpus GPUs
 
 
 def _s3_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -164,7 +164,8 @@ def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-g
         eval_grid: images in grid.png: those of the first N prompts.
         eval_workers: CPU threads per process for crop, resize and CLIP preprocessing; None: all cores; 0 = all
             cores.
-        eval_gpus: GPUs to use: a count or 'all' (sidflow evaluate launches one process per GPU).
+        eval_gpus: GPUs to use: a count or 'all' (one process per GPU); in the pipeline (eval_gpus) a count: the GPUs
+            the evaluate pod requests.
         max_fid: registration gate: a model is registered only if its FID is finite and at most this; 0 = any
             finite FID.
         promote: auto: promote only if FID beats the champion's (and CLIP meets clip_floor); always; never.
@@ -198,7 +199,7 @@ def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-g
         model = dsl.OneOf(train.outputs["Output"], job.outputs["Output"])
         score = evaluate(model=model, output=run_uri, **scoring)  # run_uri resolves to this task's own id
         score.set_display_name("Evaluate (FID, CLIP score)")
-        _gpu_pod(score, EVAL_GPUS, EVAL_RETRIES, gpu_node_selector, gpu_tolerations)
+        _gpu_pod(score, eval_gpus, EVAL_RETRIES, gpu_node_selector, gpu_tolerations)
         gate = passes_gate(metrics=score.outputs["Output"], max_fid=max_fid)
         gate.set_display_name("Check the registration gate").set_caching_options(False)
         _s3_env(gate)

@@ -83,7 +83,7 @@ def parse_value(name: str, tp: type, text: str) -> typing.Any:
     return text
 
 
-POD_COUNTS = ("gpus",)  # become a pod's GPU request at run time, so 'all' (fine on the CLI) cannot work here
+POD_COUNTS = ("gpus", "eval_gpus")  # become a pod's GPU request at run time: 'all' (fine on the CLI) cannot work
 
 
 def parse_overrides(pairs: list[str], params: dict[str, tuple[type, typing.Any]],
@@ -109,7 +109,7 @@ def parse_overrides(pairs: list[str], params: dict[str, tuple[type, typing.Any]]
         if choices and out[key] not in choices:
             raise ValueError(f"{key}={out[key]!r} is not one of {list(choices)}")
         if key in POD_COUNTS and not (str(out[key]).isdigit() and int(out[key]) >= 1):
-            raise ValueError(f"{key}={out[key]!r} must be a count here: the distill pod requests that many GPUs")
+            raise ValueError(f"{key}={out[key]!r} must be a count here: the pod requests that many GPUs")
     return out
 
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 from sidflow import storage
@@ -65,7 +65,8 @@ class EvaluateConfig:
     save_images: bool = param(False, "also write every image to images/<row>.png (off: images stay in memory)")
     workers: int | None = param(None, "CPU threads per process for crop, resize and CLIP preprocessing; None: all "
                                       "cores")
-    gpus: str = param("1", "GPUs to use: a count or 'all' (sidflow evaluate launches one process per GPU)")
+    gpus: str = param("1", "GPUs to use: a count or 'all' (one process per GPU); in the pipeline (eval_gpus) a "
+                           "count: the GPUs the evaluate pod requests")
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,23 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     acc.wait_for_everyone()
     metrics = json.loads(storage.read_text(metrics_uri))
     return EvaluateResult(metrics_uri, metrics["fid"], metrics["clip"], metrics["images"], metrics)
+
+
+def launch(cfg: EvaluateConfig) -> EvaluateResult:
+    """Run the stage on `cfg.gpus` GPUs: in this process for one (or inside a torchrun launch), else as one child
+    process per GPU; return the result rank 0 reported. Used by the CLI and the KFP component alike."""
+    from sidflow.launch import gpu_count, in_launch, report, run_per_gpu
+
+    n = gpu_count(cfg.gpus)
+    if n == 1 or in_launch():
+        result = run(cfg)
+        report(asdict(result))
+        return result
+    validate(cfg)
+    rc, result = run_per_gpu("evaluate", cfg, n)
+    if rc != 0 or result is None:
+        raise RuntimeError(f"evaluate on {n} processes failed (exit code {rc}); the lines above say why")
+    return EvaluateResult(**result)
 
 
 def _run_key(*parts) -> str:

@@ -34,7 +34,7 @@ def evaluate(metrics: Output[Metrics], samples: Output[HTML], model: str = "", p
 
     fields = {k: v for k, v in locals().items() if k in stage.EvaluateConfig.__dataclass_fields__}
     fields.update(limit=limit or None, workers=workers or None)
-    result = stage.run(override(stage.EvaluateConfig(), fields))
+    result = stage.launch(override(stage.EvaluateConfig(), fields))  # one process per GPU of the pod
     print(stage.summary(result))
     for name in ("fid", "clip", "images", "images_per_s"):
         metrics.log_metric(name, float(result.metrics[name]))
