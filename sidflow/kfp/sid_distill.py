@@ -2,9 +2,9 @@
 
 Distill runs in one pod (`distill_nodes` = 1, the default) or, for more nodes, as a Kubeflow Trainer v2 TrainJob
 that a CPU task creates and waits for (`dsl.If`/`dsl.Else` inside the loop); either branch returns the model URI,
-so the next task takes `dsl.OneOf(train.output, job.output)`. Evaluate has not landed yet, and register needs its
-metrics, so register is not in the DAG: it is wired in when evaluate lands (a stage that has not landed is never
-faked). Defaults are literals copied from
+so evaluate takes `dsl.OneOf(train.output, job.output)`; a small gate task reads its metrics, and register runs under
+`dsl.If` on the gate. Both GPU tasks request their GPU count at run time (`gpus`, `eval_gpus`) and run one process
+per GPU. Finetune is not in the DAG: that stage has not landed. Defaults are literals copied from
 the config dataclasses (DistillConfig, WatchTeachersConfig, sidflow.trainjob.PlacementConfig) and, for the
 None-default DistillConfig fields, from distill.PIPELINE_UNSET; tests/test_pipeline.py checks them and the
 descriptions against the dataclasses.
