@@ -36,6 +36,29 @@ def git_sha() -> str:
         return "unknown"
 
 
+# Teachers the distill benchmarks build from configs (random weights, no download): name -> sidflow.toy.tiny attribute.
+MODELS = {"sd15": "SD15", "sdxl": "SDXL", "tiny": "tiny_configs", "tiny-sdxl": "tiny_sdxl_configs"}
+
+
+def synthetic_run(model: str, prefix: str) -> tuple[Path, str, str]:
+    """Return (work dir, teacher path, prompts path): a teacher built from `model`'s configs (on the GPU when there is
+    one) and 1,000 distinct prompts; GPU 0 is left empty for the runs, which are child processes."""
+    import tempfile
+
+    import torch
+
+    from sidflow.toy import tiny
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    configs = getattr(tiny, MODELS[model])
+    teacher = tiny.build_sd(work / "teacher", configs if isinstance(configs, dict) else configs(),
+                            device="cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    (work / "prompts.txt").write_text("\n".join(f"a photo of object number {i}" for i in range(1000)))
+    return work, teacher, str(work / "prompts.txt")
+
+
 def record(name: str, file: str, gpus: int, metrics: dict, config: dict, out_dir: Path = RESULTS,
            final: bool = True) -> dict:
     """Write the result to out_dir/file and, when final, print it as one JSON line (partial saves stay quiet)."""

@@ -18,14 +18,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import RESULTS, record  # noqa: E402
-
-MODELS = {"sd15": "SD15", "sdxl": "SDXL", "tiny": "tiny_configs", "tiny-sdxl": "tiny_sdxl_configs"}  # in toy.tiny
+from common import MODELS, RESULTS, record, synthetic_run  # noqa: E402
 
 
 def main() -> None:
@@ -42,17 +39,10 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
 
-    import torch
+    from sidflow.config import to_args
+    from sidflow.stages.distill import DistillConfig
 
-    from sidflow.toy import tiny
-
-    work = Path(tempfile.mkdtemp(prefix="sidflow-ddp-"))
-    configs = getattr(tiny, MODELS[args.model])
-    teacher = tiny.build_sd(work / "teacher", configs if isinstance(configs, dict) else configs(),
-                            device="cuda" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the runs are child processes: give GPU 0 back to rank 0
-    (work / "prompts.txt").write_text("\n".join(f"a photo of object number {i}" for i in range(1000)))
+    work, teacher, prompts = synthetic_run(args.model, "sidflow-ddp-")
     counts = [int(n) for n in args.gpus.split(",")]
     modes = args.sharding.split(",")
     runs: dict[tuple[str, int], list[dict]] = {}
@@ -63,12 +53,13 @@ def main() -> None:
                 runs[mode, 1] = runs[modes[0], 1]
                 continue
             out = work / f"run-{mode}-{n}"
-            cmd = [sys.executable, "-m", "sidflow.cli", "distill", "--teacher", teacher, "--prompts",
-                   str(work / "prompts.txt"), "--output", str(out), "--gpus", str(n), "--kappa", "1.5",
-                   "--batch", str(args.batch), "--micro-batch", str(args.micro_batch), "--checkpoints", "false",
-                   "--kimg", str(args.batch * (args.warmup + args.iters) / 1000), "--ema-halflife-kimg", "0",
-                   "--grad-checkpointing", str(args.grad_checkpointing).lower(), "--sharding", mode]
-            rc = subprocess.run(cmd, env={**os.environ, "SIDFLOW_NO_BAR": "1"}).returncode
+            cfg = DistillConfig(teacher=teacher, prompts=prompts, output=str(out), gpus=str(n), kappa=1.5,
+                                batch=args.batch, micro_batch=args.micro_batch, checkpoints=False,
+                                kimg=args.batch * (args.warmup + args.iters) / 1000, ema_halflife_kimg=0,
+                                grad_checkpointing=args.grad_checkpointing, sharding=mode)
+            # Each run is a fresh `sidflow distill` process, so no run inherits another's GPU memory or caches.
+            rc = subprocess.run([sys.executable, "-m", "sidflow.cli", "distill", *to_args(cfg)],
+                                env={**os.environ, "SIDFLOW_NO_BAR": "1"}).returncode
             if rc:  # recorded as failed; the other placements and counts still run
                 failed[mode, n] = f"sidflow distill exited with {rc}"
             else:

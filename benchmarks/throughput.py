@@ -17,13 +17,12 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-from common import RESULTS, record  # noqa: E402
+from common import MODELS, RESULTS, record, synthetic_run  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 peak of the SXM parts
 
@@ -49,9 +48,6 @@ def forward_equivalents(k1: float, k2: float, k4: float) -> float:
     return fake_step + gen_step
 
 
-MODELS = {"sd15": "SD15", "sdxl": "SDXL", "tiny": "tiny_configs", "tiny-sdxl": "tiny_sdxl_configs"}  # in toy.tiny
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=list(MODELS), default="sd15")
@@ -71,17 +67,11 @@ def main() -> None:
 
     from sidflow.stages.distill import DistillConfig, launch
     from sidflow.teacher import load_teacher
-    from sidflow.toy import tiny
 
-    work = Path(tempfile.mkdtemp(prefix="sidflow-bench-"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    configs = getattr(tiny, MODELS[args.model])
-    teacher = tiny.build_sd(work / "teacher", configs if isinstance(configs, dict) else configs(), device=device.type)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # several GPUs: the runs are child processes, rank 0 shares GPU 0 with us
-    (work / "prompts.txt").write_text("\n".join(f"a photo of object number {i}" for i in range(1000)))
+    work, teacher, prompts = synthetic_run(args.model, "sidflow-bench-")
     batch = args.micro_batch * args.rounds * args.gpus
-    cfg = DistillConfig(teacher=teacher, prompts=str(work / "prompts.txt"), output=str(work / "run"), kappa=args.kappa,
+    cfg = DistillConfig(teacher=teacher, prompts=prompts, output=str(work / "run"), kappa=args.kappa,
                         batch=batch, micro_batch=args.micro_batch, kimg=batch * (args.warmup + args.iters) / 1000,
                         precision=args.precision, grad_checkpointing=args.grad_checkpointing,
                         ema_halflife_kimg=args.ema, checkpoints=False, profile=True, gpus=str(args.gpus),

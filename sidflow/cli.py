@@ -6,7 +6,7 @@ import os
 import sys
 
 from sidflow import config
-from sidflow.launch import gpu_count, in_launch
+from sidflow.launch import gpu_count, prints_summary
 
 
 def _stage_parser(sub, name: str, cls, help: str) -> argparse.ArgumentParser:
@@ -23,9 +23,8 @@ def _distill(args) -> int:
         distill.validate(cfg, world_size=gpu_count(cfg.gpus))
         print(config.to_json(cfg))
         return 0
-    ran_here = gpu_count(cfg.gpus) == 1 or in_launch()
-    result = distill.launch(cfg)  # several GPUs: one child process each, whose rank 0 prints the summary
-    if ran_here and os.environ.get("RANK", "0") == "0":
+    result = distill.launch(cfg)  # several GPUs: one child process each
+    if prints_summary(cfg.gpus):
         print(distill.summary(result))
     return 143 if result.interrupted else 0  # 128 + SIGTERM: the orchestrator retries and the run resumes
 
@@ -51,8 +50,8 @@ def _evaluate(args) -> int:
         print(config.to_json(cfg))
         return 0
     result = evaluate.launch(cfg)  # several GPUs: one child process each
-    if os.environ.get("RANK", "0") == "0" and (gpu_count(cfg.gpus) == 1 or not in_launch()):
-        print(evaluate.summary(result))  # one summary line per launch: the launching process or a lone rank 0
+    if prints_summary(cfg.gpus):
+        print(evaluate.summary(result))
     return 0
 
 

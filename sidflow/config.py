@@ -106,6 +106,17 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
                             help=f"{f.metadata.get('help', '')} (default: {default(f)!r})")
 
 
+def to_args(cfg) -> list[str]:
+    """Return the `--field value` flags that reproduce cfg on the sidflow command line (None fields omitted: the
+    CLI default stands for them); the inverse of add_arguments + from_args."""
+    out = []
+    for name, value in to_dict(cfg).items():
+        if value is not None:
+            text = json.dumps(value) if isinstance(value, (bool, dict, list)) else str(value)
+            out += ["--" + name.replace("_", "-"), text]
+    return out
+
+
 def from_args(cls, args: argparse.Namespace, base=None):
     """Return cls (or `base`) overridden with the flags the user actually passed."""
     names = {f.name for f in dataclasses.fields(cls)}

@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sidflow.config import to_args
+
 
 def gpu_count(gpus: str) -> int:
     """Return the process count for a `gpus` value: a positive count, or 'all' (every visible GPU, at least 1)."""
@@ -30,19 +32,6 @@ def in_launch() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def cli_args(cfg) -> list[str]:
-    """Return the `--field value` flags that reproduce a config on the sidflow command line (None fields omitted)."""
-    out = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if value is None:
-            continue
-        text = str(value).lower() if isinstance(value, bool) else json.dumps(value) if isinstance(
-            value, (dict, list)) else str(value)
-        out += ["--" + f.name.replace("_", "-"), text]
-    return out
-
-
 RESULT_ENV = "SIDFLOW_RESULT_FILE"  # where rank 0 of a launch writes its result for the launching process
 
 
@@ -53,12 +42,12 @@ def run_per_gpu(command: str, cfg, n: int) -> tuple[int, dict | None]:
     forwards them), so a preempted pod still checkpoints.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
-           "sidflow.cli", command, *cli_args(cfg)]
+           "sidflow.cli", command, *to_args(cfg)]
     with tempfile.TemporaryDirectory(prefix="sidflow-launch-") as tmp:
         result = Path(tmp) / "result.json"
         proc = subprocess.Popen(cmd, env={**os.environ, RESULT_ENV: str(result)})
         forward = lambda sig, _frame: proc.send_signal(sig)  # noqa: E731
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread() else {}
         try:
             rc = proc.wait()
         finally:
@@ -74,7 +63,29 @@ def report(result: dict) -> None:
         Path(path).write_text(json.dumps(result))
 
 
-def _main_thread() -> bool:
+def per_gpu(command: str, cfg, run, check, result_type, finished=lambda rc, result: rc == 0):
+    """Run a stage on `cfg.gpus` GPUs and return its result: `run(cfg)` in this process for one GPU (or inside a
+    torchrun launch, where rank 0 reports back), else `check(cfg, n)` and one `sidflow <command>` process per GPU.
+    `finished(rc, result)` says whether the launch ended as the stage meant it to."""
+    n = gpu_count(cfg.gpus)
+    if n == 1 or in_launch():
+        result = run(cfg)
+        report(dataclasses.asdict(result))
+        return result
+    check(cfg, n)
+    rc, result = run_per_gpu(command, cfg, n)
+    if result is None or not finished(rc, result):
+        raise RuntimeError(f"{command} on {n} processes failed (exit code {rc}); the lines above say why")
+    return result_type(**result)
+
+
+def prints_summary(gpus: str) -> bool:
+    """Whether this process prints the stage's one summary line: the launching process, or a lone one."""
+    return not in_launch() or (gpu_count(gpus) == 1 and os.environ.get("RANK", "0") == "0")
+
+
+def main_thread() -> bool:
+    """Signal handlers can only be installed from the main thread (kfp.local and tests call stages from others)."""
     import threading
 
     return threading.current_thread() is threading.main_thread()

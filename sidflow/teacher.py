@@ -141,16 +141,16 @@ class Teacher:
         return out
 
     @staticmethod
-    def _hidden(encoder, tokenizer, prompts: list[str]):
+    def _hidden(encoder, tokenizer, prompts: list[str], all_layers: bool = False):
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
-        return encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+        return encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=all_layers)
 
     def _encode_sdxl(self, prompts: list[str]) -> Tensor:
         # Both encoders' penultimate hidden states (SDXL's clip_skip convention), the pooled projection of the
         # second, and time ids (original size, crop top-left, target size) for an uncropped square image.
-        one = self._hidden(self.text_encoder, self.tokenizer, prompts)
-        two = self._hidden(self.text_encoder_2, self.tokenizer_2, prompts)
+        one = self._hidden(self.text_encoder, self.tokenizer, prompts, all_layers=True)
+        two = self._hidden(self.text_encoder_2, self.tokenizer_2, prompts, all_layers=True)
         context = torch.cat([one.hidden_states[-2], two.hidden_states[-2]], dim=-1)  # [B, 77, D1 + D2]
         pooled = two.text_embeds  # [B, P]
         size = self.image_size

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from sidflow import __version__, storage
-from sidflow.config import param, to_dict
+from sidflow.config import param, to_args
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Kubeflow Trainer installs
@@ -54,11 +54,7 @@ def job_name(output: str) -> str:
 
 def command(cfg) -> list[str]:
     """Return the trainer container's command: torchrun over the node's GPUs, `sidflow distill` with cfg's values."""
-    flags = []
-    for name, value in to_dict(cfg).items():
-        if value is not None:  # None: the CLI default (κ from the preset, no clipping)
-            flags += ["--" + name.replace("_", "-"), json.dumps(value) if isinstance(value, bool) else str(value)]
-    return ["torchrun", "--module", "sidflow.cli", "distill", *flags]
+    return ["torchrun", "--module", "sidflow.cli", "distill", *to_args(cfg)]
 
 
 def check(cfg, placement: PlacementConfig) -> int:

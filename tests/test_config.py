@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sidflow.config import add_arguments, from_args, override, param, to_dict, to_json
+from sidflow.config import add_arguments, from_args, override, param, to_args, to_dict, to_json
 from sidflow.stages.distill import DistillConfig, resolved_kappas
 from sidflow.stages.download_teacher import DownloadTeacherConfig
 
@@ -212,3 +212,17 @@ def test_explicit_kappas_override_the_preset():
     assert resolved_kappas(cfg) == {"kappa_1": 1.0, "kappa_2": 2.0, "kappa_3": 2.0, "kappa_4": 0.0}
     cfg = override(DEFAULT, {"guidance": "zero_cfg", "kappa_2": "0.5", "kappa_3": "0.5"})
     assert resolved_kappas(cfg) == {"kappa_1": 0.0, "kappa_2": 0.5, "kappa_3": 0.5, "kappa_4": 1.0}
+
+
+def test_to_args_round_trips_through_the_cli_parser():
+    # The flags a launch or a TrainJob passes on are parsed back into the same config by the CLI.
+    from sidflow.stages.evaluate import EvaluateConfig
+
+    for cfg in (DistillConfig(teacher="s3://b/t", prompts="p.txt", output="o", kappa_4=2.5, tf32=True, resume=False,
+                              sharding="fsdp", gpus="2", lr_g=3e-6),
+                EvaluateConfig(model="m", limit=7, grid=0)):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, type(cfg))
+        args = to_args(cfg)
+        assert "--kappa-1" not in args  # None: left to the CLI default
+        assert from_args(type(cfg), parser.parse_args(args)) == cfg

@@ -6,12 +6,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from sidflow import storage
+from sidflow.config import to_args
 from sidflow.stages.distill import DistillConfig, run, validate
 from sidflow.train import checkpoint
 
@@ -32,12 +34,19 @@ def _cfg(teacher_uri, prompts_uri, output, **kw):
 
 
 def _cli(cfg: DistillConfig, *extra) -> list[str]:
-    args = [sys.executable, "-m", "sidflow.cli", "distill"]
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if value is not None:
-            args += ["--" + f.name.replace("_", "-"), str(value)]
-    return args + list(extra)
+    return [sys.executable, "-m", "sidflow.cli", "distill", *to_args(cfg), *extra]
+
+
+def _sigterm_after_first_checkpoint(cfg: DistillConfig, nimg: int) -> tuple[int, str]:
+    """Start `sidflow distill` for cfg, SIGTERM it once the checkpoint at nimg is published; return (rc, output)."""
+    proc = subprocess.Popen(_cli(cfg), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = Path(cfg.output) / "checkpoints" / checkpoint.name_for(nimg) / "manifest.json"
+    deadline = time.monotonic() + 300
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0].decode()
+    return proc.returncode, out
 
 
 def _weights(uri: str) -> dict:
@@ -95,14 +104,8 @@ def test_resume_after_sigterm_equals_uninterrupted_run(tiny_teacher, prompts, tm
     straight = _cfg(tiny_teacher, prompts, tmp_path / "straight", kimg=0.016, checkpoint_kimg=0.004)
     run(straight)
     killed = dataclasses.replace(straight, output=str(tmp_path / "killed"))
-    proc = subprocess.Popen(_cli(killed), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    first = tmp_path / "killed" / "checkpoints" / checkpoint.name_for(4) / "manifest.json"
-    deadline = time.monotonic() + 300
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=300)[0].decode()
-    assert proc.returncode == 143, out[-2000:]  # stopped early, checkpointed, told the orchestrator to retry
+    rc, out = _sigterm_after_first_checkpoint(killed, 4)
+    assert rc == 143, out[-2000:]  # stopped early, checkpointed, told the orchestrator to retry
     stopped_at = checkpoint.latest(str(tmp_path / "killed"))
     assert stopped_at is not None and not stopped_at.endswith(checkpoint.name_for(16))
     assert storage.read_manifest(str(tmp_path / "killed" / "model")) is None  # no export from a stopped run
@@ -247,14 +250,8 @@ def test_sigterm_to_a_multi_process_launch_checkpoints_and_resumes(tiny_teacher,
     one = _cfg(tiny_teacher, prompts, tmp_path / "one", kimg=0.016, checkpoint_kimg=0.004, batch=4, adam_eps=1e-2)
     run(one)
     two = dataclasses.replace(one, output=str(tmp_path / "two"), gpus="2")
-    proc = subprocess.Popen(_cli(two), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    first = tmp_path / "two" / "checkpoints" / checkpoint.name_for(4) / "manifest.json"
-    deadline = time.monotonic() + 300
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=300)[0].decode()
-    assert proc.returncode == 143, out[-3000:]
+    rc, out = _sigterm_after_first_checkpoint(two, 4)
+    assert rc == 143, out[-3000:]
     stopped_at = checkpoint.latest(str(tmp_path / "two"))
     assert stopped_at is not None and not stopped_at.endswith(checkpoint.name_for(16))
     done = subprocess.run(_cli(two), env=ENV, capture_output=True, text=True)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from sidflow import storage
-from sidflow.config import markdown_table
+from sidflow.config import markdown_table, to_args
 from sidflow.evaluate import protocol
 from sidflow.evaluate.fid import feature_stats, frechet_distance
 from sidflow.evaluate.resize import clean_resize, gigagan_clip_roundtrip, protocol_resize
@@ -372,11 +372,8 @@ def test_two_processes_give_the_same_features_as_one(assets, one_process):
     _, one = one_process
     two = assets["root"] / "two"
     cfg = _cfg(assets, two, gpus="2")
-    args = [sys.executable, "-m", "sidflow.cli", "evaluate"]
-    for f in dataclasses.fields(cfg):
-        if getattr(cfg, f.name) is not None:
-            args += ["--" + f.name.replace("_", "-"), str(getattr(cfg, f.name))]
-    proc = subprocess.run(args, env=ENV, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "sidflow.cli", "evaluate", *to_args(cfg)], env=ENV,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["images"] == 6
     for k in range(3):

@@ -7,7 +7,7 @@ one loop in `sidflow.train.loop` and publishes checkpoints and the exported gene
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 from sidflow import storage
@@ -151,19 +151,11 @@ def run(cfg: DistillConfig) -> DistillResult:
 def launch(cfg: DistillConfig) -> DistillResult:
     """Run the stage on `cfg.gpus` GPUs: in this process for one (or inside a torchrun launch), else as one child
     process per GPU; return the result rank 0 reported. Used by the CLI and the one-pod KFP component alike."""
-    from sidflow.launch import gpu_count, in_launch, report, run_per_gpu
+    from sidflow.launch import per_gpu
 
-    n = gpu_count(cfg.gpus)
-    if n == 1 or in_launch():
-        result = run(cfg)
-        report(asdict(result))
-        return result
-    validate(cfg, world_size=n)
-    rc, result = run_per_gpu("distill", cfg, n)
     # A SIGTERM'd run checkpoints and reports interrupted=True; torchrun then exits non-zero, which is expected.
-    if result is None or (rc != 0 and not result["interrupted"]):
-        raise RuntimeError(f"distill on {n} processes failed (exit code {rc}); the lines above say why")
-    return DistillResult(**result)
+    return per_gpu("distill", cfg, run, lambda c, n: validate(c, world_size=n), DistillResult,
+                   finished=lambda rc, result: rc == 0 or result["interrupted"])
 
 
 def world_size() -> int:

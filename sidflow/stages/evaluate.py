@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 from sidflow import storage
@@ -189,18 +189,9 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
 def launch(cfg: EvaluateConfig) -> EvaluateResult:
     """Run the stage on `cfg.gpus` GPUs: in this process for one (or inside a torchrun launch), else as one child
     process per GPU; return the result rank 0 reported. Used by the CLI and the KFP component alike."""
-    from sidflow.launch import gpu_count, in_launch, report, run_per_gpu
+    from sidflow.launch import per_gpu
 
-    n = gpu_count(cfg.gpus)
-    if n == 1 or in_launch():
-        result = run(cfg)
-        report(asdict(result))
-        return result
-    validate(cfg)
-    rc, result = run_per_gpu("evaluate", cfg, n)
-    if rc != 0 or result is None:
-        raise RuntimeError(f"evaluate on {n} processes failed (exit code {rc}); the lines above say why")
-    return EvaluateResult(**result)
+    return per_gpu("evaluate", cfg, run, lambda c, n: validate(c), EvaluateResult)
 
 
 def _run_key(*parts) -> str:

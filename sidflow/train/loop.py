@@ -18,6 +18,7 @@ import torch
 from sidflow import storage
 from sidflow.config import to_dict
 from sidflow.generator import export_generator
+from sidflow.launch import main_thread
 from sidflow.method.guidance import drop_prompts
 from sidflow.method.sid import fake_step_loss, generate, generator_step_loss
 from sidflow.method.vp import sample_t
@@ -110,7 +111,7 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
     net_g_ddp, net_f_ddp = score_net(G_ddp), score_net(fake_ddp)
 
     stop = {"flag": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True)) if _main_thread() else None
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True)) if main_thread() else None
     logdir = Path(tempfile.mkdtemp(prefix="sidflow-logs-"))
     if last is not None and acc.is_main_process and storage.listdir(storage.join(cfg.output, "logs")):
         storage.download_dir(storage.join(cfg.output, "logs"), str(logdir))  # keep the pre-resume metrics
@@ -248,12 +249,6 @@ class _Phases:
 
     def seconds(self) -> dict:
         return {f"phase_{k}_s": v for k, v in self.times.items()}
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _progress(total: int, start: int, enabled: bool):
