@@ -104,6 +104,8 @@ def main() -> None:
                                          ema_halflife_kimg=args.ema, checkpoints=False), overrides)
             start = time.time()
             result = run(cfg)
+            if result.interrupted:  # SIGTERM: the model at result.model_uri is not this run's end
+                raise SystemExit(f"{row} was interrupted at {result.kimg:.1f} kimg; its row is not recorded")
             minutes = (time.time() - start) / 60
             gen, info = load_generator(result.model_uri, device)
             metrics, imgs = evaluate(model, lambda caps: sample(gen, info, caps, seeds, batch=512), prompts, reference)

@@ -52,6 +52,9 @@ def main() -> None:
         start = time.time()
         for kimg in [float(m) for m in args.milestones.split(",")]:
             result = run(override(base, {"kimg": kimg, "checkpoint_kimg": kimg, "resume": True}))
+            if result.interrupted:  # SIGTERM: no model of this milestone was exported, so there is nothing to score
+                print(json.dumps({"run": name, "interrupted_at_kimg": result.kimg}), flush=True)
+                break
             minutes = (time.time() - start) / 60
             gen, info = load_generator(result.model_uri, device)
             scores, _ = evaluate(model, lambda caps: sample(gen, info, caps, seeds, batch=512), prompts, reference)
