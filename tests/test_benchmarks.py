@@ -40,6 +40,14 @@ def test_eval_throughput_script_writes_its_record(tmp_path):
             "components_images_per_s", "clip_vs_fp32_same_images"} <= m.keys()
 
 
+def test_vae_decode_script_compares_each_variant_with_eager_fp32(tmp_path):
+    subprocess.run([sys.executable, "benchmarks/vae_decode.py", "--smoke", "--batches", "1", "--batch", "2", "--out",
+                    str(tmp_path)], check=True, cwd=ROOT, capture_output=True)
+    m = json.loads((tmp_path / "vae_decode_tiny_cpu.json").read_text())["metrics"]
+    assert set(m["images_per_s"]) == {"fp32_eager", "fp16_eager"}  # compiled variants are GPU-only
+    assert set(m["vs_fp32_eager"]) == {"fp16_eager"} and 0 <= m["vs_fp32_eager"]["fp16_eager"]["fraction_changed"] <= 1
+
+
 def test_toy_quality_sid_rows_and_merge(tmp_path):
     common = [sys.executable, "benchmarks/toy_quality.py", "--n", "16", "--kimg", "0.032", "--batch", "16",
               "--micro-batch", "16", "--ema", "0", "--out", str(tmp_path)]
