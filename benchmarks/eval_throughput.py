@@ -134,7 +134,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32, help="generation batch (the stage's --batch)")
     p.add_argument("--clip-batch", type=int, default=128, help="batch of the CLIP and Inception component timings")
     p.add_argument("--fast-clip", choices=["tf32", "fp16"], default="fp16", help="CLIP precision of the fast pass")
-    p.add_argument("--vae-sweep", action="store_true", help="also time VAE decode per dtype and memory layout")
+    p.add_argument("--vae-sweep", action="store_true", help="also time VAE decode per dtype and memory layout "
+                                                                "(vae_decode.sweep)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="CPU threads (the stage's --workers)")
     p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, a few images (keeps the script alive)")
     p.add_argument("--file", default=None, help="result file name (default eval_throughput_<gpu>.json)")
@@ -217,7 +218,9 @@ def main() -> None:
             "max_abs_per_image": round(float(np.abs(v - clip_scores["fp32"]).max()), 7)}
         for k, v in clip_scores.items() if k != "fp32"}
     if args.vae_sweep:
-        metrics["vae_decode_images_per_s"] = vae_sweep(sampler, lat, device)
+        from vae_decode import EAGER, sweep
+
+        metrics["vae_decode"] = sweep(sampler, lat, device, EAGER.split(","))
     save()
 
     # The stage's loop end to end on rows 0..n-1: strict (GigaGAN-exact CLIP), the stage's defaults, fast.
@@ -257,23 +260,6 @@ def main() -> None:
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
     })
     save(final=True)
-
-
-def vae_sweep(sampler, lat: list, device) -> dict:
-    """Return decode images/s of the VAE per dtype and memory layout, on the latents given (first batch warms)."""
-    out = {}
-    for dtype in ("fp32", "bf16", "fp16"):
-        for layout in ("channels_last", "contiguous"):
-            vae = copy.deepcopy(sampler.nets.vae).to(getattr(torch, {"fp32": "float32", "bf16": "bfloat16",
-                                                                     "fp16": "float16"}[dtype]))
-            vae.to(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
-            decode = lambda x, vae=vae: vae.decode((x / sampler.nets.vae_scale).to(vae.dtype)).sample  # noqa: E731
-            with torch.no_grad():
-                decode(lat[0])
-                _, t = timed(lambda: [decode(x) for x in lat[1:5]], device)
-            out[f"{dtype}_{layout}"] = round(sum(len(x) for x in lat[1:5]) / t, 1)
-            del vae
-    return out
 
 
 if __name__ == "__main__":

@@ -31,21 +31,22 @@ def test_throughput_script_on_two_processes_with_fsdp_and_an_sdxl_layout(tmp_pat
 
 
 def test_eval_throughput_script_writes_its_record(tmp_path):
-    subprocess.run([sys.executable, "benchmarks/eval_throughput.py", "--smoke", "--out", str(tmp_path)], check=True,
-                   cwd=ROOT, capture_output=True)
+    subprocess.run([sys.executable, "benchmarks/eval_throughput.py", "--smoke", "--vae-sweep", "--out", str(tmp_path)],
+                   check=True, cwd=ROOT, capture_output=True)
     record = json.loads((tmp_path / "eval_throughput_tiny_cpu.json").read_text())
     m = record["metrics"]
     assert m["images_measured"] == 8 and m["images_per_s"] > 0 and m["projected_30k_minutes"] > 0
     assert {"delta_fid_fast", "delta_clip_fast", "delta_clip_default", "fid_strict_vs_fast", "passes",
             "components_images_per_s", "clip_vs_fp32_same_images"} <= m.keys()
+    assert len(m["vae_decode"]["images_per_s"]) == 6 and len(m["vae_decode"]["vs_first"]) == 5  # vae_decode.sweep
 
 
 def test_vae_decode_script_compares_each_variant_with_eager_fp32(tmp_path):
     subprocess.run([sys.executable, "benchmarks/vae_decode.py", "--smoke", "--batches", "1", "--batch", "2", "--out",
                     str(tmp_path)], check=True, cwd=ROOT, capture_output=True)
     m = json.loads((tmp_path / "vae_decode_tiny_cpu.json").read_text())["metrics"]
-    assert set(m["images_per_s"]) == {"fp32_eager", "fp16_eager"}  # compiled variants are GPU-only
-    assert set(m["vs_fp32_eager"]) == {"fp16_eager"} and 0 <= m["vs_fp32_eager"]["fp16_eager"]["fraction_changed"] <= 1
+    assert set(m["images_per_s"]) == {"fp32_contiguous", "fp16_contiguous"}  # compiled variants are GPU-only
+    assert set(m["vs_first"]) == {"fp16_contiguous"} and 0 <= m["vs_first"]["fp16_contiguous"]["fraction_changed"] <= 1
 
 
 def test_toy_quality_sid_rows_and_merge(tmp_path):
