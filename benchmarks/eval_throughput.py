@@ -6,17 +6,21 @@ torchvision's inception_v3 (random weights, 2048-d pool3 at 299²: clean-fid's T
 inception-2015-12-05.pt is the same architecture family but cannot be downloaded here). Reference statistics
 are cached in a real evaluation, so the projection adds only the final FID computation.
 
-Each component is timed on --parts images (seeds other than the end-to-end ones) after one warm-up batch, between
-torch.cuda.synchronize() calls: the UNet, the VAE decode in fp32 and bf16 (and, with --vae-sweep, per dtype and
-memory layout), the CPU chain (crop, Lanczos 256, clean-fid bicubic 299, CLIP preprocessing) in a thread pool,
-Inception, and CLIP in fp32 / TF32 / fp16 on the same images. Then the stage's own loop
-(`sidflow.evaluate.shards.evaluate_rows`: the CPU work of batch b overlaps the generation of batch b + 1) runs on
---n images three times, same prompts and seeds: strict (VAE fp32, CLIP fp32 as GigaGAN), the stage's defaults, and
-fast (VAE bf16, CLIP --fast-clip). ΔFID = FID(pass) − FID(strict) against a reference made of the component images
-(other seeds, strict path); ΔCLIP = difference of the mean scores. With random weights FID is ~10³, so a ΔFID is
-no reading of the 0.05 bar on a trained model: a precision that moves FID at all here stays off by default.
+Each component is timed on --parts images (seeds other than the end-to-end ones) after one warm-up batch (which
+also compiles; its extra time is recorded as the compile time), between torch.cuda.synchronize() calls: the UNet,
+the VAE decode eager fp32, compiled fp32 and compiled in the stage's auto precision (fp16 for this VAE), and, with
+--vae-sweep, eager per dtype and memory layout; the CPU chain (crop, Lanczos 256, clean-fid bicubic 299, CLIP
+preprocessing) in a thread pool, Inception, and CLIP in fp32 / TF32 / fp16 on the same images. The pixel change and
+same-seed FID of each decode against eager fp32 are set beside the floor: eager fp32 itself at half the batch (other
+cuDNN kernels). Then the stage's own loop (`sidflow.evaluate.shards.evaluate_rows`) runs on --n images, same prompts
+and seeds: strict (VAE fp32 eager, CLIP fp32 as GigaGAN), the stage's defaults, and the defaults with the VAE in fp32;
+with --workers-sweep the default pass again per CPU thread count. The projected 30k minutes add the compile time
+once and the final FID. ΔFID = FID(pass) − FID(strict) against a reference made of the component images (other
+seeds, strict path); ΔCLIP = difference of the mean scores. With random weights FID is ~10³ and moves by tenths when
+one pixel level changes on a few percent of the pixels, so a ΔFID here is no reading of the 0.05 bar on a trained
+model; the pixel changes are.
 
-  python benchmarks/eval_throughput.py --n 2048 --vae-sweep    # one CUDA GPU (~6.5 min on an H100)
+  python benchmarks/eval_throughput.py --n 2048                # one CUDA GPU (~7 min on an H100)
   python benchmarks/eval_throughput.py --smoke --out /tmp/r     # CPU, tiny models, seconds
 """
 
@@ -133,10 +137,10 @@ def main() -> None:
                                                           "also the ΔFID reference)")
     p.add_argument("--batch", type=int, default=32, help="generation batch (the stage's --batch)")
     p.add_argument("--clip-batch", type=int, default=128, help="batch of the CLIP and Inception component timings")
-    p.add_argument("--fast-clip", choices=["tf32", "fp16"], default="fp16", help="CLIP precision of the fast pass")
     p.add_argument("--vae-sweep", action="store_true", help="also time VAE decode per dtype and memory layout "
                                                                 "(vae_decode.sweep)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="CPU threads (the stage's --workers)")
+    p.add_argument("--workers", type=int, default=None, help="CPU threads (the stage's --workers, same default)")
+    p.add_argument("--workers-sweep", default="", help="comma-separated thread counts: the default pass again at each")
     p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, a few images (keeps the script alive)")
     p.add_argument("--file", default=None, help="result file name (default eval_throughput_<gpu>.json)")
     p.add_argument("--out", default=str(RESULTS))
@@ -148,10 +152,11 @@ def main() -> None:
     from sidflow.evaluate.clipscore import openclip_scorer
     from sidflow.evaluate.fid import feature_stats, frechet_distance
     from sidflow.evaluate.protocol import PROTOCOLS, PromptSet
-    from sidflow.evaluate.sampling import set_precision
-    from sidflow.evaluate.shards import evaluate_rows, prepare_image
+    from sidflow.evaluate.sampling import DTYPES, compile_decode, set_precision, vae_auto_dtype
+    from sidflow.evaluate.shards import default_workers, evaluate_rows, prepare_image
     from sidflow.toy.tiny import SD15, tiny_configs
 
+    args.workers = args.workers or default_workers()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels, as the stage does
@@ -159,10 +164,20 @@ def main() -> None:
     protocol = PROTOCOLS["coco30k"]
     sampler = build_generator(tiny_configs(sample_size=64) if args.smoke else SD15, device)
     set_precision(sampler, "fp16" if device.type == "cuda" else "fp32", "fp32")
-    fast_sampler = copy.copy(sampler)
-    fast_sampler.nets = copy.copy(sampler.nets)
-    fast_sampler.nets.vae = copy.deepcopy(sampler.nets.vae).to(torch.bfloat16)
-    fast_sampler.vae_dtype = "bf16"
+    compile_vae = device.type == "cuda"  # as the stage: compiling on the CPU is minutes for nothing
+
+    def variant(vae_dtype: str, compiled: bool):  # the sampler with its own copy of the VAE
+        out = copy.copy(sampler)
+        out.nets = copy.copy(sampler.nets)
+        out.nets.vae = copy.deepcopy(sampler.nets.vae).to(DTYPES[vae_dtype])
+        out.vae_dtype = vae_dtype
+        if compiled:
+            compile_decode(out, args.batch)
+        return out
+
+    auto = vae_auto_dtype(sampler.nets)  # the stage's default decode precision for this VAE: fp16 for SD1.5's
+    samplers = {"eager_fp32": sampler, "compiled_fp32": variant("fp32", compile_vae),
+                f"compiled_{auto}": variant(auto, compile_vae)}
     extractor = build_inception(device)
     clip, preprocess, tokenizer = build_clip(args.smoke, device)
     scorers = {p: openclip_scorer(clip if p in ("fp32", "tf32") else copy.deepcopy(clip), preprocess, tokenizer,
@@ -181,24 +196,35 @@ def main() -> None:
     save = lambda final=False: record("eval_throughput", args.file or f"eval_throughput_{tag}.json", 1,  # noqa: E731
                                       metrics, config, Path(args.out), final=final)
 
-    # Components, each on the m images of rows n..n+m-1 after a warm-up batch.
+    # Components, each on the m images of rows n..n+m-1 after a warm-up batch (which also compiles).
     rows = range(n, n + m)
     caps = lambda idx: [prompts.captions[i] for i in idx]  # noqa: E731
     parts = [range(b.start + n, b.stop + n) for b in batches(m, args.batch)]
     sampler.latents(caps(parts[0]), list(parts[0]))
     lat, t_unet = timed(lambda: [sampler.latents(caps(b), list(b)) for b in parts], device)
-    sampler.decode(lat[0])
-    images, t_vae32 = timed(lambda: np.concatenate([sampler.decode(x) for x in lat]), device)
-    fast_sampler.decode(lat[0])
-    images16, t_vae16 = timed(lambda: np.concatenate([fast_sampler.decode(x) for x in lat]), device)
-    diff = np.abs(images.astype(np.int16) - images16)
+    decoded, decode_s, compile_s = {}, {}, {}
+    for name, s in samplers.items():
+        _, t_first = timed(lambda: s.decode(lat[0]), device)
+        decoded[name], decode_s[name] = timed(lambda: np.concatenate([s.decode(x) for x in lat]), device)
+        compile_s[name] = max(0.0, t_first - decode_s[name] * len(lat[0]) / m)  # the warm-up's extra time
+    # The eager decode is not bit-stable either: at another batch size cuDNN picks other kernels. Its pixel change
+    # and FID shift are the floor a compiled or faster decode is compared with.
+    half = [y for x in lat for y in x.split(max(1, len(x) // 2))]
+    decoded["eager_fp32_half_batch"] = np.concatenate([sampler.decode(x) for x in half])
+    images = decoded["eager_fp32"]
     with ThreadPoolExecutor(args.workers) as pool:
         prepare = lambda im: prepare_image(im, protocol, extractor, scorers["fp32"])  # noqa: E731
         prepared, t_cpu = timed(lambda: list(pool.map(prepare, images)), device)
+        others = {k: [x[0] for x in pool.map(prepare, v)] for k, v in decoded.items() if k != "eager_fp32"}
     fid_in, clip_in = np.stack([x[0] for x in prepared]), [x[1] for x in prepared]
     extractor(fid_in[: args.clip_batch])
     ref_feats, t_inc = timed(lambda: np.concatenate([extractor(fid_in[b.start : b.stop])
                                                      for b in batches(m, args.clip_batch)]), device)
+    ref = feature_stats(ref_feats)
+    metrics["decode_fid_vs_eager_fp32_same_seeds"] = {
+        k: round(frechet_distance(*feature_stats(np.concatenate([extractor(np.stack(v[b.start : b.stop]))
+                                                                 for b in batches(m, args.clip_batch)])), *ref), 5)
+        for k, v in others.items()}
     clip_times, clip_scores = {}, {}
     for name, scorer in scorers.items():
         scorer(clip_in[: args.clip_batch], caps(rows[: args.clip_batch]))
@@ -206,13 +232,19 @@ def main() -> None:
             lambda: np.concatenate([scorer(clip_in[b.start : b.stop], caps(rows[b.start : b.stop]))
                                     for b in batches(m, args.clip_batch)]), device)
     metrics["components_images_per_s"] = {
-        "unet_one_step_fp16": round(m / t_unet, 1), "vae_decode_fp32": round(m / t_vae32, 1),
-        "vae_decode_bf16": round(m / t_vae16, 1), "generation_unet_plus_vae_fp32": round(m / (t_unet + t_vae32), 1),
+        "unet_one_step_fp16": round(m / t_unet, 1),
+        **{f"vae_decode_{k}": round(m / v, 1) for k, v in decode_s.items()},
         "cpu_crop_lanczos_bicubic_clipprep": round(m / t_cpu, 1), "inception_fp32": round(m / t_inc, 1),
         **{f"clip_vit_g14_{k}": round(m / v, 1) for k, v in clip_times.items()}}
-    metrics["vae_bf16_vs_fp32_pixels"] = {"mean_abs_levels": round(float(diff.mean()), 4),
-                                          "fraction_changed": round(float((diff > 0).mean()), 4),
-                                          "max_abs_levels": int(diff.max())}
+    compile_s = {k: v for k, v in compile_s.items() if samplers[k].decode_batch is not None}  # noise otherwise
+    metrics["vae_compile_seconds"] = {k: round(v, 1) for k, v in compile_s.items()}
+    metrics["vae_vs_eager_fp32_pixels"] = {}
+    for name, im in decoded.items():
+        if name != "eager_fp32":  # eager_fp32_half_batch: the floor
+            diff = np.abs(images.astype(np.int16) - im)
+            metrics["vae_vs_eager_fp32_pixels"][name] = {
+                "mean_abs_levels": round(float(diff.mean()), 5), "fraction_changed": round(float((diff > 0).mean()), 5),
+                "max_abs_levels": int(diff.max())}
     metrics["clip_vs_fp32_same_images"] = {
         k: {"delta_mean": round(float(v.mean() - clip_scores["fp32"].mean()), 7),
             "max_abs_per_image": round(float(np.abs(v - clip_scores["fp32"]).max()), 7)}
@@ -223,40 +255,50 @@ def main() -> None:
         metrics["vae_decode"] = sweep(sampler, lat, device, EAGER.split(","))
     save()
 
-    # The stage's loop end to end on rows 0..n-1: strict (GigaGAN-exact CLIP), the stage's defaults, fast.
-    def end_to_end(gen, scorer):
-        return timed(lambda: evaluate_rows(range(n), prompts, gen, protocol, extractor, scorer, args.batch, "bench",
-                                           workers=args.workers), device)
-
+    # The stage's loop end to end on rows 0..n-1, same prompts and seeds: strict (VAE fp32 eager, GigaGAN-exact
+    # CLIP), the stage's defaults, the defaults with fp16 CLIP, and fast (VAE --fast-vae, CLIP fp16).
     from sidflow.stages.evaluate import EvaluateConfig
 
-    default_clip = EvaluateConfig().clip_precision
-    runs = {"strict": end_to_end(sampler, scorers["fp32"]), "default": end_to_end(sampler, scorers[default_clip]),
-            "fast": end_to_end(fast_sampler, scorers[args.fast_clip])}
-    ref = feature_stats(ref_feats)
+    default = EvaluateConfig()
+    assert (default.vae_dtype, default.compile_vae) == ("auto", True), "the default pass below assumes these"
+    settings = {"strict": ("eager_fp32", "fp32"), "default": (f"compiled_{auto}", default.clip_precision),
+                "vae_fp32": ("compiled_fp32", default.clip_precision)}
+    runs, minutes, ips = {}, {}, {}
+    for name, (key, clip_precision) in settings.items():
+        runs[name] = timed(lambda: evaluate_rows(range(n), prompts, samplers[key], protocol, extractor,
+                                                 scorers[clip_precision], args.batch, "bench",
+                                                 workers=args.workers), device)
+        ips[name] = n / runs[name][1]
+        print(name, round(ips[name], 2), "img/s", flush=True)
+    by_workers = {}
+    for w in [int(x) for x in args.workers_sweep.split(",") if x]:
+        key, clip_precision = settings["default"]
+        _, t = timed(lambda: evaluate_rows(range(n), prompts, samplers[key], protocol, extractor,
+                                           scorers[clip_precision], args.batch, "bench", workers=w), device)
+        by_workers[w] = round(n / t, 2)
+        print("default, workers", w, by_workers[w], "img/s", flush=True)
     stats = {k: feature_stats(r.features) for k, (r, _) in runs.items()}
     fid = {k: frechet_distance(*v, *ref) for k, v in stats.items()}
     clip_mean = {k: float(r.scores.mean()) for k, (r, _) in runs.items()}
     rng = np.random.default_rng(0)
     _, t_fid = timed(lambda: 0.0 if args.smoke else frechet_distance(
         *feature_stats(rng.normal(size=(30_000, 2048)).astype(np.float32)), *ref), device)
-    ips = {k: n / t for k, (_, t) in runs.items()}
-    minutes = {k: round((30_000 / v + t_fid) / 60, 2) for k, v in ips.items()}
+    for name, (key, _) in settings.items():
+        minutes[name] = round((30_000 / ips[name] + compile_s.get(key, 0.0) + t_fid) / 60, 2)
     metrics.update({
         "images_measured": n,
         "images_per_s": round(ips["default"], 2),
         "projected_30k_minutes": minutes["default"],
         "passes": {k: {"images_per_s": round(ips[k], 2), "projected_30k_minutes": minutes[k],
-                       "fid_vs_reference": round(fid[k], 4), "clip": round(clip_mean[k], 6)} for k in runs},
-        "settings": {"strict": {"vae_dtype": "fp32", "clip_precision": "fp32"},
-                     "default": {"vae_dtype": "fp32", "clip_precision": default_clip},
-                     "fast": {"vae_dtype": "bf16", "clip_precision": args.fast_clip}},
+                       "fid_vs_reference": round(fid[k], 4), "clip": round(clip_mean[k], 6),
+                       "delta_fid_vs_strict": round(fid[k] - fid["strict"], 5),
+                       "delta_clip_vs_strict": round(clip_mean[k] - clip_mean["strict"], 7),
+                       "fid_vs_strict_images": round(frechet_distance(*stats[k], *stats["strict"]), 5)}
+                   for k in runs},
+        "settings": {k: {"vae_dtype": samplers[v].vae_dtype, "compile_vae": samplers[v].decode_batch is not None,
+                         "clip_precision": p} for k, (v, p) in settings.items()},
+        "default_images_per_s_by_workers": by_workers,
         "final_fid_seconds": round(t_fid, 1),
-        "delta_fid_default": round(fid["default"] - fid["strict"], 5),
-        "delta_clip_default": round(clip_mean["default"] - clip_mean["strict"], 7),
-        "delta_fid_fast": round(fid["fast"] - fid["strict"], 5),
-        "delta_clip_fast": round(clip_mean["fast"] - clip_mean["strict"], 7),
-        "fid_strict_vs_fast": round(frechet_distance(*stats["strict"], *stats["fast"]), 5),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
     })
     save(final=True)

@@ -292,6 +292,23 @@ def test_dpm_solver_teacher_rows_sample_from_the_same_seeds(tiny_teacher):
     assert np.array_equal(dpm(CAPTIONS[1:2], [1]), b[1:])  # an image does not depend on its batch
 
 
+def test_a_padded_decode_gives_each_image_as_alone_and_the_vae_precision_follows_the_vae(tiny_teacher):
+    from sidflow.evaluate.sampling import load_sampler, vae_auto_dtype
+
+    sampler, _ = load_sampler(tiny_teacher, "cpu", "ddim", steps=2)
+    latents = sampler.latents(CAPTIONS[:3], [0, 1, 2])
+    plain = sampler.decode(latents)
+    sampler.decode_batch = 5  # what compile_decode sets: short batches are padded to the compiled shape
+    padded = sampler.decode(latents[:2])
+    assert padded.shape == (2, 16, 16, 3) and np.array_equal(padded, plain[:2])
+    nets = sampler.nets
+    assert not nets.is_sdxl and vae_auto_dtype(nets) == "fp16"  # SD1.5/2.1 VAEs decode in fp16, as SiD-LSG's
+    nets.text_encoder_2 = nets.text_encoder  # as an SDXL teacher: its VAE overflows in fp16 unless it says not
+    assert vae_auto_dtype(nets) == "fp32"
+    nets.vae.register_to_config(force_upcast=False)  # the fp16-fix VAE
+    assert vae_auto_dtype(nets) == "fp16"
+
+
 def test_inception_loads_from_s3_and_matches_clean_fids_wrapper(tmp_path, s3_bucket, sidflow_cache):
     from cleanfid.inception_torchscript import InceptionV3W
 
@@ -405,7 +422,7 @@ def test_toy_evaluator_gives_shapes_fid_and_prompt_accuracy(tmp_path, s3_bucket,
     result = run(cfg)
     metrics = json.loads(storage.read_text(f"{s3_bucket}/toy/eval/metrics.json"))
     assert metrics["sampler"] == {"kind": "teacher", "sampler": "ddim", "steps": 3, "guidance": 2.0,
-                                  "unet_dtype": "fp32", "vae_dtype": "fp32"}
+                                  "compile_vae": False, "unet_dtype": "fp32", "vae_dtype": "fp32"}
     # The same numbers from the toy domain's own functions, on sample_teacher's images.
     images = sample_teacher(load_teacher(str(TOY)), captions, list(range(8)), steps=3, guidance=2.0)
     model = evaluator.load(TOY / "evaluator")

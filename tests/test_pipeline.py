@@ -191,7 +191,7 @@ def test_gpu_placement_is_set_at_run_time(ir):
 PLACEMENT_FIELDS = tuple(_fields(PlacementConfig))
 UNSET_NOTES = {k: "-99 = from the guidance preset" for k in ("kappa_1", "kappa_2", "kappa_3", "kappa_4")} | {
     "clip_grad_value": "0 = no clipping"}
-EVAL_UNSET = {"eval_limit": (0, "0 = all"), "eval_workers": (0, "0 = all cores"),
+EVAL_UNSET = {"eval_limit": (0, "0 = all"), "eval_workers": (0, "0 = the default"),
               "clip_floor": (-1.0, "negative = no floor")}  # None-default fields: value and note
 
 

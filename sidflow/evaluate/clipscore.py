@@ -31,6 +31,9 @@ class Scorer:
     prepare: Callable[[np.ndarray], torch.Tensor]
     score: Callable[[torch.Tensor, list[str]], torch.Tensor]
     device: torch.device
+    # torch's fp32 matmul precision while scoring. It is process-wide state, so the evaluation loop holds it for its
+    # whole length (the scorer runs beside the generator there): "high" (TF32) reaches the fp32 VAE's attention too.
+    matmul_precision: str = "highest"
 
     @torch.no_grad()
     def __call__(self, prepared: list[torch.Tensor], captions: list[str]) -> np.ndarray:
@@ -54,11 +57,10 @@ def prefixed_tokens(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _matmul_precision(precision: Precision):
-    # tf32: fp32 weights, TF32 tensor-core matmuls (DMD2's test scripts enable TF32); fp32: PyTorch's default
-    # "highest", as GigaGAN ran.
+def matmul_precision(value: str):
+    """Hold torch's fp32 matmul precision at `value` ("highest", "high" = TF32) inside the block."""
     before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    torch.set_float32_matmul_precision(value)
     try:
         yield
     finally:
@@ -72,6 +74,9 @@ def openclip_scorer(model, preprocess, tokenizer, fingerprint: str, device, prec
     if device.type == "cpu":
         dtype, precision = torch.float32, "fp32"  # half precision on the CPU is slow and no faster here
     model = model.to(device, dtype).eval()
+    # tf32: fp32 weights, TF32 tensor-core matmuls (DMD2's test scripts enable TF32); fp32: PyTorch's default
+    # "highest", as GigaGAN ran.
+    precision_of_matmuls = "high" if precision == "tf32" else "highest"
 
     def prepare(image: np.ndarray) -> torch.Tensor:  # uint8 [256, 256, 3] → float [3, 224, 224]
         from PIL import Image
@@ -79,12 +84,12 @@ def openclip_scorer(model, preprocess, tokenizer, fingerprint: str, device, prec
         return preprocess(Image.fromarray(gigagan_clip_roundtrip(image)))
 
     def score(x: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        with _matmul_precision(precision):
+        with matmul_precision(precision_of_matmuls):
             image = model.encode_image(x.to(dtype)).float()  # [B, E]
             text = model.encode_text(prefixed_tokens(tokenizer, captions).to(device)).float()  # [B, E]
         return torch.nn.functional.cosine_similarity(image, text, dim=1)  # [B]
 
-    return Scorer(f"{fingerprint} {precision}", prepare, score, device)
+    return Scorer(f"{fingerprint} {precision}", prepare, score, device, precision_of_matmuls)
 
 
 def _is_uri(value: str) -> bool:

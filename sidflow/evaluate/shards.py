@@ -3,7 +3,9 @@
 Shard k holds prompts [k·size, (k+1)·size); rank r of W takes shards r, r + W, … . A shard file is written whole
 (npz: rows, features, scores, the run key and the first grid images), so a restarted evaluation skips every
 shard already written with the same run key. Inside a shard the CPU work of batch b (crop, Lanczos, clean-fid
-bicubic, CLIP preprocessing, in a thread pool: PIL releases the GIL) overlaps the GPU generation of batch b + 1.
+bicubic, CLIP preprocessing, in a thread pool: PIL releases the GIL) and then its features and scores (on a
+thread of their own) overlap the generation of batch b + 1: the GPU gets the next kernels while one thread is busy
+on the CPU (tokenizing, copying), instead of idling between the steps of one sequence.
 """
 
 import io
@@ -62,6 +64,13 @@ def read_shard(uri: str, key: str) -> ShardResult | None:
     return shard
 
 
+def default_workers() -> int:
+    """CPU threads for the per-image work: 4 at most. Part of it holds Python's GIL, and each thread more takes it
+    from the threads that feed the GPU: on an H100 host 4 threads give 66 images/s, 8 give 55 and 16 give 54
+    (benchmarks/results/eval_throughput_h100.json, default_images_per_s_by_workers)."""
+    return min(4, os.cpu_count() or 1)
+
+
 def prepare_image(image: np.ndarray, protocol: Protocol, extractor, scorer) -> tuple:
     """CPU work for one image: protocol crop/resize, the extractor's and the scorer's input, the grid tile."""
     fid_image = protocol_resize(image, protocol.fid_size)
@@ -73,9 +82,15 @@ def evaluate_rows(rows: range, prompts: PromptSet, sampler, protocol: Protocol, 
                   key: str, grid: int = 0, workers: int | None = None, image_dir: str | None = None,
                   progress=None) -> ShardResult:
     """Generate and measure the images of `rows`; keep the images of rows < `grid` for the sample grid."""
+    import torch
+
+    from sidflow.evaluate.clipscore import matmul_precision
+
     feats, scores, tiles = [], [], []
-    pool = ThreadPoolExecutor(workers or os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(workers or default_workers())
+    gpu = ThreadPoolExecutor(1)  # one thread: batches are measured in order, beside the generation of the next
     writes: list[Future] = []
+    measuring: list[Future] = []
 
     def measure(idx: range, prepared: list[Future]) -> None:  # GPU: features and scores of a prepared batch
         done = [f.result() for f in prepared]
@@ -85,24 +100,24 @@ def evaluate_rows(rows: range, prompts: PromptSet, sampler, protocol: Protocol, 
         if progress is not None:
             progress.update(len(idx))
 
-    try:
-        pending = None
-        for start in range(0, len(rows), batch):
-            idx = rows[start : start + batch]
-            images = sampler([prompts.captions[i] for i in idx], [prompts.seeds[i] for i in idx])  # [B, H, W, 3]
-            prepared = [pool.submit(prepare_image, im, protocol, extractor, scorer) for im in images]
-            if image_dir is not None:
-                writes += [pool.submit(_write_png, storage.join(image_dir, f"{i:06d}.png"), im)
-                           for i, im in zip(idx, images)]
-            if pending is not None:
-                measure(*pending)  # the previous batch, while this one's CPU work runs
-            pending = (idx, prepared)
-        if pending is not None:
-            measure(*pending)
-        for w in writes:
-            w.result()
-    finally:
-        pool.shutdown(cancel_futures=True)
+    # The precision is process-wide: held for the whole loop, not switched by the scorer while a decode runs.
+    with matmul_precision(getattr(scorer, "matmul_precision", torch.get_float32_matmul_precision())):
+        try:
+            for start in range(0, len(rows), batch):
+                idx = rows[start : start + batch]
+                images = sampler([prompts.captions[i] for i in idx], [prompts.seeds[i] for i in idx])  # [B, H, W, 3]
+                prepared = [pool.submit(prepare_image, im, protocol, extractor, scorer) for im in images]
+                if image_dir is not None:
+                    writes += [pool.submit(_write_png, storage.join(image_dir, f"{i:06d}.png"), im)
+                               for i, im in zip(idx, images)]
+                measuring.append(gpu.submit(measure, idx, prepared))
+                if len(measuring) > 2:  # a slower scorer holds generation back rather than piling up batches
+                    measuring.pop(0).result()
+            for f in measuring + writes:
+                f.result()
+        finally:
+            pool.shutdown(cancel_futures=True)
+            gpu.shutdown(cancel_futures=True)
     dim = feats[0].shape[1] if feats else 0
     return ShardResult(np.asarray(rows, dtype=np.int64), np.concatenate(feats) if feats else np.zeros((0, dim)),
                        np.concatenate(scores) if scores else np.zeros(0), np.asarray(tiles, dtype=np.uint8), key)

@@ -11,14 +11,14 @@ RUNTIME_IMAGE = "ghcr.io/example/sidflow-runtime:0.1.0"  # containers/: CPU imag
 def evaluate(metrics: Output[Metrics], samples: Output[HTML], model: str = "", prompts: str = "",
              reference: str = "", output: str = "", protocol: str = "coco30k", features: str = "inception",
              inception_weights: str = "", scorer: str = "openclip", clip_model: str = "ViT-g-14",
-             clip_weights: str = "laion2b_s12b_b42k", clip_precision: str = "tf32", unet_dtype: str = "fp16",
-             vae_dtype: str = "fp32", batch: int = 32, shard_size: int = 1024, limit: int = 0, grid: int = 16,
-             workers: int = 0, gpus: str = "1") -> str:
+             clip_weights: str = "laion2b_s12b_b42k", clip_precision: str = "fp16", unet_dtype: str = "fp16",
+             vae_dtype: str = "auto", compile_vae: bool = True, batch: int = 32, shard_size: int = 1024, limit: int = 0,
+             grid: int = 16, workers: int = 0, gpus: str = "1") -> str:
     """Evaluate `model` and return the URI of its metrics.json.
 
     Every parameter is the EvaluateConfig field of the same name (`sidflow evaluate --help`); `limit` 0 and
-    `workers` 0 mean None (all prompts, all cores). `metrics` shows fid, clip and images in the UI; `samples` is the
-    captioned sample grid.
+    `workers` 0 mean None (all prompts, the default thread count). `metrics` shows fid, clip and images in the UI;
+    `samples` is the captioned sample grid.
 
     Args:
         metrics: fid, clip, images and images/s of the evaluation.
