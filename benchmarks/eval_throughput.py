@@ -149,10 +149,12 @@ def main() -> None:
         args.n, args.parts, args.batch, args.clip_batch = 8, 4, 4, 4
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # its dtype-cast notices are not for this table
 
+    from vae_decode import with_vae
+
     from sidflow.evaluate.clipscore import openclip_scorer
     from sidflow.evaluate.fid import feature_stats, frechet_distance
     from sidflow.evaluate.protocol import PROTOCOLS, PromptSet
-    from sidflow.evaluate.sampling import DTYPES, compile_decode, set_precision, vae_auto_dtype
+    from sidflow.evaluate.sampling import set_precision, vae_auto_dtype
     from sidflow.evaluate.shards import default_workers, evaluate_rows, prepare_image
     from sidflow.toy.tiny import SD15, tiny_configs
 
@@ -166,18 +168,9 @@ def main() -> None:
     set_precision(sampler, "fp16" if device.type == "cuda" else "fp32", "fp32")
     compile_vae = device.type == "cuda"  # as the stage: compiling on the CPU is minutes for nothing
 
-    def variant(vae_dtype: str, compiled: bool):  # the sampler with its own copy of the VAE
-        out = copy.copy(sampler)
-        out.nets = copy.copy(sampler.nets)
-        out.nets.vae = copy.deepcopy(sampler.nets.vae).to(DTYPES[vae_dtype])
-        out.vae_dtype = vae_dtype
-        if compiled:
-            compile_decode(out, args.batch)
-        return out
-
     auto = vae_auto_dtype(sampler.nets)  # the stage's default decode precision for this VAE: fp16 for SD1.5's
-    samplers = {"eager_fp32": sampler, "compiled_fp32": variant("fp32", compile_vae),
-                f"compiled_{auto}": variant(auto, compile_vae)}
+    samplers = {"eager_fp32": sampler, **{f"compiled_{d}": with_vae(sampler, d, compiled=compile_vae, batch=args.batch)
+                                          for d in ("fp32", auto)}}
     extractor = build_inception(device)
     clip, preprocess, tokenizer = build_clip(args.smoke, device)
     scorers = {p: openclip_scorer(clip if p in ("fp32", "tf32") else copy.deepcopy(clip), preprocess, tokenizer,

@@ -27,26 +27,31 @@ COMPILED = "fp32_contiguous,fp32_contiguous_compiled,fp32_channels_last_compiled
 EAGER = "fp32_contiguous,fp32_channels_last,bf16_contiguous,bf16_channels_last,fp16_contiguous,fp16_channels_last"
 
 
+def with_vae(sampler, dtype: str, layout: str = "contiguous", compiled: bool = False, batch: int = 32):
+    """Return a copy of `sampler` whose VAE is its own copy in `dtype` and memory `layout`, compiled as the stage
+    compiles it (`compile_decode`) if asked."""
+    from sidflow.evaluate.sampling import DTYPES, compile_decode
+
+    out = copy.copy(sampler)
+    out.nets = copy.copy(sampler.nets)
+    out.nets.vae = copy.deepcopy(sampler.nets.vae).to(DTYPES[dtype])
+    out.nets.vae.to(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    out.vae_dtype = dtype
+    if compiled:
+        compile_decode(out, batch)
+    return out
+
+
 def sweep(sampler, lat: list, device, variants: list[str]) -> dict:
     """Return {"images_per_s": {variant: …}, "vs_first": {variant: pixel differences}} of `sampler.decode` with its
     VAE in each variant, on the latents given (lat[0] warms up and compiles; the rest are timed)."""
     from eval_throughput import timed
 
-    from sidflow.evaluate.sampling import DTYPES
-
     out: dict = {"images_per_s": {}, "vs_first": {}}
     ref, timed_lat = None, lat[1:] or lat  # one batch only (smoke runs): it warms up and is timed
     for name in variants:
         dtype, rest = name.split("_", 1)
-        compiled = rest.endswith("_compiled")
-        layout = rest.removesuffix("_compiled")
-        vae = copy.deepcopy(sampler.nets.vae).to(DTYPES[dtype])
-        vae.to(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
-        if compiled:
-            vae.decode = torch.compile(vae.decode)
-        variant = copy.copy(sampler)
-        variant.nets = copy.copy(sampler.nets)
-        variant.nets.vae = vae
+        variant = with_vae(sampler, dtype, rest.removesuffix("_compiled"), rest.endswith("_compiled"), len(lat[0]))
         variant.decode(lat[0])
         images, t = timed(lambda: np.concatenate([variant.decode(x) for x in timed_lat]), device)
         out["images_per_s"][name] = round(sum(len(x) for x in timed_lat) / t, 1)

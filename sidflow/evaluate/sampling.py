@@ -16,6 +16,7 @@ import torch
 from sidflow import storage
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TeacherSampler = Literal["ddim", "dpm_solver"]
 
 
 def vae_auto_dtype(nets) -> str:
@@ -23,7 +24,6 @@ def vae_auto_dtype(nets) -> str:
     decode SD1.5/2.1 images, except fp32 for an SDXL VAE that asks for it (`force_upcast`: it overflows in fp16;
     the fp16-fix VAE sets it false)."""
     return "fp32" if nets.is_sdxl and nets.vae.config.get("force_upcast", True) else "fp16"
-TeacherSampler = Literal["ddim", "dpm_solver"]
 
 
 def teacher_scheduler(scheduler_config: dict, sampler: TeacherSampler, steps: int):
@@ -135,15 +135,16 @@ def set_precision(sampler: Sampler, unet_dtype: str, vae_dtype: str) -> None:
     nets.vae.to(DTYPES[vae_dtype])
     if sampler.device.type == "cuda":  # NHWC convolutions run on the tensor cores without layout transposes
         nets.unet.to(memory_format=torch.channels_last)
-        # The VAE stays NCHW: its 512² GroupNorm layers dominate, and it decodes 10–15% faster so on an H100
-        # (benchmarks/results/eval_throughput_h100.json, vae_decode_images_per_s).
+        # The VAE stays NCHW: its 512² GroupNorm layers dominate; compiled, NHWC gains nothing (80.1 img/s either
+        # way in fp32, benchmarks/results/vae_decode_h100.json), and eager it is slower (`eval_throughput.py
+        # --vae-sweep`).
 
 
 def compile_decode(sampler: Sampler, batch: int) -> None:
     """torch.compile the sampler's VAE decode for batches of `batch` (shorter ones are padded to it).
 
-    The first call compiles (about a minute on an H100 for the SD VAE at 512²); a row's image does not depend on
-    the padding, since the decoder treats every image of a batch alone.
+    The first call compiles (19–24 s on an H100 for the SD VAE at 512², eval_throughput_h100.json); a row's image
+    does not depend on the padding, since the decoder treats every image of a batch alone.
     """
     vae = sampler.nets.vae
     vae.decode = torch.compile(vae.decode)

@@ -66,8 +66,8 @@ def read_shard(uri: str, key: str) -> ShardResult | None:
 
 def default_workers() -> int:
     """CPU threads for the per-image work: 4 at most. Part of it holds Python's GIL, and each thread more takes it
-    from the threads that feed the GPU: on an H100 host 4 threads give 66 images/s, 8 give 55 and 16 give 54
-    (benchmarks/results/eval_throughput_h100.json, default_images_per_s_by_workers)."""
+    from the threads that feed the GPU: on an H100 host 2 and 4 threads give 62-63 images/s, 8 give 48 and 16 give
+    52 (benchmarks/results/eval_throughput_h100.json, default_images_per_s_by_workers)."""
     return min(4, os.cpu_count() or 1)
 
 
