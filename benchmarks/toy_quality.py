@@ -136,9 +136,14 @@ def merge(args) -> None:
     """Join result files written by separate processes (one GPU shared, or several calls) into one table."""
     parts = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
     rows = [row for part in parts for row in part["metrics"]["rows"]]
+    # a merged file merges again flat; each part keeps the tree it ran on, since parts may come from several
+    configs, notes = [], []
+    for part in parts:
+        configs += [{"git_sha": part["git_sha"], **c} for c in part["config"].get("parts", [part["config"]])]
+        notes += [part["config"]["note"]] if "note" in part["config"] else part["config"].get("notes", [])
     first = parts[0]
     result = {**first, "command": " && ".join(part["command"] for part in parts),
-              "metrics": {"rows": rows}, "config": {"parts": [part["config"] for part in parts]}}
+              "metrics": {"rows": rows}, "config": {"parts": configs, "notes": notes}}
     Path(args.out, args.file).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 

@@ -66,6 +66,14 @@ def test_toy_quality_sid_rows_and_merge(tmp_path):
     assert [r["row"] for r in rows] == ["real", "sid-fewstep"]
     assert rows[1]["steps"] == 2 and rows[1]["guidance"] == 2.0 and rows[1]["images_seen"] == 32
     assert 0 <= rows[1]["prompt_acc_seen"] <= 1 and rows[1]["shapes_fid"] > 0
+    # a merged table merges again flat, each part keeping the tree it ran on
+    subprocess.run([sys.executable, "benchmarks/toy_quality.py", "--merge", f"{tmp_path}/toy_quality.json,"
+                    f"{tmp_path}/a.json", "--out", str(tmp_path), "--file", "again.json"], check=True, cwd=ROOT,
+                   capture_output=True)
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert [r["row"] for r in again["metrics"]["rows"]] == ["real", "sid-fewstep", "sid-fewstep"]
+    assert [c["rows"] for c in again["config"]["parts"]] == ["real", "sid", "sid"]
+    assert all(c["git_sha"] == again["git_sha"] for c in again["config"]["parts"])
 
 
 def test_scaling_script_measures_both_placements(tmp_path):
