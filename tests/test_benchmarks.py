@@ -36,11 +36,12 @@ def test_eval_throughput_script_writes_its_record(tmp_path):
     record = json.loads((tmp_path / "eval_throughput_tiny_cpu.json").read_text())
     m = record["metrics"]
     assert m["images_measured"] == 8 and m["images_per_s"] > 0 and m["projected_30k_minutes"] > 0
-    assert set(m["passes"]) == {"strict", "default", "vae_fp32"} and set(m["default_images_per_s_by_workers"]) == {"1"}
+    assert set(m["passes"]) == {"strict", "floor_half_batch", "sid_lsg_harness", "default", "vae_fp32"}
+    assert set(m["default_images_per_s_by_workers"]) == {"1"} and m["settings"]["floor_half_batch"]["batch"] == 2
     assert m["passes"]["strict"]["delta_fid_vs_strict"] == 0 and m["settings"]["default"]["clip_precision"] == "fp16"
     # the decode floor (eager at half the batch) and each decode beside it, in pixels and in same-seed FID
     assert set(m["vae_vs_eager_fp32_pixels"]) == set(m["decode_fid_vs_eager_fp32_same_seeds"]) == {
-        "compiled_fp32", "compiled_fp16", "eager_fp32_half_batch"}
+        "eager_fp16", "compiled_fp32", "compiled_fp16", "eager_fp32_half_batch"}
     assert len(m["vae_decode"]["images_per_s"]) == 6 and len(m["vae_decode"]["vs_first"]) == 5  # vae_decode.sweep
 
 
