@@ -142,6 +142,8 @@ def main() -> None:
                                                                 "(vae_decode.sweep)")
     p.add_argument("--workers", type=int, default=None, help="CPU threads (the stage's --workers, same default)")
     p.add_argument("--workers-sweep", default="", help="comma-separated thread counts: the default pass again at each")
+    p.add_argument("--passes", default="strict,floor_half_batch,sid_lsg_harness,default,vae_fp32",
+                   help="end-to-end passes to run (strict and default always run: the others are compared with them)")
     p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, a few images (keeps the script alive)")
     p.add_argument("--file", default=None, help="result file name (default eval_throughput_<gpu>.json)")
     p.add_argument("--out", default=str(RESULTS))
@@ -264,6 +266,7 @@ def main() -> None:
                 "sid_lsg_harness": (f"eager_{auto}", "fp32", args.batch),
                 "default": (f"compiled_{auto}", default.clip_precision, args.batch),
                 "vae_fp32": ("compiled_fp32", default.clip_precision, args.batch)}
+    settings = {k: v for k, v in settings.items() if k in {"strict", "default", *args.passes.split(",")}}
     runs, minutes, ips = {}, {}, {}
     for name, (key, clip_precision, batch) in settings.items():
         runs[name] = timed(lambda: evaluate_rows(range(n), prompts, samplers[key], protocol, extractor,
