@@ -274,13 +274,13 @@ def main() -> None:
                                                  workers=args.workers), device)
         ips[name] = n / runs[name][1]
         print(name, round(ips[name], 2), "img/s", flush=True)
-    by_workers = {}
+    by_workers = []  # a list: a thread count may be given more than once (repeat readings)
     for w in [int(x) for x in args.workers_sweep.split(",") if x]:
         key, clip_precision, _ = settings["default"]
         _, t = timed(lambda: evaluate_rows(range(n), prompts, samplers[key], protocol, extractor,
                                            scorers[clip_precision], args.batch, "bench", workers=w), device)
-        by_workers[w] = round(n / t, 2)
-        print("default, workers", w, by_workers[w], "img/s", flush=True)
+        by_workers.append({"workers": w, "images_per_s": round(n / t, 2)})
+        print("default, workers", w, by_workers[-1]["images_per_s"], "img/s", flush=True)
     stats = {k: feature_stats(r.features) for k, (r, _) in runs.items()}
     fid = {k: frechet_distance(*v, *ref) for k, v in stats.items()}
     clip_mean = {k: float(r.scores.mean()) for k, (r, _) in runs.items()}

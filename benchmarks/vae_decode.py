@@ -1,10 +1,11 @@
 """VAE decode speed of the SD1.5-config VAE (random weights) per variant, and how far each moves the pixels.
 
-The evaluate stage decodes in fp32 because that is the precision every VAE is safe in; decode is ~70% of an
-evaluation's GPU time (eval_throughput_h100.json). This script asks what torch.compile buys without changing the
-precision. A variant is `<dtype>_<layout>[_compiled]` (dtype fp32|bf16|fp16, layout contiguous|channels_last); each
-decodes the same latents through the stage's own `Sampler.decode` with its VAE swapped, is timed between
-synchronizations after a warm-up (which also compiles), and its uint8 images are compared with the first variant's.
+Decode is the largest part of an evaluation's GPU time (eval_throughput_h100.json, components_images_per_s); the
+evaluate stage compiles it (compile_vae) in the precision the VAE needs (fp16 for SD1.5's). This script asks what
+torch.compile buys at each precision. A variant is `<dtype>_<layout>[_compiled]` (dtype fp32|bf16|fp16, layout
+contiguous|channels_last); each decodes the same latents through the stage's own `Sampler.decode` with its VAE
+swapped, is timed between synchronizations after a warm-up (which also compiles), and its uint8 images are compared
+with the first variant's.
 `eval_throughput.py --vae-sweep` runs the eager variants through the same function.
 
   python benchmarks/vae_decode.py                   # one CUDA GPU (~3 min on an H100, compiles included)

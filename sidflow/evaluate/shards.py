@@ -66,8 +66,10 @@ def read_shard(uri: str, key: str) -> ShardResult | None:
 
 def default_workers() -> int:
     """CPU threads for the per-image work: 4 at most. Part of it holds Python's GIL, and each thread more takes it
-    from the threads that feed the GPU: on an H100 host 2 and 4 threads give 62-63 images/s, 8 give 48 and 16 give
-    52 (benchmarks/results/eval_throughput_h100.json, default_images_per_s_by_workers)."""
+    from the threads that feed the GPU: on an H100 host the default pass gave 62.7 and 58.9 images/s at 2 threads,
+    47-62 at 4 (five passes), 48 at 8 and 52 at 16 (benchmarks/results/sweeps/eval_throughput_h100_threads.json,
+    eval_throughput_h100_repeat.json). 4 keeps the CPU chain (147 images/s at 4 threads) ahead of the GPU on slower
+    hosts and at the SDXL protocol's 512 px."""
     return min(4, os.cpu_count() or 1)
 
 
