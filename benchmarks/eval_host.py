@@ -1,0 +1,105 @@
+"""Does the evaluate loop's CPU work slow the thread that feeds the GPU? (the spread of eval_throughput's default pass)
+
+The end-to-end default pass read 47-62 images/s on H100s whose components time alike (eval_throughput_h100.json,
+eval_throughput_h100_repeat.json), while its GPU work alone allows ~66. Every CUDA launch of the eager UNet lets go of
+Python's GIL and takes it back; when a CPU thread holds it then, the launching thread waits up to the switch interval
+(5 ms by default). Here the one-step SD1.5-config generator (random weights, UNet fp16, VAE fp16 compiled: the stage's
+defaults) generates batches in the main thread while W threads run the stage's per-image CPU chain (`prepare_image`:
+crop, Lanczos, clean-fid bicubic, CLIP preprocessing) without pause, for each W and switch interval; the generator's
+images/s and the chain's are timed. Only timing changes: the images are the same in every setting.
+
+  python benchmarks/eval_host.py                      # one CUDA GPU (~2 min on an H100)
+  python benchmarks/eval_host.py --smoke --out /tmp/r  # CPU, tiny models, seconds
+"""
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+from common import RESULTS, record  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batches", type=int, default=6, help="timed generator batches per setting")
+    p.add_argument("--workers", default="0,2,4,8", help="CPU threads running the per-image chain")
+    p.add_argument("--switch-ms", default="5,0.5", help="Python thread switch intervals (5 is Python's default)")
+    p.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
+    p.add_argument("--file", default=None, help="default eval_host_<gpu>.json")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    if args.smoke:
+        args.batch, args.batches = 2, 1
+
+    from eval_throughput import build_clip, build_generator, build_inception, captions
+    from vae_decode import with_vae
+
+    from sidflow.evaluate.clipscore import openclip_scorer
+    from sidflow.evaluate.protocol import PROTOCOLS
+    from sidflow.evaluate.sampling import set_precision, vae_auto_dtype
+    from sidflow.evaluate.shards import prepare_image
+    from sidflow.toy.tiny import SD15, tiny_configs
+
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    torch.backends.cudnn.benchmark = True
+    sampler = build_generator(tiny_configs(sample_size=64) if args.smoke else SD15, device)
+    set_precision(sampler, "fp16" if device.type == "cuda" else "fp32", "fp32")
+    sampler = with_vae(sampler, vae_auto_dtype(sampler.nets), compiled=device.type == "cuda", batch=args.batch)
+    # The chain's cost does not depend on the networks' size: the tiny CLIP has ViT-g-14's 224 preprocessing.
+    extractor = build_inception("cpu")
+    clip, preprocess, tokenizer = build_clip(True, "cpu")
+    scorer = openclip_scorer(clip, preprocess, tokenizer, "random", torch.device("cpu"), "fp32")
+    protocol = PROTOCOLS["coco30k"]
+    caps = captions(args.batch)
+    images = sampler(caps, list(range(args.batch)))  # warm-up (compiles the decode); the chain's input
+
+    def timed_setting(workers: int, switch_s: float) -> tuple[float, float]:
+        stop, done = threading.Event(), [0] * workers
+
+        def chain(k: int) -> None:
+            while not stop.is_set():
+                prepare_image(images[done[k] % len(images)], protocol, extractor, scorer)
+                done[k] += 1
+
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(switch_s)
+        threads = [threading.Thread(target=chain, args=(k,), daemon=True) for k in range(workers)]
+        try:
+            for t in threads:
+                t.start()
+            sampler(caps, list(range(args.batch)))  # one batch under load before timing
+            start, before = time.perf_counter(), sum(done)
+            for b in range(args.batches):
+                sampler(caps, list(range(b * args.batch, (b + 1) * args.batch)))  # returns host uint8: synchronized
+            seconds = time.perf_counter() - start
+            chained = sum(done) - before
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+            sys.setswitchinterval(old)
+        return args.batch * args.batches / seconds, chained / seconds
+
+    gen, cpu = {}, {}
+    for ms in [float(x) for x in args.switch_ms.split(",")]:
+        for w in [int(x) for x in args.workers.split(",")]:
+            key = f"workers_{w}_switch_{ms:g}ms"
+            g, c = timed_setting(w, ms / 1000)
+            gen[key], cpu[key] = round(g, 2), round(c, 1)
+            print(key, gen[key], "generator img/s,", cpu[key], "chain img/s", flush=True)
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else "tiny_cpu" if args.smoke else "gpu"
+    record("eval_host", args.file or f"eval_host_{tag}.json", int(device.type == "cuda"),
+           {"generator_images_per_s": gen, "cpu_chain_images_per_s": cpu},
+           {k: v for k, v in vars(args).items() if k != "out"} | {"weights": "random (SD1.5 configs)"},
+           Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
