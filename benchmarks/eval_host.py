@@ -8,6 +8,11 @@ defaults) generates batches in the main thread while W threads run the stage's p
 crop, Lanczos, clean-fid bicubic, CLIP preprocessing) without pause, for each W and switch interval; the generator's
 images/s and the chain's are timed. Only timing changes: the images are the same in every setting.
 
+On an H100 host (eval_host_h100.json) the generator keeps 88.5 / 88.3 / 86.8 images/s under 0 / 2 / 4 chain threads
+and drops to 57.7 under 8; a 0.5 ms switch interval changes none of it. So at the stage's 4 threads the chain does
+not starve the generator, and the end-to-end spread is to be found elsewhere in the loop (the measuring thread's
+features, scores and host-device copies are the next suspects: not measured yet).
+
   python benchmarks/eval_host.py                      # one CUDA GPU (~2 min on an H100)
   python benchmarks/eval_host.py --smoke --out /tmp/r  # CPU, tiny models, seconds
 """
