@@ -8,6 +8,11 @@ defaults) generates batches in the main thread while W threads run the stage's p
 crop, Lanczos, clean-fid bicubic, CLIP preprocessing) without pause, for each W and switch interval; the generator's
 images/s and the chain's are timed. Only timing changes: the images are the same in every setting.
 
+With --loop N the stage's own loop (`evaluate_rows`, the defaults: VAE fp16 compiled, ViT-g-14 fp16, the Inception
+stand-in, 4 threads) then runs on N images with each of its parts timed where it is called: the generator in the
+main thread, features and scores in the measuring thread, the per-image chain in the pool (summed over threads).
+Each part's seconds run until its results are on the host, so they include waiting for the other thread's GPU work.
+
 On an H100 host (eval_host_h100.json) the generator keeps 88.5 / 88.3 / 86.8 images/s under 0 / 2 / 4 chain threads
 and drops to 57.7 under 8; a 0.5 ms switch interval changes none of it. So at the stage's 4 threads the chain does
 not starve the generator, and the end-to-end spread is to be found elsewhere in the loop (the measuring thread's
@@ -35,6 +40,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=6, help="timed generator batches per setting")
     p.add_argument("--workers", default="0,2,4,8", help="CPU threads running the per-image chain")
     p.add_argument("--switch-ms", default="5,0.5", help="Python thread switch intervals (5 is Python's default)")
+    p.add_argument("--loop", type=int, default=0, help="then time the parts of the stage's loop on this many images")
     p.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
     p.add_argument("--file", default=None, help="default eval_host_<gpu>.json")
     p.add_argument("--out", default=str(RESULTS))
@@ -98,12 +104,67 @@ def main() -> None:
             g, c = timed_setting(w, ms / 1000)
             gen[key], cpu[key] = round(g, 2), round(c, 1)
             print(key, gen[key], "generator img/s,", cpu[key], "chain img/s", flush=True)
+    metrics = {"generator_images_per_s": gen, "cpu_chain_images_per_s": cpu}
+    if args.loop:
+        metrics["loop"] = loop_parts(sampler, protocol, args.loop, args.batch, args.smoke, device)
+        print("loop", metrics["loop"], flush=True)
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else "tiny_cpu" if args.smoke else "gpu"
     record("eval_host", args.file or f"eval_host_{tag}.json", int(device.type == "cuda"),
-           {"generator_images_per_s": gen, "cpu_chain_images_per_s": cpu},
+           metrics,
            {k: v for k, v in vars(args).items() if k != "out"} | {"weights": "random (SD1.5 configs)"},
            Path(args.out))
+
+
+class Clocked:
+    """A callable that adds up the wall seconds of its calls; anything else is the wrapped object's."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds, self.calls = fn, 0.0, 0
+        self.lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        with self.lock:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+
+def loop_parts(sampler, protocol, n: int, batch: int, smoke: bool, device) -> dict:
+    """Run `evaluate_rows` at the stage's defaults on n images and return where its time went."""
+    from eval_throughput import build_clip, build_inception, captions
+
+    import sidflow.evaluate.shards as shards
+    from sidflow.evaluate.clipscore import openclip_scorer
+    from sidflow.evaluate.protocol import PromptSet
+
+    clip, preprocess, tokenizer = build_clip(smoke, device)
+    scorer = Clocked(openclip_scorer(clip, preprocess, tokenizer, "random", device, "fp16"))
+    extractor, generate = Clocked(build_inception(device)), Clocked(sampler)
+    prompts = PromptSet(captions(n + batch), list(range(n + batch)), None, "bench")
+    workers = shards.default_workers()
+    shards.evaluate_rows(range(n, n + batch), prompts, generate, protocol, extractor, scorer, batch, "warm-up",
+                         workers=workers)
+    for part in (generate, extractor, scorer):
+        part.seconds = part.calls = 0
+    prepare, shards.prepare_image = shards.prepare_image, Clocked(shards.prepare_image)
+    try:
+        start = time.perf_counter()
+        shards.evaluate_rows(range(n), prompts, generate, protocol, extractor, scorer, batch, "bench", workers=workers)
+        seconds = time.perf_counter() - start
+        chain = shards.prepare_image.seconds
+    finally:
+        shards.prepare_image = prepare
+    return {"images": n, "workers": workers, "images_per_s": round(n / seconds, 2), "seconds": round(seconds, 2),
+            "main_thread_generator_seconds": round(generate.seconds, 2),
+            "generator_images_per_s_in_loop": round(n / generate.seconds, 2),
+            "measuring_thread_seconds": {"features": round(extractor.seconds, 2), "scores": round(scorer.seconds, 2)},
+            "pool_chain_thread_seconds": round(chain, 2)}
 
 
 if __name__ == "__main__":

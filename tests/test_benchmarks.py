@@ -48,12 +48,15 @@ def test_eval_throughput_script_writes_its_record(tmp_path):
 
 def test_eval_host_script_times_the_generator_under_each_cpu_load(tmp_path):
     subprocess.run([sys.executable, "benchmarks/eval_host.py", "--smoke", "--workers", "0,1", "--switch-ms", "5",
-                    "--out", str(tmp_path)], check=True, cwd=ROOT, capture_output=True)
+                    "--loop", "4", "--out", str(tmp_path)], check=True, cwd=ROOT, capture_output=True)
     m = json.loads((tmp_path / "eval_host_tiny_cpu.json").read_text())["metrics"]
     assert set(m["generator_images_per_s"]) == {"workers_0_switch_5ms", "workers_1_switch_5ms"}
     assert all(v > 0 for v in m["generator_images_per_s"].values())
     chain = m["cpu_chain_images_per_s"]
     assert chain["workers_0_switch_5ms"] == 0 < chain["workers_1_switch_5ms"]
+    loop = m["loop"]  # the stage's loop, its parts timed where they are called
+    assert loop["images"] == 4 and 0 < loop["main_thread_generator_seconds"] <= loop["seconds"]
+    assert loop["measuring_thread_seconds"]["features"] > 0 and loop["pool_chain_thread_seconds"] > 0
 
 
 def test_vae_decode_script_compares_each_variant_with_eager_fp32(tmp_path):
