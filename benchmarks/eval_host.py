@@ -15,8 +15,10 @@ Each part's seconds run until its results are on the host, so they include waiti
 
 On an H100 host (eval_host_h100.json) the generator keeps 88.5 / 88.3 / 86.8 images/s under 0 / 2 / 4 chain threads
 and drops to 57.7 under 8; a 0.5 ms switch interval changes none of it. So at the stage's 4 threads the chain does
-not starve the generator, and the end-to-end spread is to be found elsewhere in the loop (the measuring thread's
-features, scores and host-device copies are the next suspects: not measured yet).
+not starve the generator. The loop (eval_host_loop_h100.json, --loop 1024: 55.9 images/s) shows where the rate
+goes: the generator runs at 64.9 images/s in it instead of 83-87 alone, and the measuring thread spends 17.0 of the
+18.3 s in feature and score calls whose own GPU work is ~2 s: both threads queue on the one default CUDA stream, so
+each one's results wait behind the other's kernels.
 
   python benchmarks/eval_host.py                      # one CUDA GPU (~2 min on an H100)
   python benchmarks/eval_host.py --smoke --out /tmp/r  # CPU, tiny models, seconds
