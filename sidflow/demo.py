@@ -2,8 +2,10 @@
 
 watch_teachers → download_teacher → distill (real SiD-LSG iterations on the CPU) → evaluate (shapes-FID and prompt
 accuracy with the bundled evaluator) → register (champion if it passes the gate). The teacher rows go through the
-same evaluate stage (DDIM, CFG κ) with the same prompts, seeds and reference. Every number printed is measured in
-this run. A second demo in the same directory finds the teacher already registered: watch_teachers skips it.
+same evaluate stage (DDIM, CFG κ) with the same prompts, seeds and reference, and so does the one-step generator
+as distillation starts (the teacher's weights at t_init), so the table shows what distillation changed. Every
+number printed is measured in this run. A second demo in the same directory finds the teacher already registered:
+watch_teachers skips it.
 """
 
 import json
@@ -23,6 +25,23 @@ def demo_parameters(root: Path, kimg: float, kappa: float, eval_set: dict) -> di
             "lr_g": 3e-5, "lr_fake": 3e-5, "ema_halflife_kimg": 0.5, "ema_rampup": 0.5,
             "eval_prompts": eval_set["prompts"], "eval_reference": eval_set["reference"], "eval_protocol": "native",
             "eval_features": f"toy:{evaluator}", "eval_scorer": f"toy:{evaluator}", "eval_batch": 128}
+
+
+def export_start(uri: str, kappa: float) -> str:
+    """Publish the one-step generator as distillation starts (the teacher's UNet fed at t_init) at `uri`, so the
+    evaluate stage scores the starting point like the distilled model."""
+    from dataclasses import fields
+
+    from sidflow.generator import export_generator
+    from sidflow.stages.distill import DistillConfig
+    from sidflow.teacher import load_teacher
+
+    t_init = next(f.default for f in fields(DistillConfig) if f.name == "t_init")  # the pipeline's, unchanged here
+    teacher = load_teacher(str(TOY_TEACHER))
+    info = {"teacher": str(TOY_TEACHER), "teacher_fingerprint": "unpublished", "nimg": 0, "weights": "teacher",
+            "steps": 1, "config": {"steps": 1, "t_init": t_init, "kappa": kappa}, "metrics": {}}
+    export_generator(teacher.unet, teacher, uri, info)
+    return uri
 
 
 def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> dict | None:
@@ -57,7 +76,8 @@ def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> d
         print(f"      teacher already distilled (registry v{champion.version}); delete {root} to distill again")
     print(f"[2/3] registry: {MODEL_NAME} v{champion.version} is champion: {champion.model_uri}")
 
-    print("[3/3] the teacher through the same evaluate stage (same prompts, seeds, reference)", flush=True)
+    print("[3/3] the teacher and the generator's starting point through the same evaluate stage (same prompts, seeds, "
+          "reference)", flush=True)
     common = {"prompts": eval_set["prompts"], "reference": eval_set["reference"], "protocol": "native",
               "features": f"toy:{evaluator}", "scorer": f"toy:{evaluator}", "batch": 128}
     rows = {}
@@ -66,6 +86,9 @@ def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> d
             model=str(TOY_TEACHER), sampler="ddim", teacher_steps=steps, guidance=kappa,
             output=str(root / f"eval-teacher-{steps}"), **common))
         rows[f"teacher, {steps} DDIM step{'s' if steps > 1 else ''}, CFG {kappa:g}"] = result.metrics
+    start = evaluate.run(evaluate.EvaluateConfig(model=export_start(str(root / "generator-start"), kappa),
+                                                 output=str(root / "eval-generator-start"), **common))
+    rows["one-step generator before distillation"] = start.metrics
     rows[f"distilled SiD-LSG, one step, κ {kappa:g}"] = champion.metrics
     print(f"\n| sampler | shapes-FID ↓ | prompt accuracy ↑ |   ({n} prompts, same seeds)\n|---|---|---|")
     for name, m in rows.items():

@@ -115,3 +115,15 @@ def test_short_distillation_improves_on_the_generators_start(tmp_path):
     before_fid = evaluator.shapes_fid(model, start, reference)
     after_fid = evaluator.shapes_fid(model, after, reference)
     assert after_fid < 0.9 * before_fid, (before_fid, after_fid)
+
+
+def test_demo_scores_the_generators_start_as_the_teacher_fed_at_t_init(tmp_path):
+    from sidflow.demo import export_start
+    from sidflow.generator import load_generator, sample
+    from sidflow.teacher import load_teacher
+
+    captions, seeds = shapes.sample(4, 1, "train")[1], [0, 1, 2, 3]
+    gen, info = load_generator(export_start(str(tmp_path / "start"), 2.0))
+    assert info["nimg"] == 0 and info["config"]["t_init"] == 625
+    expected = sample(load_teacher(str(TOY)), {"config": {"steps": 1, "t_init": 625}}, captions, seeds)
+    np.testing.assert_array_equal(sample(gen, info, captions, seeds), expected)
