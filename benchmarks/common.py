@@ -27,6 +27,16 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
+def device_tag(device, smoke: bool = False) -> str:
+    """Short name of the accelerator a run used, for result file names: h100, h200, gpu; tiny_cpu (smoke) or cpu."""
+    import torch
+
+    if device.type != "cuda":
+        return "tiny_cpu" if smoke else "cpu"
+    name = torch.cuda.get_device_name(device)
+    return "h100" if "H100" in name else "h200" if "H200" in name else "gpu"
+
+
 def git_sha() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True,

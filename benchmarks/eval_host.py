@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-from common import RESULTS, record  # noqa: E402
+from common import RESULTS, device_tag, record  # noqa: E402
 
 
 def main() -> None:
@@ -110,8 +110,7 @@ def main() -> None:
     if args.loop:
         metrics["loop"] = loop_parts(sampler, protocol, args.loop, args.batch, args.smoke, device)
         print("loop", metrics["loop"], flush=True)
-    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
-    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else "tiny_cpu" if args.smoke else "gpu"
+    tag = device_tag(device, args.smoke)
     record("eval_host", args.file or f"eval_host_{tag}.json", int(device.type == "cuda"),
            metrics,
            {k: v for k, v in vars(args).items() if k != "out"} | {"weights": "random (SD1.5 configs)"},

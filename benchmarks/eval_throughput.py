@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS, record  # noqa: E402
+from common import RESULTS, device_tag, record  # noqa: E402
 
 TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "patch_size": 32,
                                              "head_width": 16},
@@ -182,8 +182,7 @@ def main() -> None:
     n, m = args.n, min(args.parts, args.n)
     prompts = PromptSet(captions(n + m), list(range(n + m)), None, "bench")  # rows n.. : the components' own seeds
     metrics: dict = {}
-    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
-    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else "tiny_cpu" if args.smoke else "gpu"
+    tag = device_tag(device, args.smoke)
     config = {**vars(args), "cpu_threads": args.workers, "unet_dtype": sampler.unet_dtype,
               "weights": "random (published configs, no download)",
               "inception": "torchvision inception_v3, random weights, BatchNorm statistics set from noise: stand-in "

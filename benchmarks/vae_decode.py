@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS, record  # noqa: E402
+from common import RESULTS, device_tag, record  # noqa: E402
 
 COMPILED = "fp32_contiguous,fp32_contiguous_compiled,fp32_channels_last_compiled,fp16_contiguous," \
            "fp16_channels_last_compiled"
@@ -91,8 +91,7 @@ def main() -> None:
     shape = sampler.nets.latent_shape
     lat = [torch.randn(args.batch, *shape, generator=g).to(device) for _ in range(args.batches + 1)]
     metrics = sweep(sampler, lat, device, variants)
-    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
-    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else "tiny_cpu" if args.smoke else "gpu"
+    tag = device_tag(device, args.smoke)
     record("vae_decode", args.file or f"vae_decode_{tag}.json", int(device.type == "cuda"), metrics,
            {k: v for k, v in vars(args).items() if k != "out"} | {"weights": "random (SD1.5 VAE config)"},
            Path(args.out))

@@ -30,17 +30,13 @@ def demo_parameters(root: Path, kimg: float, kappa: float, eval_set: dict) -> di
 def export_start(uri: str, kappa: float) -> str:
     """Publish the one-step generator as distillation starts (the teacher's UNet fed at t_init) at `uri`, so the
     evaluate stage scores the starting point like the distilled model."""
-    from dataclasses import fields
-
-    from sidflow.generator import export_generator
+    from sidflow.generator import export_generator, generator_info
     from sidflow.stages.distill import DistillConfig
     from sidflow.teacher import load_teacher
 
-    t_init = next(f.default for f in fields(DistillConfig) if f.name == "t_init")  # the pipeline's, unchanged here
-    teacher = load_teacher(str(TOY_TEACHER))
-    info = {"teacher": str(TOY_TEACHER), "teacher_fingerprint": "unpublished", "nimg": 0, "weights": "teacher",
-            "steps": 1, "config": {"steps": 1, "t_init": t_init, "kappa": kappa}, "metrics": {}}
-    export_generator(teacher.unet, teacher, uri, info)
+    cfg = DistillConfig(teacher=str(TOY_TEACHER), kappa=kappa)  # t_init and steps as the demo's pipeline run has
+    teacher = load_teacher(cfg.teacher)
+    export_generator(teacher.unet, teacher, uri, generator_info(cfg, 0, "teacher", {}))
     return uri
 
 

@@ -47,6 +47,15 @@ Guidance is distilled into the weights: always sample with `guidance_scale=1.0`.
 """
 
 
+def generator_info(cfg, nimg: int, weights: str, metrics: dict) -> dict:
+    """Return the sidflow.json of a generator trained under DistillConfig `cfg` for `nimg` images."""
+    from sidflow.config import to_dict
+    from sidflow.teacher import fingerprint
+
+    return {"teacher": cfg.teacher, "teacher_fingerprint": fingerprint(cfg.teacher) or "unpublished", "nimg": nimg,
+            "weights": weights, "steps": cfg.steps, "config": to_dict(cfg), "metrics": metrics}
+
+
 def export_generator(unet: torch.nn.Module, teacher: Teacher, uri: str, info: dict) -> dict:
     """Publish the generator UNet with the teacher's VAE and text encoder as a pipeline at `uri`; return manifest."""
     from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline

@@ -17,13 +17,13 @@ import torch
 
 from sidflow import storage
 from sidflow.config import to_dict
-from sidflow.generator import export_generator
+from sidflow.generator import export_generator, generator_info
 from sidflow.launch import main_thread
 from sidflow.method.guidance import drop_prompts
 from sidflow.method.sid import fake_step_loss, generate, generator_step_loss
 from sidflow.method.vp import sample_t
 from sidflow.prompts import read_prompts
-from sidflow.teacher import fingerprint, load_teacher, score_net
+from sidflow.teacher import load_teacher, score_net
 from sidflow.train import checkpoint
 from sidflow.train.ema import ema_beta, update_ema
 from sidflow.train.sharding import Placement, local
@@ -222,9 +222,7 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
     # Export the generator (EMA weights when EMA is on), gathered whole onto rank 0.
     export = None if stop_now else place.gather(ema if ema is not None else G, teacher.unet)
     if export is not None and acc.is_main_process:
-        info = {"teacher": cfg.teacher, "teacher_fingerprint": fingerprint(cfg.teacher) or "unpublished",
-                "nimg": nimg, "weights": "ema" if ema is not None else "raw", "steps": cfg.steps,
-                "config": to_dict(cfg), "metrics": metrics}
+        info = generator_info(cfg, nimg, "ema" if ema is not None else "raw", metrics)
         export_generator(export, teacher, model_uri, info)
     acc.wait_for_everyone()
     return DistillResult(model_uri=model_uri, kimg=nimg / 1000, iterations=it, interrupted=stop_now, metrics=metrics)
