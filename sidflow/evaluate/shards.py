@@ -93,11 +93,16 @@ def evaluate_rows(rows: range, prompts: PromptSet, sampler, protocol: Protocol, 
     gpu = ThreadPoolExecutor(1)  # one thread: batches are measured in order, beside the generation of the next
     writes: list[Future] = []
     measuring: list[Future] = []
+    # Measuring runs on a CUDA stream of its own: on the generator's (default) stream each thread's host copy waited
+    # for the other thread's queued kernels too (eval_host_loop_h100.json). The kernels and so the numbers are the same.
+    device = torch.device(getattr(extractor, "device", "cpu"))
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def measure(idx: range, prepared: list[Future]) -> None:  # GPU: features and scores of a prepared batch
         done = [f.result() for f in prepared]
-        feats.append(extractor(np.stack([d[0] for d in done])))
-        scores.append(scorer([d[1] for d in done], [prompts.captions[i] for i in idx]))
+        with torch.cuda.stream(side):  # no-op when side is None
+            feats.append(extractor(np.stack([d[0] for d in done])))
+            scores.append(scorer([d[1] for d in done], [prompts.captions[i] for i in idx]))
         tiles.extend(d[2] for i, d in zip(idx, done) if i < grid)
         if progress is not None:
             progress.update(len(idx))
