@@ -93,10 +93,11 @@ def evaluate_rows(rows: range, prompts: PromptSet, sampler, protocol: Protocol, 
     gpu = ThreadPoolExecutor(1)  # one thread: batches are measured in order, beside the generation of the next
     writes: list[Future] = []
     measuring: list[Future] = []
-    # Measuring runs on a CUDA stream of its own: on the generator's (default) stream each thread's host copy waited
-    # for the other thread's queued kernels too (eval_host_loop_h100.json). The kernels and so the numbers are the same.
+    # Measuring runs on a CUDA stream of its own, of high priority: on the generator's stream each of its few-hundred
+    # small kernels queued behind the UNet's large ones and the measuring thread, not the GPU, set the pace
+    # (eval_host_loop_h100.json). The kernels and so the numbers are the same.
     device = torch.device(getattr(extractor, "device", "cpu"))
-    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    side = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
 
     def measure(idx: range, prepared: list[Future]) -> None:  # GPU: features and scores of a prepared batch
         done = [f.result() for f in prepared]
