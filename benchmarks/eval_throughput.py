@@ -261,9 +261,10 @@ def main() -> None:
     default = EvaluateConfig()
     assert (default.vae_dtype, default.compile_vae) == ("auto", True), "the default pass below assumes these"
     half_batch = max(1, args.batch // 2)
-    settings = {"strict": ("eager_fp32", "fp32", args.batch), "floor_half_batch": ("eager_fp32", "fp32", half_batch),
-                "sid_lsg_harness": (f"eager_{auto}", "fp32", args.batch),
+    settings = {"strict": ("eager_fp32", "fp32", args.batch),  # the default pass second: a cut-short run keeps both
                 "default": (f"compiled_{auto}", default.clip_precision, args.batch),
+                "floor_half_batch": ("eager_fp32", "fp32", half_batch),
+                "sid_lsg_harness": (f"eager_{auto}", "fp32", args.batch),
                 "vae_fp32": ("compiled_fp32", default.clip_precision, args.batch)}
     settings = {k: v for k, v in settings.items() if k in {"strict", "default", *args.passes.split(",")}}
     runs, minutes, ips = {}, {}, {}
@@ -273,6 +274,8 @@ def main() -> None:
                                                  workers=args.workers), device)
         ips[name] = n / runs[name][1]
         print(name, round(ips[name], 2), "img/s", flush=True)
+        metrics["images_per_s_so_far"] = {k: round(v, 2) for k, v in ips.items()}  # replaced by `passes` at the end
+        save()
     by_workers = []  # a list: a thread count may be given more than once (repeat readings)
     for w in [int(x) for x in args.workers_sweep.split(",") if x]:
         key, clip_precision, _ = settings["default"]
@@ -280,6 +283,9 @@ def main() -> None:
                                            scorers[clip_precision], args.batch, "bench", workers=w), device)
         by_workers.append({"workers": w, "images_per_s": round(n / t, 2)})
         print("default, workers", w, by_workers[-1]["images_per_s"], "img/s", flush=True)
+        metrics["default_images_per_s_by_workers"] = by_workers
+        save()
+    metrics.pop("images_per_s_so_far", None)
     stats = {k: feature_stats(r.features) for k, (r, _) in runs.items()}
     fid = {k: frechet_distance(*v, *ref) for k, v in stats.items()}
     clip_mean = {k: float(r.scores.mean()) for k, (r, _) in runs.items()}
