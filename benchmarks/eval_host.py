@@ -1,12 +1,13 @@
 """Does the evaluate loop's CPU work slow the thread that feeds the GPU? (the spread of eval_throughput's default pass)
 
-The end-to-end default pass read 47-62 images/s on H100s whose components time alike (eval_throughput_h100.json,
-eval_throughput_h100_repeat.json), while its GPU work alone allows ~66. Every CUDA launch of the eager UNet lets go of
-Python's GIL and takes it back; when a CPU thread holds it then, the launching thread waits up to the switch interval
-(5 ms by default). Here the one-step SD1.5-config generator (random weights, UNet fp16, VAE fp16 compiled: the stage's
-defaults) generates batches in the main thread while W threads run the stage's per-image CPU chain (`prepare_image`:
-crop, Lanczos, clean-fid bicubic, CLIP preprocessing) without pause, for each W and switch interval; the generator's
-images/s and the chain's are timed. Only timing changes: the images are the same in every setting.
+With measuring on the generator's default CUDA stream, the end-to-end default pass read 47-62 images/s on H100s
+whose components time alike (sweeps/eval_throughput_h100*_default_stream.json), while its GPU work alone allows ~66.
+Every CUDA launch of the eager UNet lets go of Python's GIL and takes it back; when a CPU thread holds it then, the
+launching thread waits up to the switch interval (5 ms by default). Here the one-step SD1.5-config generator (random
+weights, UNet fp16, VAE fp16 compiled: the stage's defaults) generates batches in the main thread while W threads
+run the stage's per-image CPU chain (`prepare_image`: crop, Lanczos, clean-fid bicubic, CLIP preprocessing) without
+pause, for each W and switch interval; the generator's images/s and the chain's are timed. Only timing changes: the
+images are the same in every setting.
 
 With --loop N the stage's own loop (`evaluate_rows`, the defaults: VAE fp16 compiled, ViT-g-14 fp16, the Inception
 stand-in, 4 threads) then runs on N images with each of its parts timed where it is called: the generator in the
@@ -15,10 +16,13 @@ Each part's seconds run until its results are on the host, so they include waiti
 
 On an H100 host (eval_host_h100.json) the generator keeps 88.5 / 88.3 / 86.8 images/s under 0 / 2 / 4 chain threads
 and drops to 57.7 under 8; a 0.5 ms switch interval changes none of it. So at the stage's 4 threads the chain does
-not starve the generator. The loop (eval_host_loop_h100.json, --loop 1024: 55.9 images/s) shows where the rate
-goes: the generator runs at 64.9 images/s in it instead of 83-87 alone, and the measuring thread spends 17.0 of the
-18.3 s in feature and score calls whose own GPU work is ~2 s: both threads queue on the one default CUDA stream, so
-each one's results wait behind the other's kernels.
+not starve the generator. The loop on the default stream (sweeps/eval_host_loop_h100_default_stream.json, --loop
+1024: 55.9 images/s) had the generator at 64.9 images/s instead of 83-87 alone, and the measuring thread spending 17.0
+of the 18.3 s in feature and score calls whose own GPU work is ~2 s. Measuring on a stream of its own (the stage since
+28d5f94, high priority since 05e0822) lifted the stage's default pass to 61-67 images/s (eval_throughput_h100*.json)
+but not this loop: 50.0 on a side stream (sweeps/eval_host_loop_h100_side_stream_no_priority.json), 54.2 with high
+priority (eval_host_loop_h100.json), the measuring thread still in calls for 17.5 of 18.9 s. Why the loop timed here
+differs from the stage's passes is not yet known.
 
   python benchmarks/eval_host.py                      # one CUDA GPU (~2 min on an H100)
   python benchmarks/eval_host.py --smoke --out /tmp/r  # CPU, tiny models, seconds

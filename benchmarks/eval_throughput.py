@@ -21,7 +21,7 @@ FID(strict) against a reference made of the component images (other seeds, stric
 mean scores. With random weights FID is ~10³ and a change of kernels alone (the floor) moves it by more than 0.05,
 so the bar of 0.05 reads against the floor and the paper's own harness, not against zero.
 
-  python benchmarks/eval_throughput.py --n 2048 --parts 512    # one CUDA GPU (~10 min on an H100; 5 passes)
+  python benchmarks/eval_throughput.py --n 2048 --parts 512    # one CUDA GPU (~9 min on an H100; 5 passes)
   python benchmarks/eval_throughput.py --smoke --out /tmp/r     # CPU, tiny models, seconds
 """
 

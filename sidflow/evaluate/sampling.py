@@ -143,7 +143,7 @@ def set_precision(sampler: Sampler, unet_dtype: str, vae_dtype: str) -> None:
 def compile_decode(sampler: Sampler, batch: int) -> None:
     """torch.compile the sampler's VAE decode for batches of `batch` (shorter ones are padded to it).
 
-    The first call compiles (19–27 s on an H100 for the SD VAE at 512², eval_throughput_h100.json); a row's image
+    The first call compiles (16–29 s on an H100 for the SD VAE at 512², eval_throughput_h100*.json); a row's image
     does not depend on the padding, since the decoder treats every image of a batch alone.
     """
     vae = sampler.nets.vae

@@ -66,10 +66,11 @@ def read_shard(uri: str, key: str) -> ShardResult | None:
 
 def default_workers() -> int:
     """CPU threads for the per-image work: 4 at most. Part of it holds Python's GIL, and each thread more takes it
-    from the threads that feed the GPU: on an H100 host the default pass gave 62.7 and 58.9 images/s at 2 threads,
-    47-62 at 4 (five passes), 48 at 8 and 52 at 16 (benchmarks/results/sweeps/eval_throughput_h100_threads.json,
-    eval_throughput_h100_repeat.json). 4 keeps the CPU chain (147 images/s at 4 threads) ahead of the GPU on slower
-    hosts and at the SDXL protocol's 512 px."""
+    from the threads that feed the GPU: on an H100 host the default pass gave 61-67 images/s at 4 threads (seven
+    readings) and 70.4 at 2 (benchmarks/results/eval_throughput_h100_repeat.json); with measuring still on the
+    default stream, 59-63 at 2, 47-62 at 4, 48 at 8 and 52 at 16 (sweeps/eval_throughput_h100_threads.json,
+    sweeps/eval_throughput_h100_repeat_default_stream.json). 4 keeps the CPU chain (128-147 images/s at 4 threads)
+    ahead of the GPU on slower hosts and at the SDXL protocol's 512 px."""
     return min(4, os.cpu_count() or 1)
 
 
@@ -93,9 +94,9 @@ def evaluate_rows(rows: range, prompts: PromptSet, sampler, protocol: Protocol, 
     gpu = ThreadPoolExecutor(1)  # one thread: batches are measured in order, beside the generation of the next
     writes: list[Future] = []
     measuring: list[Future] = []
-    # Measuring runs on a CUDA stream of its own, of high priority: on the generator's stream each of its few-hundred
-    # small kernels queued behind the UNet's large ones and the measuring thread, not the GPU, set the pace
-    # (eval_host_loop_h100.json). The kernels and so the numbers are the same.
+    # Measuring runs on a CUDA stream of its own, of high priority, so its few hundred small kernels per batch do not
+    # queue behind the UNet's large ones: the default pass went from 47-62 to 61-67 images/s on H100s (README,
+    # eval_throughput_h100*.json). The kernels and so the numbers are the same.
     device = torch.device(getattr(extractor, "device", "cpu"))
     side = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
 
