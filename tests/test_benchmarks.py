@@ -56,7 +56,7 @@ def test_eval_host_script_times_the_generator_under_each_cpu_load(tmp_path):
     assert chain["workers_0_switch_5ms"] == 0 < chain["workers_1_switch_5ms"]
     loop = m["loop"]  # the stage's loop, its parts timed where they are called
     assert loop["images"] == 4 and 0 < loop["main_thread_generator_seconds"] <= loop["seconds"]
-    assert loop["images_per_s_untimed"] > 0
+    assert loop["first_pass_untimed_images_per_s"] > 0
     assert loop["measuring_thread_seconds"]["features"] > 0 and loop["pool_chain_thread_seconds"] > 0
 
 
