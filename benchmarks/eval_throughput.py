@@ -14,9 +14,9 @@ decodes), compiled fp32 and compiled auto, and, with --vae-sweep, eager per dtyp
 fp16 on the same images. The pixel change and same-seed FID of each decode against eager fp32 are set beside the
 floor: eager fp32 itself at half the batch (other cuDNN kernels). Then the stage's own loop
 (`sidflow.evaluate.shards.evaluate_rows`) runs on --n images, same prompts and seeds, in five passes: strict (VAE
-fp32 eager, CLIP fp32 as GigaGAN), the floor (strict at half the batch), SiD-LSG's harness (VAE fp16 eager, CLIP
-fp32), the stage's defaults, and the defaults with the VAE in fp32; with --workers-sweep the default pass again per
-CPU thread count. The projected 30k minutes add the compile time once and the final FID. ΔFID = FID(pass) −
+fp32 eager, CLIP fp32 as GigaGAN), the stage's defaults, the floor (strict at half the batch), SiD-LSG's harness (VAE
+fp16 eager, CLIP fp32), and the defaults with the VAE in fp32; with --workers-sweep the default pass again per CPU
+thread count. The projected 30k minutes add the compile time once and the final FID. ΔFID = FID(pass) −
 FID(strict) against a reference made of the component images (other seeds, strict path); ΔCLIP = difference of the
 mean scores. With random weights FID is ~10³ and a change of kernels alone (the floor) moves it by more than 0.05,
 so the bar of 0.05 reads against the floor and the paper's own harness, not against zero.
@@ -267,23 +267,22 @@ def main() -> None:
                 "sid_lsg_harness": (f"eager_{auto}", "fp32", args.batch),
                 "vae_fp32": ("compiled_fp32", default.clip_precision, args.batch)}
     settings = {k: v for k, v in settings.items() if k in {"strict", "default", *args.passes.split(",")}}
+    def run(key: str, clip_precision: str, batch: int, workers: int | None) -> tuple:  # (ShardResult, seconds)
+        return timed(lambda: evaluate_rows(range(n), prompts, samplers[key], protocol, extractor,
+                                           scorers[clip_precision], batch, "bench", workers=workers), device)
+
     runs, minutes, ips = {}, {}, {}
     for name, (key, clip_precision, batch) in settings.items():
-        runs[name] = timed(lambda: evaluate_rows(range(n), prompts, samplers[key], protocol, extractor,
-                                                 scorers[clip_precision], batch, "bench",
-                                                 workers=args.workers), device)
+        runs[name] = run(key, clip_precision, batch, args.workers)
         ips[name] = n / runs[name][1]
         print(name, round(ips[name], 2), "img/s", flush=True)
         metrics["images_per_s_so_far"] = {k: round(v, 2) for k, v in ips.items()}  # replaced by `passes` at the end
         save()
-    by_workers = []  # a list: a thread count may be given more than once (repeat readings)
+    by_workers = metrics["default_images_per_s_by_workers"] = []  # a list: a count may be given more than once
     for w in [int(x) for x in args.workers_sweep.split(",") if x]:
-        key, clip_precision, _ = settings["default"]
-        _, t = timed(lambda: evaluate_rows(range(n), prompts, samplers[key], protocol, extractor,
-                                           scorers[clip_precision], args.batch, "bench", workers=w), device)
+        _, t = run(*settings["default"], w)
         by_workers.append({"workers": w, "images_per_s": round(n / t, 2)})
         print("default, workers", w, by_workers[-1]["images_per_s"], "img/s", flush=True)
-        metrics["default_images_per_s_by_workers"] = by_workers
         save()
     metrics.pop("images_per_s_so_far", None)
     stats = {k: feature_stats(r.features) for k, (r, _) in runs.items()}
@@ -306,7 +305,6 @@ def main() -> None:
                    for k in runs},
         "settings": {k: {"vae_dtype": samplers[v].vae_dtype, "compile_vae": samplers[v].decode_batch is not None,
                          "clip_precision": p, "batch": b} for k, (v, p, b) in settings.items()},
-        "default_images_per_s_by_workers": by_workers,
         "final_fid_seconds": round(t_fid, 1),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
     })
