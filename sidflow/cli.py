@@ -350,9 +350,11 @@ def main(argv: list[str] | None = None) -> int:
                                                          "or @daily, @every 24h")
             p.add_argument("--name", default="sid-distill", help="recurring run name")
     args = parser.parse_args(argv)
+    from sidflow.storage import StorageError
+
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:  # user-caused: one clear line, no traceback
+    except (ValueError, FileNotFoundError, PermissionError, StorageError) as e:  # one clear line, no traceback
         print(f"sidflow {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -92,8 +92,11 @@ def describe(uri: str, card_path: str) -> dict:
 
 
 def load_generator(uri: str, device="cpu") -> tuple[Teacher, dict]:
-    """Return (networks, info) of an exported generator; the schedule tables cover t ≤ t_init."""
-    gen = load_teacher(uri, device)
+    """Return (networks, info) of an exported generator; the schedule tables cover t ≤ t_init. A local directory is
+    checked against its manifest first (a remote one is verified as it is fetched)."""
+    if not storage.is_s3(uri):
+        storage.verify_published(uri)
+    gen = load_teacher(uri, device, generator=True)
     info = json.loads((Path(gen.path) / INFO_FILE).read_text())
     return gen, info
 

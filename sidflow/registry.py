@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -56,6 +57,24 @@ def check_name(name: str) -> None:
     """Raise a one-line ValueError unless `name` can be a registered model name (one path segment)."""
     if not _NAME.fullmatch(name or ""):
         raise ValueError(f"model name {name!r} must be one path segment of letters, digits, '.', '_', '-'")
+
+
+# What a metric can be: FID is a squared distance (≥ 0); CLIP score is a cosine and prompt accuracy a fraction.
+_BOUNDS = {"fid": (0.0, math.inf), "clip": (-1.0, 1.0)}
+
+
+def check_metrics(metrics: dict) -> None:
+    """Raise a one-line ValueError if a metric is not a finite number, or outside what it can be (FID < 0, CLIP
+    outside [-1, 1]): such a record would be crowned, or could never be replaced."""
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if key in _BOUNDS:
+                raise ValueError(f"metric {key}={value!r} is not a number")
+            continue
+        lo, hi = _BOUNDS.get(key, (-math.inf, math.inf))
+        if not math.isfinite(value) or not lo <= value <= hi:
+            allowed = "a finite number" if key not in _BOUNDS else f"finite and within [{lo}, {hi}]"
+            raise ValueError(f"metric {key}={value!r} is refused: it must be {allowed}")
 
 
 def _uri(registry_uri: str, name: str, *parts: str) -> str:
@@ -154,6 +173,9 @@ def fingerprints(registry_uri: str, name: str) -> set[str]:
 def register(registry_uri: str, name: str, model_uri: str, metrics: dict, teacher_fingerprint: str, run_id: str,
              model_card: str = "", config: dict | None = None) -> Version:
     """Record a new version of model `name` under the next free number and return it; never overwrites one."""
+    check_metrics(metrics)
+    check_name(name)
+    storage.check_conditional_writes(registry_uri)  # without them, concurrent registrations overwrite each other
     token = uuid.uuid4().hex  # tells our own record from a rival's when a retried write answers "already exists"
     n = (_listed(registry_uri, name) or [0])[-1] + 1
     for _ in range(_TRIES):
@@ -181,11 +203,14 @@ def beats(challenger: dict, champion: dict | None, fid_key: str = "fid", clip_ke
     """True if metrics `challenger` should replace `champion`: CLIP at least clip_floor (if set), then lower FID."""
     if not isinstance(challenger.get(fid_key), (int, float)):
         raise ValueError(f"challenger metrics have no numeric {fid_key!r} (keys: {sorted(challenger)})")
+    check_metrics(challenger)
     if clip_floor is not None:
         clip = challenger.get(clip_key)
-        if not isinstance(clip, (int, float)) or clip < clip_floor:  # a floor is absolute: it holds for a first model
+        if not isinstance(clip, (int, float)) or not clip >= clip_floor:  # absolute: it holds for a first model too
             return False
-    if champion is None or not isinstance(champion.get(fid_key), (int, float)):
+    held = champion.get(fid_key) if champion else None
+    # A champion crowned with an impossible FID (NaN, negative: before sidflow refused them) never blocks a real one.
+    if not isinstance(held, (int, float)) or not math.isfinite(held) or held < 0:
         return True
     return challenger[fid_key] < champion[fid_key]  # a tie keeps the champion
 
@@ -195,6 +220,7 @@ def promote(registry_uri: str, name: str, version: int, require_better: bool = F
     """Make `version` the champion (only if it `beats` the current one when require_better); True if it did."""
     challenger = get(registry_uri, name, version)
     uri = _uri(registry_uri, name, CHAMPION)
+    storage.check_conditional_writes(registry_uri)  # the alias is replaced by compare-and-swap
     for _ in range(_TRIES):
         current = storage.read_bytes_tagged(uri)
         held = _parse(current[0], uri, "champion alias") if current else None

@@ -30,7 +30,9 @@ import boto3
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from sidflow import failpoints
 
 MANIFEST = "manifest.json"
 _MiB = 2**20
@@ -42,6 +44,10 @@ _client_lock = threading.Lock()
 
 class _MissingKey(FileNotFoundError):
     """A missing file or object (the bucket itself exists), so exists() and read_manifest() can say no."""
+
+
+class StorageError(OSError):
+    """An S3 server or network fault a user must fix (credentials, endpoint, server errors); one line naming the URI."""
 
 
 # URIs -----------------------------------------------------------------------------------------------------------
@@ -108,14 +114,27 @@ def _s3():
             if _client is None:
                 style = _addressing_style()
                 config = Config(
-                    retries={"max_attempts": 10, "mode": "standard"},  # "adaptive" is still marked experimental
+                    # Bounded: an unreachable endpoint fails within ~30 s, not minutes ("adaptive" is experimental).
+                    retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60,
                     s3={"addressing_style": style} if style else None,
                     # _WORKERS files at once, each in up to max_concurrency parts: one connection per part.
                     max_pool_connections=_WORKERS * _TRANSFER.max_concurrency,
                 )
                 # A fresh Session re-reads the environment, which reset_client() relies on.
-                _client = boto3.session.Session().client("s3", config=config)
+                client = boto3.session.Session().client("s3", config=config)
+                client.meta.events.register("before-sign.s3.DeleteObjects", _content_md5)
+                _client = client
     return _client
+
+
+def _content_md5(request, **_) -> None:
+    # MinIO-class servers (and the JuiceFS gateway) refuse DeleteObjects without Content-MD5, which botocore
+    # stopped sending in 1.36 (it sends a CRC32 checksum instead); S3 itself accepts either.
+    import base64
+
+    body = request.body.encode() if isinstance(request.body, str) else request.body
+    if isinstance(body, bytes) and "Content-MD5" not in request.headers:
+        request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
 
 
 def reset_client() -> None:
@@ -123,27 +142,46 @@ def reset_client() -> None:
     global _client
     with _client_lock:
         _client = None
+        _PROBED.clear()
 
 
 @contextlib.contextmanager
 def _s3_errors(uri: str):
-    """Turn the S3 errors a user can cause (no bucket, no key, no access) into one-line OSErrors naming the URI."""
+    """Turn S3 faults into one-line OSErrors naming the URI and the cause: a missing bucket or key, refused access or
+    credentials, an unreachable endpoint or a failing server (after botocore's bounded retries)."""
     try:
         yield
-    except (ClientError, S3UploadFailedError) as exc:
-        # boto3 wraps upload failures in S3UploadFailedError; the ClientError is its __context__.
-        err = exc if isinstance(exc, ClientError) else exc.__context__
-        if not isinstance(err, ClientError):
+    except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
+        # boto3 wraps upload failures in S3UploadFailedError; the botocore error is its __context__.
+        err = exc.__context__ if isinstance(exc, S3UploadFailedError) else exc
+        out = _one_line(uri, err) if isinstance(err, (ClientError, BotoCoreError)) else err
+        if out is err:
             raise
-        code = str(err.response.get("Error", {}).get("Code", ""))
-        bucket = _split(uri)[0]
-        if code == "NoSuchBucket" or (code in ("404", "NotFound") and not _bucket_exists(bucket)):
-            raise FileNotFoundError(f"s3 bucket '{bucket}' does not exist (uri {uri})") from exc
-        if code in ("NoSuchKey", "404", "NotFound"):
-            raise _MissingKey(f"{uri}: no such object") from exc
-        if code in ("403", "AccessDenied", "Forbidden"):
-            raise PermissionError(f"{uri}: access denied") from exc
-        raise
+        raise out from None
+
+
+def _one_line(uri: str, err: Exception) -> OSError | Exception:
+    if isinstance(err, NoCredentialsError):
+        return PermissionError(f"{uri}: no S3 credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                               "or a profile or role)")
+    if isinstance(err, BotoCoreError):  # endpoint unreachable, timeouts: botocore has already retried
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+        return StorageError(f"{uri}: cannot reach the S3 endpoint {endpoint} after retries ({type(err).__name__})")
+    code = str(err.response.get("Error", {}).get("Code", ""))
+    status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    bucket = _split(uri)[0]
+    if code == "NoSuchBucket" or (code in ("404", "NotFound") and not _bucket_exists(bucket)):
+        return FileNotFoundError(f"s3 bucket '{bucket}' does not exist (uri {uri})")
+    if code in ("NoSuchKey", "404", "NotFound"):
+        return _MissingKey(f"{uri}: no such object")
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
+        return PermissionError(f"{uri}: the S3 server refused the credentials ({code}); check AWS_ACCESS_KEY_ID, "
+                               "AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN")
+    if code in ("403", "AccessDenied", "Forbidden"):
+        return PermissionError(f"{uri}: access denied")
+    if status >= 500:
+        return StorageError(f"{uri}: the S3 server keeps failing ({code or status}) after retries")
+    return err  # anything else (a 412 the caller asked for, a 409 conflict) is the caller's to read
 
 
 def _bucket_exists(bucket: str) -> bool:
@@ -153,7 +191,7 @@ def _bucket_exists(bucket: str) -> bool:
     except ClientError as exc:
         if str(exc.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchBucket", "NotFound"):
             return False
-        raise
+        return True  # 403 and the like: the bucket is there, the caller's error says what is wrong
     return True
 
 
@@ -243,7 +281,8 @@ def _replace_atomically(dst: Path, fill) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _delete_file(uri: str) -> None:
+def delete_file(uri: str) -> None:
+    """Remove one file or object; a missing one is fine."""
     if is_s3(uri):
         bucket, key = _split(uri)
         with _s3_errors(uri):
@@ -319,7 +358,7 @@ def delete_tree(uri: str) -> None:
     """Remove everything under a directory URI, manifest first; a missing directory is fine."""
     if is_s3(uri) and not _dir_key(_split(uri)[1]):
         raise ValueError(f"{uri}: refusing to delete a whole bucket; name a prefix under it")
-    _delete_file(join(uri, MANIFEST))  # readers stop seeing the directory before its files go
+    delete_file(join(uri, MANIFEST))  # readers stop seeing the directory before its files go
     if not is_s3(uri):
         if _local(uri).is_dir():
             shutil.rmtree(_local(uri))
@@ -361,25 +400,66 @@ def publish_dir(src_local_dir: str, uri: str) -> dict:
     if not src.is_dir():
         raise FileNotFoundError(f"{src_local_dir}: no such directory to publish to {uri}")
     rels = [rel for rel in list_files(str(src)) if rel != MANIFEST]
-    _delete_file(join(uri, MANIFEST))  # before any file: never an old manifest over new files
+    delete_file(join(uri, MANIFEST))  # before any file: never an old manifest over new files
+    _abort_uploads(uri)  # parts of a killed earlier publish: the server keeps (and bills) them until aborted
 
     def put(rel: str) -> dict:
         path = src / rel
         entry = {"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)}
         upload_file(str(path), join(uri, rel))
+        failpoints.hit("publish:file")
         return entry
 
     manifest = {"version": 1, "files": _parallel(put, rels), "created": datetime.now(timezone.utc).isoformat()}
-    write_text(join(uri, MANIFEST), json.dumps(manifest, indent=1))  # last; atomic locally and on S3
+    _check_written(uri, manifest)
+    failpoints.hit("publish:before-manifest")
+    text = json.dumps(manifest, indent=1)
+    write_text(join(uri, MANIFEST), text)  # last; atomic locally and on S3
+    if read_text(join(uri, MANIFEST)) != text:
+        delete_file(join(uri, MANIFEST))
+        raise StorageError(f"{join(uri, MANIFEST)} reads back different from what was written: {_CHECKSUM_HINT}")
     return manifest
+
+
+# A server that does not understand boto3's streaming checksums (aws-chunked bodies) stores the chunk framing
+# inside the object; boto3's own switch turns them off.
+_CHECKSUM_HINT = ("the S3 server stored the upload's chunk framing (it does not support boto3's default checksums); "
+                  "set AWS_REQUEST_CHECKSUM_CALCULATION=when_required")
+
+
+def _check_written(uri: str, manifest: dict, why: str = _CHECKSUM_HINT) -> None:
+    # One listing checks every size before the manifest makes the files visible to readers.
+    if not is_s3(uri):
+        return
+    bucket, key = _split(uri)
+    sizes = {o["Key"][len(_dir_key(key)) :]: o["Size"] for page in _s3_list(uri) for o in page.get("Contents", [])}
+    for entry in manifest["files"]:
+        if sizes.get(entry["path"]) != entry["size"]:
+            raise StorageError(f"{join(uri, entry['path'])}: {sizes.get(entry['path'])} bytes stored, the manifest "
+                               f"says {entry['size']}: {why}")
+
+
+def _abort_uploads(uri: str) -> None:
+    if not is_s3(uri):
+        return
+    bucket, key = _split(uri)
+    with _s3_errors(uri):
+        pages = _s3().get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=_dir_key(key))
+        for upload in (u for page in pages for u in page.get("Uploads", [])):
+            _s3().abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
 
 
 def read_manifest(uri: str) -> dict | None:
     """The manifest of a published directory, or None if it has none (never published, or interrupted)."""
     try:
-        manifest = json.loads(read_text(join(uri, MANIFEST)))
+        data = read_bytes(join(uri, MANIFEST))
     except _MissingKey:
         return None
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        hint = _CHECKSUM_HINT if is_s3(uri) else "publish the directory again"
+        raise ValueError(f"{join(uri, MANIFEST)} is not valid JSON ({str(exc).split(':')[0]}); {hint}") from None
     if manifest.get("version") != 1:
         raise ValueError(f"{join(uri, MANIFEST)}: unknown manifest version {manifest.get('version')!r}")
     return manifest
@@ -407,6 +487,24 @@ def fetch_dir(uri: str, dst_local_dir: str) -> dict:
     return manifest
 
 
+def verify_published(uri: str) -> dict:
+    """Return the manifest of the published directory at `uri` after checking its files in place: sizes and sha256
+    locally, sizes on S3 (one listing; fetch_dir checks digests as it downloads). Raise a one-line error if the
+    directory has no manifest or a file differs from it."""
+    manifest = read_manifest(uri)
+    if manifest is None:
+        raise FileNotFoundError(f"{uri} has no manifest.json: not a published directory (an interrupted publish?)")
+    if is_s3(uri):
+        _check_written(uri, manifest, "missing or altered since it was published; publish it again")
+        return manifest
+    root = _local(uri)
+    for entry in manifest["files"]:
+        path = root / entry["path"]
+        if not path.is_file() or path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
+            raise ValueError(f"{uri}: {entry['path']} is missing or differs from the manifest; publish it again")
+    return manifest
+
+
 def cache_root() -> Path:
     """Where remote directories and files are fetched to: $SIDFLOW_CACHE, else sidflow-cache in the temp directory."""
     return Path(os.environ.get("SIDFLOW_CACHE", Path(tempfile.gettempdir()) / "sidflow-cache"))
@@ -421,14 +519,17 @@ def fetch_dir_once(uri: str, dst: Path) -> str:
     if not dst.is_dir():
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=dst.parent))
-        if read_manifest(uri) is not None:
-            fetch_dir(uri, str(tmp))
-        else:
-            download_dir(uri, str(tmp))
         try:
+            if read_manifest(uri) is not None:
+                fetch_dir(uri, str(tmp))
+            else:
+                download_dir(uri, str(tmp))
             os.replace(tmp, dst)
-        except OSError:  # another process won the race; its copy is complete
-            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            if not dst.is_dir():  # a failed fetch, not a race another process won with a complete copy
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gigabytes for a real teacher: never left behind
     return str(dst)
 
 
@@ -441,6 +542,37 @@ def manifest_digest(manifest: dict) -> str:
 # Conditional writes: the registry's version numbers and champion alias ---------------------------------------------
 
 _CONFLICT_TRIES = 6  # S3 answers 409 ConditionalRequestConflict while another conditional write to the key is in flight
+
+
+_PROBED: set[tuple[str, str]] = set()  # (endpoint, bucket) pairs whose server honours conditional writes
+
+
+def check_conditional_writes(uri: str) -> None:
+    """Raise a one-line StorageError unless the server behind `uri` honours conditional PUTs; probed once a process.
+
+    The registry's version numbers and champion alias rely on `If-None-Match: *` and `If-Match` (AWS S3 honours
+    both; s3rver, older MinIO releases and the JuiceFS gateway's MinIO layer ignore them). A server that ignores the
+    headers accepts every write, so concurrent registrations would silently overwrite each other.
+    """
+    if not is_s3(uri):
+        return  # local writes use a hard link and a file lock
+    bucket = _split(uri)[0]
+    key = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "", bucket)
+    if key in _PROBED:
+        return
+    probe = join(uri, f".conditional-write-probe-{uuid.uuid4().hex}")
+    try:
+        first = _s3_put_if(probe, b"1", IfNoneMatch="*")
+        again = _s3_put_if(probe, b"2", IfNoneMatch="*")  # must be refused: the object exists
+        stale = _s3_put_if(probe, b"3", IfMatch='"00000000000000000000000000000000"')  # must be refused: wrong ETag
+    finally:
+        delete_file(probe)
+    missing = [h for h, ok in (("If-None-Match", first and not again), ("If-Match", not stale)) if not ok]
+    if missing:
+        raise StorageError(f"{uri}: the S3 server ignores conditional writes ({' and '.join(missing)} headers), which "
+                           "the registry needs so that concurrent registrations cannot overwrite each other; use a "
+                           "server that honours them (AWS S3 does) or a registry on a local or shared filesystem")
+    _PROBED.add(key)
 
 
 def write_bytes_if_absent(uri: str, data: bytes) -> bool:

@@ -34,22 +34,28 @@ class TeacherError(ValueError):
     """A teacher directory that sidflow cannot use; the message is one line naming the problem."""
 
 
-def check_teacher_dir(path: str | os.PathLike) -> dict:
-    """Return the teacher's scheduler config after checking layout and model type; raise TeacherError if unusable."""
+def check_teacher_dir(path: str | os.PathLike, generator: bool = False) -> dict:
+    """Return the teacher's scheduler config after checking layout, model type and that every network's weights are
+    whole; raise TeacherError if unusable. `generator` accepts an exported sidflow generator (load_generator)."""
     path = Path(path)
     if not path.is_dir():
         raise TeacherError(f"teacher directory {path} does not exist")
     if not (path / "model_index.json").is_file():
         raise TeacherError(f"teacher {path} has no model_index.json: not a diffusers pipeline directory")
-    index = json.loads((path / "model_index.json").read_text())
+    if (path / "sidflow.json").is_file() and not generator:
+        raise TeacherError(f"teacher {path} is a generator exported by sidflow (it has sidflow.json), not a "
+                           "teacher: distill from the teacher it came from, or sample it with `sidflow generate`")
+    index = _read_json(path / "model_index.json")
     sdxl = _is_sdxl(index)
     missing = [p for p in SD_PARTS + SDXL_PARTS * sdxl if not (path / p).is_dir() or not any((path / p).iterdir())]
     if missing:
         raise TeacherError(f"teacher {path} is missing {', '.join(missing)}" + " (an SDXL pipeline)" * sdxl)
+    for part in NETWORKS + ("text_encoder_2",) * sdxl:
+        _check_weights(path / part)
     sched_file = path / "scheduler" / "scheduler_config.json"
     if not sched_file.is_file():
         raise TeacherError(f"teacher {path} has no scheduler/scheduler_config.json")
-    sched = json.loads(sched_file.read_text())
+    sched = _read_json(sched_file)
     prediction = sched.get("prediction_type", "epsilon")
     if prediction != "epsilon":
         raise TeacherError(f"teacher {path} predicts {prediction!r}; sidflow distills ε-prediction DDPM teachers only")
@@ -58,6 +64,40 @@ def check_teacher_dir(path: str | os.PathLike) -> dict:
     if sched.get("rescale_betas_zero_snr"):
         raise TeacherError(f"teacher {path} uses a zero-terminal-SNR schedule; sidflow supports the plain VP schedule")
     return sched
+
+
+NETWORKS = ("unet", "text_encoder", "vae")  # the parts with weights (SDXL adds text_encoder_2)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TeacherError(f"teacher file {path} is not valid JSON ({str(exc).split(':')[0]})") from None
+
+
+def _check_weights(part: Path) -> None:
+    # Every weights file whole, every shard an index names present: a torn copy fails here in one line, not in a
+    # 50-line traceback from diffusers once the training pod is up. safe_open reads only the header, which records
+    # the length the data must have.
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(part.glob("*.safetensors")) + sorted(part.glob("*.bin"))
+    if not files:
+        raise TeacherError(f"teacher part {part} has no weights (*.safetensors or *.bin)")
+    for index in part.glob("*.index.json"):
+        shards = set(_read_json(index).get("weight_map", {}).values())
+        absent = sorted(s for s in shards if not (part / s).is_file())
+        if absent:
+            raise TeacherError(f"teacher part {part} is missing {', '.join(absent)}, named in {index.name}")
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise TeacherError(f"teacher weights {f} are damaged or truncated ({str(exc).splitlines()[0]})") from None
 
 
 def _is_sdxl(index: dict) -> bool:
@@ -206,7 +246,7 @@ def score_net(unet: torch.nn.Module) -> ScoreNet:
 
 
 def load_teacher(uri: str, device: str | torch.device = "cpu", cache_dir: str | None = None,
-                 null: str = "auto") -> Teacher:
+                 null: str = "auto", generator: bool = False) -> Teacher:
     """Load the teacher at `uri` (local path, file:// or s3://) in fp32, frozen, on `device`.
 
     `null` picks ∅: "empty" encodes "", "zeros" is a zero embedding, "auto" follows the pipeline's
@@ -218,7 +258,7 @@ def load_teacher(uri: str, device: str | torch.device = "cpu", cache_dir: str | 
     if null not in NULL_MODES:
         raise TeacherError(f"null={null!r} is not one of {list(NULL_MODES)}")
     path = materialize(uri, cache_dir)
-    sched_cfg = check_teacher_dir(path)
+    sched_cfg = check_teacher_dir(path, generator=generator)
     index = json.loads((Path(path) / "model_index.json").read_text())
     scheduler = DDPMScheduler.from_config({**sched_cfg, "clip_sample": False})
     fp32 = {"torch_dtype": torch.float32}  # fp16-saved weights too: training keeps fp32 master copies

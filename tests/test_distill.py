@@ -238,7 +238,7 @@ def test_launch_runs_one_process_per_gpu_and_returns_what_rank0_reported(tiny_te
     result = launch(cfg)
     assert (result.iterations, result.kimg, result.interrupted) == (2, 0.008, False)
     assert storage.read_manifest(result.model_uri) is not None and np.isfinite(result.metrics["loss_g"])
-    config = checkpoint.load(checkpoint.latest(str(tmp_path / "run")))["config"]
+    config = checkpoint.run_info(checkpoint.latest(str(tmp_path / "run")))["config"]
     assert config["gpus"] == "2"
     lines = (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # one writer (rank 0), one line per iteration

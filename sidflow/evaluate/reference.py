@@ -162,7 +162,13 @@ def read_reference(uri: str) -> Reference:
         raise FileNotFoundError(f"reference={uri!r}: no statistics there; compute them once with `sidflow data "
                                 "ref-stats --images <val2014 folder or zip> --out <uri>.npz`")
     data = storage.read_bytes(uri)
-    z = np.load(io.BytesIO(data), allow_pickle=False)
+    not_ours = f"reference={uri!r} is not a `sidflow data ref-stats` .npz file"
+    if not data.startswith(b"PK"):  # an .npz is a zip; anything else is refused here, never unpickled
+        raise ValueError(not_ours)
+    try:
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile):
+        raise ValueError(not_ours) from None
     if not {"mu", "sigma", "meta"} <= set(z.files):
         raise ValueError(f"reference={uri!r} is not a `sidflow data ref-stats` file (keys: {z.files})")
     return Reference(z["mu"], z["sigma"], json.loads(str(z["meta"])), "sha256:" + hashlib.sha256(data).hexdigest())

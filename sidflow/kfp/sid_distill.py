@@ -71,7 +71,8 @@ def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-g
                 adam_beta2: float = 0.999, adam_eps: float = 1e-08, batch: int = 512, micro_batch: int = 1,
                 kimg: float = 10000.0, precision: str = "bf16", tf32: bool = False, grad_checkpointing: bool = False,
                 clip_grad_value: float = 0.0, ema_halflife_kimg: float = 50.0, ema_rampup: float = 0.05,
-                checkpoint_kimg: float = 100.0, log_every: int = 1, checkpoints: bool = True, profile: bool = False,
+                checkpoint_kimg: float = 100.0,
+                keep_checkpoints: int = 3, log_every: int = 1, checkpoints: bool = True, profile: bool = False,
                 seed: int = 0, sharding: str = "ddp", gpus: str = "1", resume: bool = True, distill_nodes: int = 1,
                 gpu_node_selector: dict = {}, gpu_tolerations: list = [], distill_cpu: str = "8",
                 distill_memory: str = "64G", eval_prompts: str = "", eval_reference: str = "",
@@ -120,7 +121,9 @@ def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-g
         clip_grad_value: clip each gradient value to ±this after nan_to_num (off for SD); 0 = no clipping.
         ema_halflife_kimg: EMA half-life in kimg; 0 turns EMA off (--ema 0.05 = 50 kimg, §5).
         ema_rampup: EMA ramp-up: half-life = min(half-life, rampup · images seen) (§5).
-        checkpoint_kimg: publish a checkpoint every this many kimg (and on SIGTERM).
+        checkpoint_kimg: publish a checkpoint every this many kimg (and on SIGTERM or Ctrl-C).
+        keep_checkpoints: keep the newest N complete checkpoints; older ones are deleted once a new one is published
+            (an SD1.5 checkpoint is ~24 GB).
         log_every: write a metrics line every this many iterations.
         checkpoints: publish checkpoints; off only for benchmarks and smoke runs (no resume).
         profile: time each phase of an iteration (synchronizes the GPU: slower).

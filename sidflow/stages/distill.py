@@ -7,11 +7,12 @@ one loop in `sidflow.train.loop` and publishes checkpoints and the exported gene
 import json
 import math
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Literal
 
 from sidflow import storage
-from sidflow.config import override, param, to_json
+from sidflow.config import override, param, to_dict, to_json
 from sidflow.method.guidance import kappas
 
 
@@ -51,7 +52,9 @@ class DistillConfig:
     clip_grad_value: float | None = param(None, "clip each gradient value to ±this after nan_to_num (off for SD)")
     ema_halflife_kimg: float = param(50.0, "EMA half-life in kimg; 0 turns EMA off (--ema 0.05 = 50 kimg, §5)")
     ema_rampup: float = param(0.05, "EMA ramp-up: half-life = min(half-life, rampup · images seen) (§5)")
-    checkpoint_kimg: float = param(100.0, "publish a checkpoint every this many kimg (and on SIGTERM)")
+    checkpoint_kimg: float = param(100.0, "publish a checkpoint every this many kimg (and on SIGTERM or Ctrl-C)")
+    keep_checkpoints: int = param(3, "keep the newest N complete checkpoints; older ones are deleted once a new one "
+                                     "is published (an SD1.5 checkpoint is ~24 GB)")
     log_every: int = param(1, "write a metrics line every this many iterations")
     checkpoints: bool = param(True, "publish checkpoints; off only for benchmarks and smoke runs (no resume)")
     profile: bool = param(False, "time each phase of an iteration (synchronizes the GPU: slower)")
@@ -73,6 +76,12 @@ class DistillResult:
 
 
 KAPPA_RANGE = (0.0, 20.0)
+MAX_SEED = 999_999  # the loop's RNG keys multiply the seed by ~4e12: larger seeds overflow torch's 64-bit seed
+# Fields that change what a run computes: a checkpoint written under other values belongs to another run. The rest
+# (length, logging, placement) may change between a run and its resume: kimg extends a run, gpus re-shards it (the
+# draws are keyed by global micro-batch index, so 1 and N GPUs see the same ones, and micro_batch is kept).
+NOT_IDENTITY = ("teacher", "output", "kimg", "checkpoint_kimg", "keep_checkpoints", "log_every", "checkpoints",
+                "profile", "gpus", "resume", "sharding", "grad_checkpointing")
 # A KFP pipeline parameter cannot default to None (kfp.local 2.17 refuses to run one), so the pipeline and its distill
 # components spell "unset" for the None-default fields with these values; `from_pipeline` turns them back into None.
 # -99 lies outside every guidance mode's κ range; clipping to ±0 would zero every gradient, so 0 is free to mean off.
@@ -121,8 +130,23 @@ def validate(cfg: DistillConfig, world_size: int = 1) -> None:
         raise ValueError(f"fake_dropout={cfg.fake_dropout} must be in [0, 1)")
     if cfg.clip_grad_value is not None and not cfg.clip_grad_value > 0:
         raise ValueError(f"clip_grad_value={cfg.clip_grad_value} must be positive (None: no clipping)")
-    if cfg.kimg <= 0 or cfg.checkpoint_kimg <= 0:
-        raise ValueError(f"kimg={cfg.kimg} and checkpoint_kimg={cfg.checkpoint_kimg} must be positive")
+    for name in ("kimg", "lr_g", "lr_fake", "adam_eps"):
+        _positive(cfg, name)
+    for name in ("alpha", "kappa"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise ValueError(f"{name}={getattr(cfg, name)} must be a finite number")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be in [0, 1)")
+    for name in ("ema_halflife_kimg", "ema_rampup"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            raise ValueError(f"{name}={getattr(cfg, name)} must be a finite number ≥ 0 (ema_halflife_kimg 0: no EMA)")
+    if not (math.isfinite(cfg.checkpoint_kimg) and cfg.checkpoint_kimg * 1000 >= 1):
+        raise ValueError(f"checkpoint_kimg={cfg.checkpoint_kimg} must be at least 0.001 (one image)")
+    if cfg.log_every < 1 or cfg.keep_checkpoints < 1:
+        raise ValueError(f"log_every={cfg.log_every} and keep_checkpoints={cfg.keep_checkpoints} must be at least 1")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ValueError(f"seed={cfg.seed} must be in [0, {MAX_SEED}] (it is mixed into per-iteration RNG keys)")
     check_teacher_dir(materialize(cfg.teacher))
     from sidflow.prompts import read_prompts
 
@@ -130,13 +154,79 @@ def validate(cfg: DistillConfig, world_size: int = 1) -> None:
     _check_writable(cfg.output)
 
 
+def _positive(cfg: DistillConfig, name: str) -> None:
+    value = getattr(cfg, name)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={value} must be a positive finite number")
+
+
 def _check_writable(uri: str) -> None:
-    probe = storage.join(uri, f".write-probe-{os.getpid()}")  # per process: the ranks of a launch all check
+    # Nothing is created here: a local output is checked on its nearest existing parent, an S3 one with a probe
+    # object that is deleted at once.
+    if not storage.is_s3(uri):
+        path = os.path.abspath(storage.local_path(uri))
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"output={uri!r} is not writable ({path} is not a writable directory)")
+        return
+    probe = storage.join(uri, f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        storage.write_bytes(storage.join(probe, "probe"), b"ok")
-        storage.delete_tree(probe)
-    except (OSError, PermissionError, FileNotFoundError) as e:
+        storage.write_bytes(probe, b"ok")
+    except OSError as e:
         raise PermissionError(f"output={uri!r} is not writable: {e}") from None
+    storage.delete_file(probe)
+
+
+def identity(cfg: DistillConfig, teacher_fingerprint: str | None) -> dict:
+    """Return what a checkpoint must match to be resumed by `cfg`: the math fields and the teacher's content."""
+    fields = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY}
+    return {**fields, "teacher": teacher_fingerprint or cfg.teacher}
+
+
+def check_resume(cfg: DistillConfig) -> None:
+    """Refuse, in one line, to continue a checkpoint under cfg.output that another run wrote (another teacher, κ,
+    batch, learning rate...); a resume may change only length, logging and placement (NOT_IDENTITY)."""
+    from sidflow.teacher import fingerprint
+    from sidflow.train import checkpoint
+
+    last = checkpoint.latest(cfg.output) if cfg.resume else None
+    info = checkpoint.run_info(last) if last else None
+    if info is None:
+        return
+    ours = identity(cfg, fingerprint(cfg.teacher))
+    theirs = identity(override(DistillConfig(), {k: v for k, v in info["config"].items() if k in ours}),
+                      info.get("teacher_fingerprint"))
+    changed = [f"{k}: {theirs[k]!r} -> {ours[k]!r}" for k in ours if ours[k] != theirs.get(k)]
+    if changed:
+        raise ValueError(f"output={cfg.output!r} holds a checkpoint of another run ({'; '.join(changed)}); use a new "
+                         "output, restore those values to resume it, or pass --no-resume to start over in place")
+
+
+def total_images(cfg: DistillConfig) -> int:
+    """Return the generator images a run of cfg trains on: kimg rounded up to whole iterations."""
+    return int(math.ceil(cfg.kimg * 1000 / cfg.batch)) * cfg.batch
+
+
+def finished(cfg: DistillConfig) -> DistillResult | None:
+    """Return the result of the run already exported under cfg.output if it is this run, trained to its end."""
+    from sidflow.generator import INFO_FILE
+    from sidflow.teacher import fingerprint
+
+    model_uri = storage.join(cfg.output, "model")
+    manifest = storage.read_manifest(model_uri) if cfg.resume else None
+    if manifest is None or INFO_FILE not in {f["path"] for f in manifest["files"]}:
+        return None
+    info = json.loads(storage.read_text(storage.join(model_uri, INFO_FILE)))
+    trained_on = info.get("teacher_fingerprint")
+    theirs = override(DistillConfig(), {k: v for k, v in info.get("config", {}).items()
+                                        if k in DistillConfig.__dataclass_fields__})
+    same = identity(theirs, None if trained_on == "unpublished" else trained_on) == \
+        identity(cfg, fingerprint(cfg.teacher))
+    if not same or info.get("nimg") != total_images(cfg):
+        return None
+    return DistillResult(model_uri=model_uri, kimg=info["nimg"] / 1000, iterations=info["nimg"] // cfg.batch,
+                         interrupted=False, metrics=info.get("metrics", {}))
 
 
 def run(cfg: DistillConfig) -> DistillResult:
@@ -144,6 +234,10 @@ def run(cfg: DistillConfig) -> DistillResult:
     from sidflow.train.loop import train
 
     validate(cfg, world_size=world_size())
+    check_resume(cfg)
+    done = finished(cfg)
+    if done is not None:  # a re-run of a finished command (or a retry after its export) is a no-op
+        return done
     storage.write_text(storage.join(cfg.output, "config.json"), to_json(cfg))
     return train(cfg)
 

@@ -6,6 +6,7 @@ The model card (README.md) and the training info (sidflow.json) are read from th
 """
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,9 +57,17 @@ def validate(cfg: RegisterConfig) -> None:
         if not getattr(cfg, field):
             raise ValueError(f"{field} is empty: {RegisterConfig.__dataclass_fields__[field].metadata['help']}")
     registry.check_name(cfg.model_name)
-    if storage.read_manifest(cfg.model) is None:  # an unpublished (or half-published) directory is no model
-        raise FileNotFoundError(f"model={cfg.model!r} has no manifest.json: not a published model directory")
+    try:  # an unpublished, half-published or altered directory is no model
+        storage.verify_published(cfg.model)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model={cfg.model!r} has no manifest.json: not a published model directory") from None
     metrics = _read_metrics(cfg.metrics)
+    try:
+        registry.check_metrics(metrics)
+    except ValueError as exc:
+        raise ValueError(f"metrics={cfg.metrics!r}: {exc}") from None
+    if cfg.clip_floor is not None and not math.isfinite(cfg.clip_floor):
+        raise ValueError(f"clip_floor={cfg.clip_floor} must be a finite number (None: no floor)")
     if cfg.promote == "auto" and not isinstance(metrics.get("fid"), (int, float)):
         raise ValueError(f"metrics={cfg.metrics!r} has no numeric 'fid' (keys: {sorted(metrics)}); "
                          "promote='auto' compares FID: give it, or use promote='always' or 'never'")

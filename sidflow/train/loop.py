@@ -6,8 +6,8 @@ One-step SiD-LSG is the K = 1 case. Each process draws everything for iteration 
 
 import copy
 import json
-import math
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from sidflow import storage
+from sidflow import failpoints, storage
 from sidflow.config import to_dict
 from sidflow.generator import export_generator, generator_info
 from sidflow.launch import main_thread
@@ -23,7 +23,7 @@ from sidflow.method.guidance import drop_prompts
 from sidflow.method.sid import fake_step_loss, generate, generator_step_loss
 from sidflow.method.vp import sample_t
 from sidflow.prompts import read_prompts
-from sidflow.teacher import load_teacher, score_net
+from sidflow.teacher import fingerprint, load_teacher, score_net
 from sidflow.train import checkpoint
 from sidflow.train.ema import ema_beta, update_ema
 from sidflow.train.sharding import Placement, local
@@ -54,7 +54,7 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
     """Train G and the fake score network per cfg (a DistillConfig); return the stage result."""
     from accelerate import Accelerator
 
-    from sidflow.stages.distill import DistillResult, resolved_kappas
+    from sidflow.stages.distill import DistillResult, resolved_kappas, total_images
 
     acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
@@ -68,6 +68,7 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
 
     # Networks: G and the fake score are full copies of the frozen teacher UNet (method.md §2).
     teacher = load_teacher(cfg.teacher, device, null=cfg.null_prompt)
+    teacher_fp = fingerprint(cfg.teacher)  # recorded in every checkpoint: a resume checks it belongs to this run
     prompts = read_prompts(cfg.prompts)
     if device.type == "cuda":  # NHWC convolutions run on the tensor cores without layout transposes
         teacher.unet.to(memory_format=torch.channels_last)
@@ -94,33 +95,36 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
     a, s = teacher.a.to(device), teacher.s.to(device)
     null = teacher.null().to(device)  # [1, 77, D] embedding of "" (§3)
 
-    # Resume from the newest complete checkpoint.
-    nimg, it = 0, 0
-    last = checkpoint.latest(cfg.output) if cfg.resume else None
+    # Resume from the newest checkpoint that loads (a damaged newest one falls back to the one before it).
+    nimg, it, metrics = 0, 0, {}
+    found = checkpoint.load_latest(cfg.output) if cfg.resume and place.reads_checkpoint() else None
+    last, state = found if found is not None else (None, {})
+    (last,) = place.share([last])  # under FSDP only rank 0 reads; the others follow its choice
     if last is not None:  # full state dicts, whatever the placement that wrote them
-        state = checkpoint.load(last) if place.reads_checkpoint() else {}
         place.load_full_state(G, state.get("G"), opt_g)
         place.load_full_state(fake, state.get("fake"), opt_f)
         if ema is not None:
             place.load_full_state(ema, state.get("ema"))
-        nimg, it = place.share([state.get("nimg"), state.get("iteration")])
-        del state
+        nimg, it, metrics = place.share([state.get("nimg"), state.get("iteration"), state.get("metrics") or {}])
         acc.print(f"resumed from {last} at {nimg / 1000:.3f} kimg")
+    del state, found
     G_ddp, fake_ddp = place.wrap(G), place.wrap(fake)
     net_t, net_g, net_f = score_net(teacher.unet), score_net(G), score_net(fake)
     net_g_ddp, net_f_ddp = score_net(G_ddp), score_net(fake_ddp)
 
+    # SIGTERM (preemption, a pod's end) and SIGINT (Ctrl-C) both checkpoint and end the run; the same command resumes.
     stop = {"flag": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True)) if main_thread() else None
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, lambda *_: stop.update(flag=True)) for sig in signals} if main_thread() else {}
     logdir = Path(tempfile.mkdtemp(prefix="sidflow-logs-"))
     if last is not None and acc.is_main_process and storage.listdir(storage.join(cfg.output, "logs")):
         storage.download_dir(storage.join(cfg.output, "logs"), str(logdir))  # keep the pre-resume metrics
     writer = _tensorboard(logdir) if acc.is_main_process else None
-    total = int(math.ceil(cfg.kimg * 1000 / cfg.batch)) * cfg.batch
+    total = total_images(cfg)
     next_ckpt = (nimg // int(cfg.checkpoint_kimg * 1000) + 1) * int(cfg.checkpoint_kimg * 1000)
     bar = _progress(total, nimg, acc.is_main_process)
     shape = teacher.latent_shape
-    metrics: dict = {}
+    stop_now = False  # a run resumed at its end goes straight to the export
 
     def draw(phase: int, r: int, dropout: float):
         # Everything a micro-batch draws comes from generators keyed by its global index (phase, rank·rounds + r):
@@ -206,8 +210,11 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
             state = {"G": place.full_state(G, opt_g), "fake": place.full_state(fake, opt_f),  # collective under FSDP
                      "ema": place.full_state(ema) if ema is not None else None}
             if acc.is_main_process:
-                checkpoint.save(cfg.output, nimg, {**state, "nimg": nimg, "iteration": it, "config": to_dict(cfg)})
+                checkpoint.save(cfg.output, nimg, {**state, "nimg": nimg, "iteration": it, "metrics": metrics},
+                                {"config": to_dict(cfg), "teacher_fingerprint": teacher_fp, "nimg": nimg},
+                                keep=cfg.keep_checkpoints)
                 storage.upload_dir(str(logdir), storage.join(cfg.output, "logs"))
+            failpoints.hit("train:checkpoint")
             acc.wait_for_everyone()
             next_ckpt += int(cfg.checkpoint_kimg * 1000)
         if stop_now:
@@ -215,13 +222,15 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
     bar.close()
     if acc.is_main_process:
         storage.upload_dir(str(logdir), storage.join(cfg.output, "logs"))
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+    shutil.rmtree(logdir, ignore_errors=True)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
     model_uri = storage.join(cfg.output, "model")
     # Export the generator (EMA weights when EMA is on), gathered whole onto rank 0.
     export = None if stop_now else place.gather(ema if ema is not None else G, teacher.unet)
     if export is not None and acc.is_main_process:
+        failpoints.hit("train:export")
         info = generator_info(cfg, nimg, "ema" if ema is not None else "raw", metrics)
         export_generator(export, teacher, model_uri, info)
     acc.wait_for_everyone()

@@ -25,6 +25,7 @@ def distill_trainjob(metrics: Output[Metrics], model: Output[Model], trainer_ima
                      batch: int = 512, micro_batch: int = 1, kimg: float = 10000.0, precision: str = "bf16",
                      tf32: bool = False, grad_checkpointing: bool = False, clip_grad_value: Optional[float] = None,
                      ema_halflife_kimg: float = 50.0, ema_rampup: float = 0.05, checkpoint_kimg: float = 100.0,
+                     keep_checkpoints: int = 3,
                      log_every: int = 1, checkpoints: bool = True, profile: bool = False, seed: int = 0,
                      sharding: str = "ddp", gpus: str = "1", resume: bool = True) -> str:
     """Distill `teacher` on `distill_nodes` nodes × `gpus` GPUs as a TrainJob; return the exported model's URI.
