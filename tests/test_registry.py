@@ -316,3 +316,76 @@ def test_cli_register(root, model, capsys):
     assert json.loads(capsys.readouterr().out) == {"version": 1, "promoted": False, "champion_version": None}
     assert registry.get(root, "sid-generator", 1).run_id == "r1"
     assert registry.champion(root, "sid-generator") is None  # the CLIP floor (0.3 < 0.5) held it back
+
+
+# Nothing wrong crowned -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metrics, why", [
+    ({"fid": float("nan"), "clip": 0.3}, "fid=nan"),
+    ({"fid": -1.0, "clip": 0.3}, "fid=-1.0"),
+    ({"fid": float("inf"), "clip": 0.3}, "fid=inf"),
+    ({"fid": 10.0, "clip": float("nan")}, "clip=nan"),
+    ({"fid": 10.0, "clip": 1.5}, "clip=1.5"),
+    ({"fid": 10.0, "clip": 0.3, "images_per_s": float("nan")}, "images_per_s=nan"),
+])
+def test_impossible_metrics_are_refused_before_anything_is_written(root, model, metrics, why):
+    with pytest.raises(ValueError, match=f"metric {why} is refused"):
+        registry.register(root, "m", "s3://x/model", metrics, "fp", "run")
+    uri = storage.join(root.rsplit("/", 1)[0], "eval", "bad.json")
+    storage.write_text(uri, json.dumps(metrics))  # json writes NaN and Infinity, as a broken evaluator would
+    with pytest.raises(ValueError, match=why):
+        run(RegisterConfig(registry=root, model=model, metrics=uri))
+    assert storage.listdir(root) == []  # no version, no champion, no index
+    with pytest.raises(ValueError, match=why):
+        registry.beats(metrics, {"fid": 20.0, "clip": 0.3}, clip_floor=0.2)
+
+
+def test_a_champion_crowned_with_nan_before_the_check_is_replaced(root):
+    v = add(root, 30.0)
+    storage.write_text(f"{root}/m/champion.json", json.dumps({"version": v.version, "metrics": {"fid": float("nan")},
+                                                              "promoted": "then"}))
+    better = add(root, 25.0)
+    assert registry.promote(root, "m", better.version, require_better=True)
+    assert champion_version(root) == better.version
+
+
+def test_nan_clip_does_not_pass_a_clip_floor():
+    assert not registry.beats({"fid": 1.0, "clip": 0.1}, None, clip_floor=0.2)
+    with pytest.raises(ValueError, match="clip=nan"):
+        registry.beats({"fid": 1.0, "clip": float("nan")}, None, clip_floor=0.2)
+
+
+def test_a_server_that_ignores_conditional_writes_is_refused_and_loses_nothing(juicefs_bucket, tmp_path, capsys):
+    # The JuiceFS gateway (MinIO's S3 layer) accepts If-None-Match: * over an existing object. Before the probe, 8
+    # concurrent registrations there all "won" version 1; now every one is refused in one line and nothing is written.
+    root = juicefs_bucket + "/registry"
+    errors = []
+
+    def attempt(i):
+        try:
+            add(root, 10.0 + i, run_id=f"r{i}")
+        except storage.StorageError as exc:
+            errors.append(str(exc))
+
+    on_threads(attempt)
+    assert len(errors) == THREADS and all("ignores conditional writes" in e and "\n" not in e for e in errors)
+    assert storage.list_files(root) == []
+    metrics = storage.join(juicefs_bucket, "eval", "m.json")
+    storage.write_text(metrics, json.dumps({"fid": 10.0, "clip": 0.3}))
+    src = tmp_path / "model"
+    (src / "unet").mkdir(parents=True)
+    (src / "unet" / "w.bin").write_bytes(b"w")
+    storage.publish_dir(str(src), juicefs_bucket + "/model")
+    assert main(["registry", "register", "--registry", root, "--model", juicefs_bucket + "/model",
+                 "--metrics", metrics]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ignores conditional writes" in err
+
+
+def test_register_refuses_a_model_whose_files_differ_from_its_manifest(root, model):
+    metrics = write_metrics(root, 20.0)
+    storage.write_bytes(storage.join(model, "unet", "weights.bin"), b"\1" * 65)  # replaced after publishing
+    with pytest.raises((ValueError, OSError), match="differs from the manifest|the manifest says 64"):
+        run(RegisterConfig(registry=root, model=model, metrics=metrics))
+    assert registry.list_versions(root, "sid-generator") == []

@@ -1,4 +1,5 @@
-"""sidflow.storage on local paths, file:// URIs and S3 through a real HTTP endpoint (moto server on loopback)."""
+"""sidflow.storage on local paths, file:// URIs and S3 through two real HTTP servers on loopback: moto, and the JuiceFS
+gateway (MinIO's S3 layer: no conditional writes, Content-MD5 required on DeleteObjects)."""
 
 import filecmp
 import hashlib
@@ -21,11 +22,13 @@ TREE = {
 }
 
 
-@pytest.fixture(params=["local", "file", "s3"])
+@pytest.fixture(params=["local", "file", "s3", "juicefs"])
 def root(request, tmp_path):
-    """A directory URI on each backend: plain path, file:// URI, S3 prefix."""
+    """A directory URI on each backend: plain path, file:// URI, S3 prefix on moto and on the JuiceFS gateway."""
     if request.param == "s3":
         return request.getfixturevalue("s3_bucket") + "/root"
+    if request.param == "juicefs":
+        return request.getfixturevalue("juicefs_bucket") + "/root"
     if request.param == "file":
         return f"file://{tmp_path}/root"
     return str(tmp_path / "root")
@@ -130,7 +133,8 @@ def test_big_file_multipart_roundtrip(s3_bucket, tmp_path):
     manifest = storage.publish_dir(str(src), uri)
     assert [e["path"] for e in manifest["files"]] == ["nested/deeper/small.txt", "top.txt", "weights/unet.bin"]
 
-    head = boto3.client("s3").head_object(Bucket=s3_bucket[len("s3://") :], Key="models/m1/weights/unet.bin")
+    client = boto3.session.Session().client("s3")
+    head = client.head_object(Bucket=s3_bucket[len("s3://") :], Key="models/m1/weights/unet.bin")
     assert "-" in head["ETag"] and head["ContentLength"] == 100 * 2**20  # "<md5>-<parts>": a multipart upload
 
     storage.fetch_dir(uri, str(tmp_path / "dst"))
@@ -284,3 +288,117 @@ def test_access_denied_becomes_permission_error(code):
     with pytest.raises(ClientError):  # an error no user causes passes through untouched
         with storage._s3_errors("s3://b/k"):
             raise ClientError({"Error": {"Code": "InternalError"}}, "GetObject")
+
+
+# Faults of real servers and networks: each a one-line error naming the URI, nothing half-written. ----------------
+
+
+def test_delete_tree_sends_content_md5_that_minio_class_servers_require(juicefs_bucket, tmp_path):
+    # The JuiceFS gateway answers DeleteObjects without Content-MD5 with MissingContentMD5, as MinIO does
+    # (botocore >= 1.36 sends a CRC32 checksum instead); sidflow adds the header itself.
+    import boto3
+    from botocore.exceptions import ClientError
+
+    name = juicefs_bucket.removeprefix("s3://")
+    boto3.session.Session().client("s3").put_object(Bucket=name, Key="bare/x", Body=b"x")
+    with pytest.raises(ClientError, match="MissingContentMD5"):  # the server's rule, shown with a plain client
+        boto3.session.Session().client("s3").delete_objects(Bucket=name, Delete={"Objects": [{"Key": "bare/x"}]})
+    uri = juicefs_bucket + "/tree"
+    storage.publish_dir(str(make_tree(tmp_path / "src", TREE)), uri)
+    storage.delete_tree(uri)
+    assert storage.list_files(uri) == []
+
+
+def _framed(data: bytes) -> bytes:
+    # What a server that does not understand aws-chunked uploads keeps: the chunk framing around the payload.
+    return f"{len(data):x};chunk-signature={'0' * 64}\r\n".encode() + data + b"\r\n0\r\n\r\n"
+
+
+def test_publish_detects_stored_chunk_framing_and_names_the_remedy(s3_bucket, tmp_path, monkeypatch):
+    # Stand-in for a server that stores boto3's streaming-checksum framing inside objects (the object bytes are what
+    # such a server returns on GET); the real upload path runs against moto with framed bodies.
+    real_put = storage._s3().put_object
+    monkeypatch.setattr(storage, "upload_file",
+                        lambda path, uri: storage.write_bytes(uri, _framed(Path(path).read_bytes())))
+    uri = s3_bucket + "/framed"
+    with pytest.raises(storage.StorageError, match="AWS_REQUEST_CHECKSUM_CALCULATION=when_required") as info:
+        storage.publish_dir(str(make_tree(tmp_path / "src", TREE)), uri)
+    assert "\n" not in str(info.value) and storage.read_manifest(uri) is None  # nothing visible to readers
+    bucket, key = uri[5:].split("/", 1)
+    real_put(Bucket=bucket, Key=key + "/manifest.json", Body=_framed(b'{"version": 1, "files": []}'))
+    with pytest.raises(ValueError, match="AWS_REQUEST_CHECKSUM_CALCULATION"):
+        storage.read_manifest(uri)
+
+
+def test_publish_aborts_multipart_uploads_a_killed_publish_left(root, tmp_path):
+    if not storage.is_s3(root):
+        pytest.skip("multipart uploads exist on S3 only")
+    import boto3
+
+    client = boto3.session.Session().client("s3")
+    bucket, key = root[5:].split("/", 1)
+    client.create_multipart_upload(Bucket=bucket, Key=f"{key}/unet/weights.bin")
+    assert client.list_multipart_uploads(Bucket=bucket, Prefix=key + "/").get("Uploads")
+    storage.publish_dir(str(make_tree(tmp_path / "src", TREE)), root)
+    assert not client.list_multipart_uploads(Bucket=bucket, Prefix=key + "/").get("Uploads")
+
+
+def test_fetch_once_leaves_no_temp_copy_when_verification_fails(root, tmp_path):
+    storage.publish_dir(str(make_tree(tmp_path / "src", TREE)), root)
+    storage.write_bytes(storage.join(root, "a.txt"), b"tampered")
+    with pytest.raises(ValueError, match="corrupted"):
+        storage.fetch_dir_once(root, tmp_path / "cache" / "teacher")
+    assert list((tmp_path / "cache").iterdir()) == []  # no .fetch-* directory left
+
+
+def test_conditional_write_probe_passes_on_a_server_that_honours_them(s3_bucket):
+    storage.check_conditional_writes(s3_bucket + "/registry")  # moto honours If-None-Match and If-Match
+    assert storage.listdir(s3_bucket + "/registry") == []  # the probe object is gone
+
+
+def test_conditional_write_probe_refuses_a_server_that_ignores_them(juicefs_bucket):
+    with pytest.raises(storage.StorageError, match="ignores conditional writes .If-None-Match and If-Match") as info:
+        storage.check_conditional_writes(juicefs_bucket + "/registry")
+    assert "\n" not in str(info.value) and storage.listdir(juicefs_bucket + "/registry") == []
+
+
+def test_no_credentials_and_bad_credentials_are_one_line(juicefs_bucket, monkeypatch):
+    uri = juicefs_bucket + "/x.txt"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-123")
+    storage.reset_client()
+    with pytest.raises(PermissionError, match="refused the credentials|access denied") as info:
+        storage.read_bytes(uri)
+    assert "wrong-secret-123" not in str(info.value) and "\n" not in str(info.value)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup on a CI machine
+    storage.reset_client()
+    with pytest.raises(PermissionError, match="no S3 credentials found"):
+        storage.write_bytes(uri, b"x")
+
+
+def test_unreachable_endpoint_is_one_line_after_bounded_retries(s3_env, monkeypatch):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    storage.reset_client()
+    with pytest.raises(storage.StorageError, match=f"cannot reach the S3 endpoint http://127.0.0.1:{port}") as info:
+        storage.read_bytes("s3://b/k")
+    assert "\n" not in str(info.value)
+
+
+def test_server_errors_are_one_line_after_retries(s3_env, monkeypatch):
+    from tests.loopback import JsonServer
+
+    server = JsonServer(lambda *_: (503, {"error": "down"}))
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
+        storage.reset_client()
+        with pytest.raises(storage.StorageError, match="s3://b/k: the S3 server keeps failing"):
+            storage.read_bytes("s3://b/k")
+        assert 1 < len(server.requests) <= 6  # botocore retried a bounded number of times, then the one line
+    finally:
+        server.close()

@@ -53,13 +53,11 @@ class PromptSet:
 
 def read_prompt_set(uri: str) -> PromptSet:
     """Return the prompt set stored at `uri`; raise a one-line ValueError if it is not one."""
-    import pyarrow.parquet as pq
-
     if not uri.endswith(".parquet"):
         raise ValueError(f"prompts={uri!r} must be a .parquet prompt set (columns caption, seed, image_id); "
                          "build one with `sidflow data coco-prompts`")
     data = storage.read_bytes(uri)
-    table = pq.read_table(io.BytesIO(data))
+    table = storage.parquet_table(data)
     if "caption" not in table.column_names:
         raise ValueError(f"prompts={uri!r} has no 'caption' column (columns: {table.column_names}); "
                          "build one with `sidflow data coco-prompts`")

@@ -87,9 +87,7 @@ def _listing(cfg: RefStatsConfig) -> tuple[str, list[str], list | None]:
 
     uri = cfg.images
     if uri.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        table = storage.parquet_table(storage.read_bytes(uri))
         if "image" not in table.column_names:
             raise ValueError(f"images={uri!r} has no 'image' column (columns: {table.column_names})")
         blobs = table.column("image").to_pylist()

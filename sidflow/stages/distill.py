@@ -260,4 +260,4 @@ def world_size() -> int:
 def summary(result: DistillResult) -> str:
     """Return the one-line JSON summary the CLI prints."""
     return json.dumps({"model": result.model_uri, "kimg": round(result.kimg, 3), "iterations": result.iterations,
-                       "interrupted": result.interrupted, **result.metrics})
+                       "interrupted": result.interrupted, **dict(sorted(result.metrics.items()))})

@@ -96,12 +96,11 @@ def write_parquet(path: str, n: int, seed: int, split: str = "train") -> None:
 
 def read_parquet(path: str) -> tuple[np.ndarray, list[str]]:
     """Return images [n, H, W, 3] uint8 and captions from a text-image parquet at a URI."""
-    import pyarrow.parquet as pq
     from PIL import Image
 
     from sidflow import storage
 
-    table = pq.read_table(io.BytesIO(storage.read_bytes(path)))
+    table = storage.parquet_table(storage.read_bytes(path))
     missing = {"image", "caption"} - set(table.column_names)
     if missing:
         raise ValueError(f"{path} lacks column(s) {sorted(missing)}: a text-image parquet has 'image' and 'caption'")
