@@ -181,7 +181,7 @@ def _pipeline(args) -> int:
     from sidflow.kfp import submit
 
     if args.pipeline_command == "compile":
-        print(kfp_pipeline.compile(args.out))
+        print(kfp_pipeline.compile(args.out, args.max_parallel))
         return 0
     if args.pipeline_command == "run-local":
         from google.protobuf import json_format
@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p = kp.add_parser("compile", help="compile the pipeline to IR YAML")
     p.add_argument("--out", default="sid_distill.yaml", help="output YAML path (the package's own copy is "
                    "regenerated with `python -m sidflow.kfp.compile`)")
+    p.add_argument("--max-parallel", type=int, help="teachers distilled at once: GPU pods or TrainJobs started "
+                   "together when several new teachers appear (default 1)")
     p = kp.add_parser("run-local", help="run the whole pipeline on this machine (kfp.local, no pod settings)")
     p.add_argument("--pipeline-root", default="kfp-local", help="local directory for kfp.local outputs")
     p.add_argument("--teachers", required=True, help="comma-separated teacher sources")

@@ -119,11 +119,21 @@ def condition(job: dict) -> tuple[str, str] | None:
     return None
 
 
-def run(job: dict, namespace: str = "", api=None, poll_seconds: float = 30.0) -> dict:
+TIMEOUT_S = 7 * 24 * 3600  # the longest a TrainJob is waited for (the same as the one-pod distill's pod deadline)
+
+
+class _Terminated(Exception):
+    """SIGTERM reached the orchestrating task: the pipeline run was stopped, or its pod deadline passed."""
+
+
+def run(job: dict, namespace: str = "", api=None, poll_seconds: float = 30.0,
+        timeout_seconds: float | None = TIMEOUT_S) -> dict:
     """Create `job` and poll it until it is Complete; return its final object, or raise if it Failed.
 
     A job of the same name left by an earlier attempt of the task is adopted if it is running or complete, and
     deleted and created again if it failed: the new one resumes from the newest checkpoint under its output.
+    The job is deleted (its checkpoints stay) when it is not Complete after `timeout_seconds`, and when this process
+    gets SIGTERM, which is how Argo stops the task of a terminated run: no TrainJob outlives the run that made it.
     `api` is a kubernetes CustomObjectsApi (default: in-cluster credentials); `namespace` defaults to the pod's own.
     """
     from kubernetes.client.rest import ApiException
@@ -145,14 +155,35 @@ def run(job: dict, namespace: str = "", api=None, poll_seconds: float = 30.0) ->
             print(f"re-created failed TrainJob {where['namespace']}/{name}")
         else:
             print(f"adopted TrainJob {where['namespace']}/{name}")
-    while True:
-        state = _get(api, name, where)
-        done = condition(state)
-        if done is not None and done[0] == "Complete":
-            return state
-        if done is not None:
-            raise RuntimeError(f"TrainJob {where['namespace']}/{name} failed: {done[1]}")
-        time.sleep(poll_seconds)
+    deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
+
+    def terminated(*_):
+        raise _Terminated
+
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminated) if main else None
+    try:
+        while True:
+            state = _get(api, name, where)
+            done = condition(state)
+            if done is not None and done[0] == "Complete":
+                return state
+            if done is not None:
+                raise RuntimeError(f"TrainJob {where['namespace']}/{name} failed: {done[1]}")
+            if deadline is not None and time.monotonic() > deadline:
+                api.delete_namespaced_custom_object(name=name, propagation_policy="Foreground", **where)
+                raise TimeoutError(f"TrainJob {where['namespace']}/{name} was not Complete after {timeout_seconds:.0f} "
+                                   "s: deleted it (its checkpoints stay; a retry resumes from them)")
+            time.sleep(poll_seconds)
+    except _Terminated:
+        api.delete_namespaced_custom_object(name=name, propagation_policy="Foreground", **where)
+        raise RuntimeError(f"stopped: deleted TrainJob {where['namespace']}/{name} (its checkpoints stay)") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def result(output: str) -> tuple[str, dict]:

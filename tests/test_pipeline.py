@@ -50,6 +50,13 @@ def ir(tmp_path_factory):
     return list(yaml.safe_load_all(Path(path).read_text()))
 
 
+def _tasks(spec) -> dict[str, dict]:
+    """Every container task of the IR, in every DAG, by its display name (found by meaning, not compiler ids)."""
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
+    return {t["taskInfo"]["name"]: t for dag in dags for t in dag["tasks"].values()
+            if "executorLabel" in spec["components"][t["componentRef"]["name"]]}
+
+
 def _distill_tasks(spec) -> tuple[dict, dict]:
     """(the one-pod distill task, the TrainJob task): one in each branch of the distill_nodes condition."""
     branches = spec["components"]["comp-condition-branches-2"]["dag"]["tasks"]
@@ -100,7 +107,7 @@ def test_evaluate_takes_either_branchs_model_and_gates_register(ir):
     oneof = {"taskOutputParameter": {"outputParameterKey": "pipelinechannel--condition-branches-2-oneof-1",
                                      "producerTask": "condition-branches-2"}}
     assert evaluate_task["inputs"]["parameters"]["model"] == oneof  # dsl.OneOf(one-pod distill, TrainJob)
-    assert evaluate_task["dependentTasks"] == ["condition-branches-2"]
+    assert sorted(evaluate_task["dependentTasks"]) == ["condition-branches-2", "download-teacher"]
     assert check["inputs"]["parameters"] == {
         "max_fid": {"componentInputParameter": "pipelinechannel--max_fid"},
         "metrics": {"taskOutputParameter": {"outputParameterKey": "Output", "producerTask": "evaluate"}}}
@@ -139,7 +146,7 @@ def test_multi_node_branch_creates_a_trainjob(ir):
     assert executor["image"].startswith("ghcr.io/example/sidflow-runtime:")  # a CPU pod that only orchestrates
     assert "resources" not in executor
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-distill-trainjob"]
-    assert set(k8s) == {"secretAsEnv"}  # reads the exported model; the GPU placement goes into the TrainJob
+    assert set(k8s) == {"secretAsEnv", "activeDeadlineSeconds"}  # no GPU placement: that goes into the TrainJob
 
 
 def test_pod_settings_caching_and_retries(ir):
@@ -156,15 +163,18 @@ def test_pod_settings_caching_and_retries(ir):
     root = spec["root"]["inputDefinitions"]["parameters"]
     assert (root["distill_cpu"]["defaultValue"], root["distill_memory"]["defaultValue"]) == (
         pipeline_module.DISTILL_CPU, pipeline_module.DISTILL_MEMORY)
-    inner = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
     assert train["retryPolicy"]["maxRetryCount"] == pipeline_module.DISTILL_RETRIES
-    assert train["cachingOptions"] == {"enableCache": True}
-    for task in (spec["root"]["dag"]["tasks"]["watch-teachers"], inner["download-teacher"]):
-        assert not task["cachingOptions"].get("enableCache", False)  # proto3 omits false
+    for task in _tasks(spec).values():  # no task is cached (README, "Caching"): each reads state outside its inputs
+        assert not task["cachingOptions"].get("enableCache", False), task["taskInfo"]["name"]  # proto3 omits false
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(executors) == {"exec-watch-teachers", "exec-download-teacher", "exec-distill", "exec-distill-trainjob",
                               "exec-evaluate", "exec-passes-gate", "exec-register"}
-    for ex in executors.values():
+    for name, ex in executors.items():
+        long = {"exec-distill": pipeline_module.DISTILL_TIMEOUT_S,
+                "exec-distill-trainjob": pipeline_module.DISTILL_TIMEOUT_S,
+                "exec-evaluate": pipeline_module.EVAL_TIMEOUT_S}
+        want = long.get(name, pipeline_module.CPU_TIMEOUT_S)
+        assert int(ex["activeDeadlineSeconds"]) == want, name  # no task runs forever
         (secret,) = ex["secretAsEnv"]
         assert secret["secretName"] == "sidflow-s3"
         assert {(m["secretKey"], m["envVar"]) for m in secret["keyToEnv"]} == {
@@ -226,11 +236,14 @@ def test_unset_values_become_none_and_nothing_else_does():
     assert (cfg.kappa_2, cfg.kappa_3, cfg.clip_grad_value) == (-1.0, -1.0, 5.0)  # a real negative κ is kept
 
 
+RUN_IDENTITY = {"artifact_root", "run_id", "teacher_fingerprint"}  # the run's prefix is joined inside (kfp.paths)
+
+
 @pytest.mark.parametrize("component, classes, extra", [
     (watch_teachers, [WatchTeachersConfig], set()), (download_teacher, [DownloadTeacherConfig], set()),
-    (distill, [DistillConfig], set()), (register, [RegisterConfig], set()),
-    (evaluate, [EvaluateConfig], set()),
-    (distill_trainjob, [DistillConfig, PlacementConfig], {"trainer_image"})])
+    (distill, [DistillConfig], {*RUN_IDENTITY, "retries"}), (register, [RegisterConfig], set()),
+    (evaluate, [EvaluateConfig], {"artifact_root", "run_id", "teacher"}),
+    (distill_trainjob, [DistillConfig, PlacementConfig], {"trainer_image", "retries", *RUN_IDENTITY})])
 def test_component_parameters_are_the_config_fields(component, classes, extra):
     inputs = component.component_spec.inputs
     fields = {k: v for cls in classes for k, v in _fields(cls).items()}
@@ -259,7 +272,10 @@ def test_watch_component_drops_unknown_fingerprints(tiny_teacher, tmp_path):
 
 
 def test_run_local_end_to_end_on_s3_registers_once_then_skips(s3_bucket, sidflow_cache, tmp_path, monkeypatch):
-    """The whole DAG under kfp.local on the bundled toy teacher, artifacts and registry on the loopback S3."""
+    """The whole DAG under kfp.local on two teachers (the bundled toy teacher and a changed copy), artifacts and
+    registry on the loopback S3: each teacher gets its own run prefix, each is registered once, then skipped."""
+    import shutil
+
     from sidflow import registry
     from sidflow.cli import main
     from sidflow.demo import TOY_TEACHER
@@ -273,29 +289,40 @@ def test_run_local_end_to_end_on_s3_registers_once_then_skips(s3_bucket, sidflow
     evaluator = str(TOY_TEACHER / "evaluator")
     eval_set = toy_eval_set(f"{s3_bucket}/eval", evaluator, n=8, reference_images=64)
     reg, art = f"{s3_bucket}/registry", f"{s3_bucket}/art"
-    args = ["pipeline", "run-local", "--pipeline-root", str(tmp_path / "root"), "--teachers", str(TOY_TEACHER),
+    other = tmp_path / "toy-teacher-b"
+    shutil.copytree(TOY_TEACHER, other)
+    (other / "NOTES.txt").write_text("another teacher version: its content digest differs\n")
+    args = ["pipeline", "run-local", "--pipeline-root", str(tmp_path / "root"), "--teachers", f"{TOY_TEACHER},{other}",
             "--registry", reg, "--artifact-root", art, "--prompts", str(prompts)]
     for kv in ("batch=2", "micro_batch=2", "kimg=0.004", "precision=fp32", "checkpoints=false",
                "model_name=toy", f"eval_prompts={eval_set['prompts']}", f"eval_reference={eval_set['reference']}",
                "eval_protocol=native", f"eval_features=toy:{evaluator}", f"eval_scorer=toy:{evaluator}", "eval_grid=4"):
         args += ["--set", kv]
     assert main(args) == 0
-    (version,) = registry.list_versions(reg, "toy")
-    champion = registry.champion(reg, "toy")
-    assert champion is not None and champion.version == version.version == 1
+    versions = registry.list_versions(reg, "toy")
+    assert len(versions) == 2 and registry.champion(reg, "toy") is not None
     digest = "sha256:" + storage.manifest_digest(storage.build_manifest(str(TOY_TEACHER)))
-    assert version.teacher_fingerprint == digest and version.model_uri.startswith(f"{art}/runs/")
+    assert {v.teacher_fingerprint for v in versions} == {
+        digest, "sha256:" + storage.manifest_digest(storage.build_manifest(str(other)))}
+    (run_id,) = storage.listdir(f"{art}/runs")  # one run...
+    prefixes = [v.model_uri.removesuffix("/model") for v in versions]
+    assert len(set(prefixes)) == 2 and all(p.startswith(f"{art}/runs/{run_id}/") for p in prefixes)  # ...two prefixes
+    assert "{{" not in run_id and sorted(storage.listdir(f"{art}/runs/{run_id}")) == sorted(
+        p.rsplit("/", 1)[1] for p in prefixes)
+    (version,) = [v for v in versions if v.teacher_fingerprint == digest]
+    assert storage.exists(storage.join(prefixes[0], "eval", "metrics.json"))  # evaluate wrote beside its distill
     assert version.metrics["images"] == 8 and 0 <= version.metrics["clip"] <= 1 and version.metrics["fid"] > 0
     assert version.metrics["model"] == version.model_uri  # the evaluation scored the registered model
     gen, info = load_generator(version.model_uri)
     assert sample(gen, info, ["a red circle on a white background, center"], [0]).shape == (1, 32, 32, 3)
     assert info["config"]["kimg"] == 0.004 and info["teacher_fingerprint"] == digest
-    (out,) = glob.glob(str(tmp_path / "root" / "*" / "*" / "distill" / "executor_output.json"))
-    (card,) = json.loads(Path(out).read_text())["artifacts"]["model"]["artifacts"]  # the KFP Model artifact
-    assert card["metadata"]["uri"] == version.model_uri and card["metadata"]["teacher_fingerprint"] == digest
+    cards = [json.loads(Path(out).read_text())["artifacts"]["model"]["artifacts"][0]  # the KFP Model artifacts
+             for out in glob.glob(str(tmp_path / "root" / "*" / "*" / "distill" / "executor_output.json"))]
+    assert {c["metadata"]["uri"] for c in cards} == {v.model_uri for v in versions}
+    assert digest in {c["metadata"]["teacher_fingerprint"] for c in cards}
 
-    assert main(args) == 0  # same teacher, same fingerprint: watch_teachers finds nothing new
-    assert [v.version for v in registry.list_versions(reg, "toy")] == [1]
+    assert main(args) == 0  # same teachers, same fingerprints: watch_teachers finds nothing new
+    assert [v.version for v in registry.list_versions(reg, "toy")] == [1, 2]
     assert len(storage.listdir(f"{art}/runs")) == 1  # no second distillation
 
 
@@ -336,3 +363,79 @@ def test_registration_gate(tmp_path, fid, clip, max_fid, passed):
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"fid": fid, "clip": clip}))  # json writes NaN/Infinity, as Python reads them
     assert passes_gate.python_func(metrics=str(metrics), max_fid=max_fid) is passed
+
+
+# The KFP backend's rules, which kfp.local does not apply ---------------------------------------------------------
+# Resolution of a task's inputs as the v2 backend does it (kubeflow/pipelines backend/src/v2, tags 2.5.0-2.17.0):
+# 1. the driver (driver/resolve.go, resolveInputParameter) replaces a runtimeValue constant by the run's value only
+#    when the constant *is* one of the placeholders (a `switch` on the whole string);
+# 2. the launcher (component/launcher_v2.go, compileCmdAndArgs) substitutes {{$.inputs.parameters['x']}} in the
+#    command and arguments, and nothing else; a `{{$.pipeline_...}}` inside a longer string stays as it is.
+PLACEHOLDERS = ("{{$.pipeline_job_uuid}}", "{{$.pipeline_task_uuid}}", "{{$.pipeline_job_name}}",
+                "{{$.pipeline_job_resource_name}}", "{{$.pipeline_task_name}}", "{{$.pipeline_root}}")
+
+
+def driver_constant(value, run: dict):
+    """Step 1: the value the executor receives for a runtimeValue constant."""
+    return run[value] if isinstance(value, str) and value in run else value
+
+
+def _constants(node):
+    if isinstance(node, dict):
+        if "runtimeValue" in node:
+            yield node["runtimeValue"]["constant"]
+        for v in node.values():
+            yield from _constants(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _constants(v)
+
+
+def test_no_constant_embeds_a_run_placeholder(ir):
+    # Fails for an f-string such as f"{artifact_root}/runs/{dsl.PIPELINE_JOB_ID_PLACEHOLDER}": the backend would
+    # hand the container the literal placeholder, and every run would share one prefix.
+    for value in _constants(ir[0]):
+        if isinstance(value, str) and "{{$.pipeline_" in value:
+            assert value in PLACEHOLDERS, value
+
+
+def test_output_prefixes_are_unique_per_run_and_teacher_as_the_backend_resolves_them(ir):
+    from sidflow.kfp.paths import run_output
+
+    tasks = _tasks(ir[0])
+    outputs = set()
+    for run_uuid in ("6f1c2e0a-run-one", "a93b7d44-run-two"):
+        run = {"{{$.pipeline_job_uuid}}": run_uuid, "{{$.pipeline_task_uuid}}": "dag-execution-7"}
+        for teacher in ("s3://b/art/teachers/sd15-1a2b", "s3://b/art/teachers/sd21-3c4d"):
+            per_task = set()
+            for name in ("Distill one-step generator", "Distill on several nodes (TrainJob)",
+                         "Evaluate (FID, CLIP score)"):
+                params = tasks[name]["inputs"]["parameters"]
+                run_id = driver_constant(params["run_id"]["runtimeValue"]["constant"], run)
+                assert params["artifact_root"] == {"componentInputParameter": "pipelinechannel--artifact_root"}
+                assert "output" not in params  # joined inside the component from whole values
+                per_task.add(run_output("s3://b/art", run_id, teacher))
+            assert len(per_task) == 1  # distill and evaluate of one teacher share the run directory
+            outputs |= per_task
+    assert len(outputs) == 4  # 2 runs x 2 teachers: nothing shared, no run resumes another's checkpoints
+    with pytest.raises(ValueError, match="unresolved placeholder"):
+        run_output("s3://b/art", "{{$.pipeline_job_uuid}}", "s3://b/art/teachers/sd15")
+
+
+def test_distill_cache_key_includes_the_teacher_fingerprint(ir):
+    tasks = _tasks(ir[0])
+    for name in ("Distill one-step generator", "Distill on several nodes (TrainJob)"):
+        (channel,) = tasks[name]["inputs"]["parameters"]["teacher_fingerprint"].values()
+        assert "download-teacher-fingerprint" in channel
+
+
+def test_loop_parallelism_is_bounded_and_set_at_compile_time(tmp_path):
+    from sidflow.kfp.compile import compile
+
+    for n, path in ((None, DEFAULT_OUT), (3, compile(str(tmp_path / "p3.yaml"), max_parallel=3))):
+        spec = next(yaml.safe_load_all(Path(path).read_text()))
+        loop = spec["root"]["dag"]["tasks"]["for-loop-1"]
+        assert loop["iteratorPolicy"]["parallelismLimit"] == (n or pipeline_module.MAX_PARALLEL)
+    assert pipeline_module.MAX_PARALLEL == 1
+    again = next(yaml.safe_load_all(Path(compile(str(tmp_path / "again.yaml"))).read_text()))  # build() restored it
+    assert again["root"]["dag"]["tasks"]["for-loop-1"]["iteratorPolicy"]["parallelismLimit"] == 1

@@ -2,6 +2,7 @@
 stand-in of the KFP v2beta1 REST API (no cluster)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,8 @@ from tests.loopback import JsonServer
 
 PARAMS = submit.package_parameters(DEFAULT_OUT)  # the committed IR: what a submit sends against
 REQUIRED = ["teachers=hf://stable-diffusion-v1-5/stable-diffusion-v1-5@main", "registry=s3://b/registry",
-            "artifact_root=s3://b/sidflow", "prompts=s3://b/prompts.txt"]
+            "artifact_root=s3://b/sidflow", "prompts=s3://b/prompts.txt", "eval_prompts=s3://b/eval/coco30k.parquet",
+            "eval_reference=s3://b/eval/val2014.npz", "inception_weights=s3://b/weights/inception-2015-12-05.pt"]
 
 
 class FakeKfp(JsonServer):
@@ -200,3 +202,25 @@ def test_parameters_come_from_the_compiled_package():
     assert PARAMS["tf32"] == (bool, False) and PARAMS["batch"][0] is int and PARAMS["lr_g"] == (float, 1e-6)
     assert PARAMS["gpu_node_selector"] == (dict, {}) and PARAMS["gpu_tolerations"] == (list, [])
     assert PARAMS["gpus"] == (str, "1")
+
+
+def test_readme_pipeline_examples_are_complete_runs(capsys):
+    # Every `sidflow pipeline submit|schedule` in README.md passes the same checks a real submit makes (required
+    # inputs, evaluate's included), so a user can copy it.
+    import shlex
+
+    from sidflow.cli import main
+
+    lines = (Path(__file__).parent.parent / "README.md").read_text().splitlines()
+    examples = []
+    for i, line in enumerate(lines):
+        if line.startswith(("sidflow pipeline submit", "sidflow pipeline schedule")):
+            command = line
+            while command.endswith("\\"):
+                i += 1
+                command = command[:-1] + " " + lines[i].strip()
+            examples.append(shlex.split(command))
+    assert len(examples) >= 3
+    for argv in examples:
+        assert main([*argv[1:], "--dry-run"]) == 0, " ".join(argv)
+        capsys.readouterr()

@@ -236,7 +236,8 @@ class FakeKube(JsonServer):
 
 @pytest.fixture
 def kube(monkeypatch):
-    monkeypatch.setattr(trainjob, "time", types.SimpleNamespace(sleep=lambda s: None))  # poll without waiting
+    # Poll without waiting; the clock stands still unless a test moves it.
+    monkeypatch.setattr(trainjob, "time", types.SimpleNamespace(sleep=lambda s: None, monotonic=lambda: 0.0))
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     fakes = []
 
@@ -282,6 +283,33 @@ def test_a_retry_replaces_a_failed_job_and_adopts_a_running_one(kube):
     running = kube(existing=copy.deepcopy(job), polls=2)
     trainjob.run(job, namespace="ml", api=running.api())
     assert running.calls() == ["POST trainjobs", f"GET {name}", f"GET {name}"]  # adopted: no delete, no second POST
+
+
+def test_a_job_past_its_deadline_is_deleted(kube, monkeypatch):
+    job = trainjob.manifest(CFG, PLACEMENT, "img")
+    name = job["metadata"]["name"]
+    clock = iter(range(0, 10**6, 1000))
+    monkeypatch.setattr(trainjob, "time", types.SimpleNamespace(sleep=lambda s: None, monotonic=lambda: next(clock)))
+    fake = kube(polls=100)
+    with pytest.raises(TimeoutError, match=f"TrainJob ml/{name} was not Complete after 2500 s: deleted it"):
+        trainjob.run(job, namespace="ml", api=fake.api(), timeout_seconds=2500)
+    assert fake.calls()[-1] == f"DELETE {name}"
+
+
+def test_a_stopped_run_deletes_its_job(kube, monkeypatch):
+    # Argo stops the task of a terminated run with SIGTERM; the TrainJob must not outlive it.
+    import os
+    import signal
+
+    job = trainjob.manifest(CFG, PLACEMENT, "img")
+    name = job["metadata"]["name"]
+    monkeypatch.setattr(trainjob, "time", types.SimpleNamespace(sleep=lambda s: os.kill(os.getpid(), signal.SIGTERM),
+                                                                monotonic=lambda: 0.0))
+    fake = kube(polls=100)
+    with pytest.raises(RuntimeError, match=f"stopped: deleted TrainJob ml/{name}"):
+        trainjob.run(job, namespace="ml", api=fake.api())
+    assert fake.calls() == ["POST trainjobs", f"GET {name}", f"DELETE {name}"]
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
 
 
 def test_transient_api_errors_are_retried(kube):

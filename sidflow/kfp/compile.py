@@ -9,13 +9,18 @@ from pathlib import Path
 DEFAULT_OUT = str(Path(__file__).with_name("sid_distill.yaml"))
 
 
-def compile(path: str = DEFAULT_OUT) -> str:
-    """Compile the sid-distill pipeline to `path` (IR YAML: pipeline spec + kubernetes platform spec); return path."""
+def compile(path: str = DEFAULT_OUT, max_parallel: int | None = None) -> str:
+    """Compile the sid-distill pipeline to `path` (IR YAML: pipeline spec + kubernetes platform spec); return path.
+    `max_parallel` bounds the teachers distilled at once (default sid_distill.MAX_PARALLEL)."""
     from kfp import compiler
 
-    from sidflow.kfp.sid_distill import sid_distill
+    from sidflow.kfp import sid_distill
 
-    compiler.Compiler().compile(sid_distill, package_path=path)
+    pipeline = sid_distill.build(max_parallel or sid_distill.MAX_PARALLEL)
+    try:
+        compiler.Compiler().compile(pipeline, package_path=path)
+    finally:
+        sid_distill.build()  # the module's pipeline keeps its defaults
     return path
 
 
@@ -35,4 +40,6 @@ def run_local(pipeline_root: str, **arguments):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=DEFAULT_OUT)
-    print(compile(parser.parse_args().out))
+    parser.add_argument("--max-parallel", type=int, help="teachers distilled at once (default 1)")
+    args = parser.parse_args()
+    print(compile(args.out, args.max_parallel))

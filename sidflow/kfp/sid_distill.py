@@ -4,7 +4,8 @@ Distill runs in one pod (`distill_nodes` = 1, the default) or, for more nodes, a
 that a CPU task creates and waits for (`dsl.If`/`dsl.Else` inside the loop); either branch returns the model URI,
 so evaluate takes `dsl.OneOf(train.output, job.output)`; a small gate task reads its metrics, and register runs under
 `dsl.If` on the gate. Both GPU tasks request their GPU count at run time (`gpus`, `eval_gpus`) and run one process
-per GPU. Finetune is not in the DAG: that stage has not landed. Defaults are literals copied from
+per GPU. Each run writes under <artifact_root>/runs/<run id>/<teacher>-<hash>/, joined inside the components
+(sidflow/kfp/paths.py). Finetune is not in the DAG: that stage has not landed. Defaults are literals copied from
 the config dataclasses (DistillConfig, WatchTeachersConfig, sidflow.trainjob.PlacementConfig) and, for the
 None-default DistillConfig fields, from distill.PIPELINE_UNSET; tests/test_pipeline.py checks them and the
 descriptions against the dataclasses.
@@ -25,8 +26,12 @@ from sidflow.trainjob import S3_KEYS, S3_SECRET  # the Kubernetes secret every s
 # are the run-time parameters distill_cpu and distill_memory; these are their per-GPU defaults.
 DISTILL_CPU, DISTILL_MEMORY, DISTILL_SHM = "8", "64G", "16Gi"
 DISTILL_RETRIES = 3  # a retried distill resumes from its newest complete checkpoint (same output URI)
-# Run URI: <artifact_root>/runs/<run id>/<task id>. Not the teacher's slug: kfp.local (2.17) resolves a loop item's
-# field inside an f-string to the whole item JSON. The task id is fixed by the driver, so retries reuse it.
+# Run URI: <artifact_root>/runs/<run id>/<teacher name>-<hash>, joined inside each component (sidflow.kfp.paths): the
+# backend substitutes the run id only as a whole input value, never inside an f-string.
+MAX_PARALLEL = 1  # teachers distilled at once; `sidflow pipeline compile --max-parallel N` (KFP takes no run parameter)
+# Pod deadlines (activeDeadlineSeconds): a distill pod is retried (and resumes) when it runs past its deadline, so this
+# bounds one attempt, not the run. The multi-node task waits for its TrainJob as long (sidflow.trainjob.TIMEOUT_S).
+DISTILL_TIMEOUT_S, EVAL_TIMEOUT_S, CPU_TIMEOUT_S = 7 * 24 * 3600, 24 * 3600, 6 * 3600
 # DistillConfig fields the pipeline does not expose: per-task values come from the loop (teacher) and the run (output).
 # The None-default fields (κ1..κ4, clip_grad_value) are exposed with the "unset" values of distill.PIPELINE_UNSET,
 # because kfp.local cannot run a pipeline parameter whose default is None.
@@ -45,11 +50,15 @@ GATE = ("max_fid", "promote", "clip_floor")  # the evaluate gate and RegisterCon
 EVAL_RETRIES = 2  # a retried evaluation keeps the shards already written; its pod requests eval_gpus GPUs
 
 
-def _s3_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
+def _s3_env(task: dsl.PipelineTask, timeout_s: int = CPU_TIMEOUT_S) -> dsl.PipelineTask:
+    # Caching is off on every task: each one reads or writes state that changes outside its inputs (the hub, the
+    # registry, checkpoints under the run's prefix), and a re-run must redo its work, never return an old run's output.
+    task.set_caching_options(False)
+    kubernetes.set_timeout(task, timeout_s)
     return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_KEYS})
 
 
-def _gpu_pod(task: dsl.PipelineTask, gpus, retries: int, node_selector, tolerations, cpu=DISTILL_CPU,
+def _gpu_pod(task: dsl.PipelineTask, gpus, retries: int, node_selector, tolerations, timeout_s: int, cpu=DISTILL_CPU,
              memory=DISTILL_MEMORY) -> dsl.PipelineTask:
     """GPU, CPU and memory (constants or run-time parameters), retries (the GPU stages resume), the S3 secret, and
     run-time node placement."""
@@ -59,11 +68,13 @@ def _gpu_pod(task: dsl.PipelineTask, gpus, retries: int, node_selector, tolerati
     task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0)
     kubernetes.add_node_selector_json(task, node_selector)  # resolved at run time by the KFP driver
     kubernetes.add_toleration_json(task, tolerations)
-    return _s3_env(task)
+    return _s3_env(task, timeout_s)
 
 
-@dsl.pipeline(name="sid-distill")
-def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-generator", artifact_root: str = "",
+_BUILD = {"max_parallel": MAX_PARALLEL}  # compile-time settings of build()
+
+
+def _sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-generator", artifact_root: str = "",
                 prompts: str = "", guidance: str = "lsg", kappa: float = 1.5, null_prompt: str = "auto",
                 kappa_1: float = -99.0, kappa_2: float = -99.0, kappa_3: float = -99.0, kappa_4: float = -99.0,
                 alpha: float = 1.0, t_min: int = 20, t_max: int = 980, t_init: int = 625, steps: int = 1,
@@ -184,35 +195,49 @@ def sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-g
              if k not in ("teachers", "registry", "model_name", "artifact_root", *PLACEMENT, *EVALUATE, *GATE)}
     scoring = {field: args[name] for name, field in EVALUATE.items()}
     watch = watch_teachers(teachers=teachers, registry=registry, model_name=model_name, artifact_root=artifact_root)
-    watch.set_display_name("Find new teachers").set_caching_options(False)  # the registry and the hub change
+    watch.set_display_name("Find new teachers")
     _s3_env(watch)
-    with dsl.ParallelFor(watch.output, name="new-teachers") as teacher:
+    with dsl.ParallelFor(watch.output, name="new-teachers", parallelism=_BUILD["max_parallel"]) as teacher:
         fetch = download_teacher(source=teacher.source, dest=teacher.dest)
-        fetch.set_display_name("Download teacher").set_caching_options(False)  # the source may have moved on
+        fetch.set_display_name("Download teacher")
         _s3_env(fetch)
-        run_uri = f"{artifact_root}/runs/{dsl.PIPELINE_JOB_ID_PLACEHOLDER}/{dsl.PIPELINE_TASK_ID_PLACEHOLDER}"
+        # The run's prefix is built inside each component from these whole values (sidflow.kfp.paths).
+        where = dict(artifact_root=artifact_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        ident = dict(teacher=fetch.outputs["uri"], teacher_fingerprint=fetch.outputs["fingerprint"], **where)
         with dsl.If(distill_nodes == 1, name="one-pod"):
-            train = distill(teacher=fetch.outputs["uri"], output=run_uri, **hyper)
+            train = distill(**ident, **hyper)
             train.set_display_name("Distill one-step generator")
-            _gpu_pod(train, gpus, DISTILL_RETRIES, gpu_node_selector, gpu_tolerations, distill_cpu, distill_memory)
+            _gpu_pod(train, gpus, DISTILL_RETRIES, gpu_node_selector, gpu_tolerations, DISTILL_TIMEOUT_S, distill_cpu,
+                     distill_memory)
             kubernetes.empty_dir_mount(train, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                        size_limit=DISTILL_SHM)
         with dsl.Else(name="multi-node"):  # this CPU task creates the TrainJob and waits for it
-            job = distill_trainjob(teacher=fetch.outputs["uri"], output=run_uri, trainer_image=TRAINER_IMAGE,
-                                   **placement, **hyper)
+            job = distill_trainjob(**ident, trainer_image=TRAINER_IMAGE, **placement, **hyper)
             job.set_display_name("Distill on several nodes (TrainJob)")
             job.set_retry(num_retries=DISTILL_RETRIES, backoff_duration="60s", backoff_factor=2.0)
-            _s3_env(job)  # reads the exported model's sidflow.json
+            _s3_env(job, DISTILL_TIMEOUT_S)  # reads the exported model's sidflow.json
         model = dsl.OneOf(train.outputs["Output"], job.outputs["Output"])
-        score = evaluate(model=model, output=run_uri, **scoring)  # run_uri resolves to this task's own id
+        score = evaluate(model=model, teacher=fetch.outputs["uri"], **where, **scoring)  # writes <run>/eval
         score.set_display_name("Evaluate (FID, CLIP score)")
-        _gpu_pod(score, eval_gpus, EVAL_RETRIES, gpu_node_selector, gpu_tolerations)
+        _gpu_pod(score, eval_gpus, EVAL_RETRIES, gpu_node_selector, gpu_tolerations, EVAL_TIMEOUT_S)
         gate = passes_gate(metrics=score.outputs["Output"], max_fid=max_fid)
-        gate.set_display_name("Check the registration gate").set_caching_options(False)
+        gate.set_display_name("Check the registration gate")
         _s3_env(gate)
         with dsl.If(gate.output == True, name="passed-gate"):  # noqa: E712 (a KFP condition, not a bool)
             entry = register(registry=registry, model_name=model_name, model=model,
                              metrics=score.outputs["Output"], run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                              clip_floor=clip_floor, promote=promote)
-            entry.set_display_name("Register (promote if better)").set_caching_options(False)  # the champion moves
+            entry.set_display_name("Register (promote if better)")
             _s3_env(entry)
+
+
+def build(max_parallel: int = MAX_PARALLEL):
+    """Return the sid-distill pipeline with at most `max_parallel` teachers distilled at once (a compile-time value:
+    KFP 2.17 takes only a literal for a ParallelFor's parallelism)."""
+    if max_parallel < 1:
+        raise ValueError(f"max_parallel={max_parallel} must be at least 1")
+    _BUILD["max_parallel"] = max_parallel
+    return dsl.pipeline(name="sid-distill")(_sid_distill)
+
+
+sid_distill = build()

@@ -23,7 +23,9 @@ from sidflow.kfp.compile import DEFAULT_OUT
 
 KFP_TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": bool, "STRUCT": dict,
              "LIST": list}
-REQUIRED = ("teachers", "registry", "artifact_root", "prompts")  # empty by default; a run cannot do without them
+# Empty by default; a run cannot do without them. The evaluate inputs are checked here because the evaluate task
+# would otherwise fail only after the whole distill.
+REQUIRED = ("teachers", "registry", "artifact_root", "prompts", "eval_prompts", "eval_reference")
 MAX_CONCURRENCY = 1  # two distills of one schedule never overlap
 CRON_DESCRIPTORS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly", "@every ")
 
@@ -115,9 +117,13 @@ def parse_overrides(pairs: list[str], params: dict[str, tuple[type, typing.Any]]
 
 def check_required(arguments: dict, params: dict[str, tuple[type, typing.Any]]) -> None:
     """Raise a one-line ValueError if a parameter in REQUIRED would be empty in the run."""
+    value = lambda name: arguments.get(name, params[name][1]) if name in params else None  # noqa: E731
     for name in REQUIRED:
-        if name in params and not arguments.get(name, params[name][1]):
+        if name in params and not value(name):
             raise ValueError(f"{name} is empty: pass {name}=<URI>")
+    if value("eval_features") == "inception" and "inception_weights" in params and not value("inception_weights"):
+        raise ValueError("inception_weights is empty: pass inception_weights=<URI of inception-2015-12-05.pt> (FID "
+                         "features; or eval_features=toy:<evaluator URI>)")
 
 
 def check_cron(cron: str) -> None:

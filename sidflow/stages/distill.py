@@ -252,6 +252,26 @@ def launch(cfg: DistillConfig) -> DistillResult:
                    finished=lambda rc, result: rc == 0 or result["interrupted"])
 
 
+def launch_with_retries(cfg: DistillConfig, retries: int) -> DistillResult:
+    """Validate here, then run the stage as child processes (one per GPU), starting them again up to `retries` times
+    after a crash (a killed or failed process): each attempt resumes from the newest checkpoint. User errors are
+    found by the validation and never retried; an interrupted run (SIGTERM: the pod is going away) is returned."""
+    import sys
+
+    from sidflow.launch import gpu_count, run_per_gpu
+
+    n = gpu_count(cfg.gpus)
+    validate(cfg, world_size=n)
+    check_resume(cfg)
+    for attempt in range(retries + 1):
+        rc, result = run_per_gpu("distill", cfg, n)
+        if result is not None and (rc == 0 or result["interrupted"]):
+            return DistillResult(**result)
+        print(f"distill: attempt {attempt + 1} of {retries + 1} ended with exit code {rc}"
+              + ("; starting again from the newest checkpoint" if attempt < retries else ""), file=sys.stderr)
+    raise RuntimeError(f"distill failed {retries + 1} times (last exit code {rc}); the lines above say why")
+
+
 def world_size() -> int:
     """Return the number of processes of this launch (torchrun sets WORLD_SIZE)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -125,11 +125,11 @@ def _check_model(cfg: EvaluateConfig) -> None:
 
     path = materialize(cfg.model)
     check_teacher_dir(path, generator=cfg.sampler == "generator")
-    if cfg.sampler == "generator" and not storage.is_s3(cfg.model):
-        storage.verify_published(cfg.model)  # a local generator without a manifest does not exist to readers
     if cfg.sampler == "generator" and not os.path.isfile(os.path.join(path, INFO_FILE)):
         raise ValueError(f"model={cfg.model!r} has no {INFO_FILE}: not an exported sidflow generator; to evaluate "
                          "a teacher pass --sampler ddim (or dpm_solver) with --teacher-steps and --guidance")
+    if cfg.sampler == "generator" and not storage.is_s3(cfg.model):
+        storage.verify_published(cfg.model)  # a local generator without a manifest does not exist to readers
 
 
 def run(cfg: EvaluateConfig) -> EvaluateResult:

@@ -10,6 +10,7 @@ BASE_IMAGE = "ghcr.io/example/sidflow-trainer:0.1.0"  # containers/: CUDA traine
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def distill(metrics: Output[Metrics], model: Output[Model], teacher: str = "", prompts: str = "", output: str = "",
+            artifact_root: str = "", run_id: str = "", teacher_fingerprint: str = "", retries: int = 3,
             guidance: str = "lsg", kappa: float = 1.5, null_prompt: str = "auto", kappa_1: Optional[float] = None,
             kappa_2: Optional[float] = None, kappa_3: Optional[float] = None, kappa_4: Optional[float] = None,
             alpha: float = 1.0, t_min: int = 20, t_max: int = 980, t_init: int = 625, steps: int = 1,
@@ -33,13 +34,25 @@ def distill(metrics: Output[Metrics], model: Output[Model], teacher: str = "", p
         model: the exported generator's model card; its metadata holds the model URI (weights stay in S3).
         teacher: teacher URI (a published diffusers SD1.5/SD2.1-base/SDXL directory, local or s3://).
         prompts: training prompts URI: .txt (one per line) or .parquet with a 'prompt' column.
-        output: run URI: config.json, checkpoints/, logs/ and model/ are written under it.
+        output: run URI: config.json, checkpoints/, logs/ and model/ are written under it; empty: derived from
+            artifact_root, run_id and teacher (sidflow.kfp.paths.run_output), as the pipeline does.
+        artifact_root: artifact root URI the pipeline's runs go under (used when output is empty).
+        run_id: the pipeline run's id, passed as the whole value dsl.PIPELINE_JOB_ID_PLACEHOLDER.
+        teacher_fingerprint: the teacher's fingerprint: part of the task's cache key, so a new teacher version is
+            never answered with an old run's outputs.
+        retries: times a crashed training launch is started again in this pod, resuming from its newest checkpoint.
+            KFP backends up to 2.17 drop set_retry for tasks inside a ParallelFor (kubeflow/pipelines #12389,
+            #13897), so the task retries itself; a lost pod is retried only where the backend honours set_retry.
     """
-    fields = {k: v for k, v in locals().items() if k not in ("metrics", "model")}
+    fields = {k: v for k, v in locals().items()
+              if k not in ("metrics", "model", "artifact_root", "run_id", "teacher_fingerprint", "retries")}
+    from sidflow.kfp.paths import run_output
     from sidflow.stages import distill as stage
 
+    fields["output"] = output or run_output(artifact_root, run_id, teacher)
+
     cfg = stage.from_pipeline(fields)  # checks Literal values and types like the CLI does
-    result = stage.launch(cfg)  # one process per GPU of the pod
+    result = stage.launch_with_retries(cfg, retries)  # one process per GPU of the pod, re-launched after a crash
     print(stage.summary(result))
     for name, value in {"kimg": result.kimg, "iterations": result.iterations, **result.metrics}.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):

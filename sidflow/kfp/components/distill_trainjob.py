@@ -17,6 +17,7 @@ BASE_IMAGE = "ghcr.io/example/sidflow-runtime:0.1.0"  # containers/: this packag
 def distill_trainjob(metrics: Output[Metrics], model: Output[Model], trainer_image: str, distill_nodes: int = 1,
                      gpu_node_selector: dict = {}, gpu_tolerations: list = [], distill_cpu: str = "8",
                      distill_memory: str = "64G", teacher: str = "", prompts: str = "", output: str = "",
+                     artifact_root: str = "", run_id: str = "", teacher_fingerprint: str = "", retries: int = 3,
                      guidance: str = "lsg", kappa: float = 1.5, null_prompt: str = "auto",
                      kappa_1: Optional[float] = None, kappa_2: Optional[float] = None, kappa_3: Optional[float] = None,
                      kappa_4: Optional[float] = None, alpha: float = 1.0, t_min: int = 20, t_max: int = 980,
@@ -47,18 +48,35 @@ def distill_trainjob(metrics: Output[Metrics], model: Output[Model], trainer_ima
         distill_memory: memory of the one-pod distill only (unused here: TrainJob nodes get 64G per GPU).
         teacher: teacher URI (a published diffusers SD1.5/SD2.1-base/SDXL directory, local or s3://).
         prompts: training prompts URI: .txt (one per line) or .parquet with a 'prompt' column.
-        output: run URI: config.json, checkpoints/, logs/ and model/ are written under it.
+        output: run URI: config.json, checkpoints/, logs/ and model/ are written under it; empty: derived from
+            artifact_root, run_id and teacher (sidflow.kfp.paths.run_output), as the pipeline does.
+        artifact_root: artifact root URI the pipeline's runs go under (used when output is empty).
+        run_id: the pipeline run's id, passed as the whole value dsl.PIPELINE_JOB_ID_PLACEHOLDER.
+        teacher_fingerprint: the teacher's fingerprint: part of the task's cache key.
+        retries: times a Failed TrainJob is deleted and created again by this task (it resumes from its newest
+            checkpoint); KFP backends up to 2.17 drop set_retry inside a ParallelFor (kubeflow/pipelines #12389).
     """
     placement = {"distill_nodes": distill_nodes, "gpu_node_selector": gpu_node_selector,
                  "gpu_tolerations": gpu_tolerations, "distill_cpu": distill_cpu, "distill_memory": distill_memory}
     fields = {k: v for k, v in locals().items()
-              if k not in ("metrics", "model", "trainer_image", "placement", *placement)}
+              if k not in ("metrics", "model", "trainer_image", "placement", *placement, "artifact_root", "run_id",
+                           "teacher_fingerprint", "retries")}
     from sidflow import trainjob
+    from sidflow.kfp.paths import run_output
     from sidflow.stages import distill as stage
+
+    fields["output"] = output or run_output(artifact_root, run_id, teacher)
 
     cfg = stage.from_pipeline(fields)
     job = trainjob.manifest(cfg, trainjob.PlacementConfig(**placement), trainer_image)  # checks before any pod starts
-    trainjob.run(job)
+    for attempt in range(retries + 1):
+        try:
+            trainjob.run(job)  # adopts a running job; deletes and re-creates a Failed one
+            break
+        except RuntimeError as e:
+            if "failed:" not in str(e) or attempt == retries:
+                raise
+            print(f"{e}; attempt {attempt + 2} of {retries + 1} resumes from the newest checkpoint")
     model_uri, info = trainjob.result(cfg.output)
     for name, value in {"kimg": info["nimg"] / 1000, **info.get("metrics", {})}.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -13,7 +13,8 @@ def evaluate(metrics: Output[Metrics], samples: Output[HTML], model: str = "", p
              inception_weights: str = "", scorer: str = "openclip", clip_model: str = "ViT-g-14",
              clip_weights: str = "laion2b_s12b_b42k", clip_precision: str = "fp16", unet_dtype: str = "fp16",
              vae_dtype: str = "auto", compile_vae: bool = True, batch: int = 32, shard_size: int = 1024, limit: int = 0,
-             grid: int = 16, workers: int = 0, gpus: str = "1") -> str:
+             grid: int = 16, workers: int = 0, gpus: str = "1", artifact_root: str = "", run_id: str = "",
+             teacher: str = "") -> str:
     """Evaluate `model` and return the URI of its metrics.json.
 
     Every parameter is the EvaluateConfig field of the same name (`sidflow evaluate --help`); `limit` 0 and
@@ -24,13 +25,20 @@ def evaluate(metrics: Output[Metrics], samples: Output[HTML], model: str = "", p
         metrics: fid, clip, images and images/s of the evaluation.
         samples: HTML page with the captioned sample grid.
         model: exported generator URI (the distill task's output).
-        output: URI the evaluation writes metrics.json, clip_scores.parquet, grid.png and row.md under.
+        output: URI the evaluation writes metrics.json, clip_scores.parquet, grid.png and row.md under; empty:
+            `eval/` of the run directory derived from artifact_root, run_id and teacher, as the pipeline does.
+        artifact_root: artifact root URI the pipeline's runs go under (used when output is empty).
+        run_id: the pipeline run's id, passed as the whole value dsl.PIPELINE_JOB_ID_PLACEHOLDER.
+        teacher: the distilled teacher's URI (names the run directory when output is empty).
     """
     import base64
 
     from sidflow import storage
     from sidflow.config import override
+    from sidflow.kfp.paths import run_output
     from sidflow.stages import evaluate as stage
+
+    output = output or storage.join(run_output(artifact_root, run_id, teacher), "eval")
 
     fields = {k: v for k, v in locals().items() if k in stage.EvaluateConfig.__dataclass_fields__}
     fields.update(limit=limit or None, workers=workers or None)
