@@ -402,3 +402,28 @@ def test_server_errors_are_one_line_after_retries(s3_env, monkeypatch):
         assert 1 < len(server.requests) <= 6  # botocore retried a bounded number of times, then the one line
     finally:
         server.close()
+
+
+def test_parquet_is_read_without_arrow_thread_pools(tmp_path):
+    # With torch imported first, Arrow's CPU pool threads can abort the interpreter at exit (exit code 134,
+    # "terminate called without an active exception"; apache/arrow#34314). sidflow reads its small tables on the
+    # calling thread: in a fresh process that imports torch first, the read starts at most one native thread
+    # (the default read starts Arrow's pool: 3 threads with pyarrow 26).
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog"] * 50}), tmp_path / "p.parquet")
+    code = f"""
+import os, torch
+from sidflow import storage
+data = open({str(tmp_path / "p.parquet")!r}, "rb").read()
+import pyarrow.parquet as pq
+threads = lambda: len(os.listdir("/proc/self/task"))
+n0 = threads(); storage.parquet_table(data); n1 = threads()
+print(n1 - n0)
+"""
+    started = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert started <= 1
