@@ -73,7 +73,7 @@ def _distill_tasks(spec) -> tuple[dict, dict]:
 def test_dag_tasks_display_names_and_parallel_for(ir):
     spec = ir[0]
     root = spec["root"]["dag"]["tasks"]
-    assert set(root) == {"watch-teachers", "for-loop-1"}
+    assert set(root) == {"watch-teachers", "for-loop-1", "report"}
     assert root["watch-teachers"]["taskInfo"]["name"] == "Find new teachers"
     loop = root["for-loop-1"]
     assert loop["taskInfo"]["name"] == "new-teachers"
@@ -97,7 +97,7 @@ def test_dag_tasks_display_names_and_parallel_for(ir):
     assert set(spec["components"]) == {
         "comp-watch-teachers", "comp-for-loop-1", "comp-download-teacher", "comp-condition-branches-2",
         "comp-condition-3", "comp-distill", "comp-condition-4", "comp-distill-trainjob", "comp-evaluate",
-        "comp-passes-gate", "comp-condition-5", "comp-register"}  # finetune has not landed
+        "comp-passes-gate", "comp-condition-5", "comp-register", "comp-report"}  # finetune has not landed
 
 
 def test_evaluate_takes_either_branchs_model_and_gates_register(ir):
@@ -168,7 +168,7 @@ def test_pod_settings_caching_and_retries(ir):
         assert not task["cachingOptions"].get("enableCache", False), task["taskInfo"]["name"]  # proto3 omits false
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(executors) == {"exec-watch-teachers", "exec-download-teacher", "exec-distill", "exec-distill-trainjob",
-                              "exec-evaluate", "exec-passes-gate", "exec-register"}
+                              "exec-evaluate", "exec-passes-gate", "exec-register", "exec-report"}
     for name, ex in executors.items():
         long = {"exec-distill": pipeline_module.DISTILL_TIMEOUT_S,
                 "exec-distill-trainjob": pipeline_module.DISTILL_TIMEOUT_S,
@@ -316,6 +316,9 @@ def test_run_local_end_to_end_on_s3_registers_once_then_skips(s3_bucket, sidflow
     gen, info = load_generator(version.model_uri)
     assert sample(gen, info, ["a red circle on a white background, center"], [0]).shape == (1, 32, 32, 3)
     assert info["config"]["kimg"] == 0.004 and info["teacher_fingerprint"] == digest
+    (report_out,) = glob.glob(str(tmp_path / "root" / "*" / "report" / "executor_output.json"))
+    rows = json.loads(Path(report_out).read_text())["parameterValues"]["Output"]
+    assert sorted(r["status"] for r in rows) == ["registered", "registered"]
     cards = [json.loads(Path(out).read_text())["artifacts"]["model"]["artifacts"][0]  # the KFP Model artifacts
              for out in glob.glob(str(tmp_path / "root" / "*" / "*" / "distill" / "executor_output.json"))]
     assert {c["metadata"]["uri"] for c in cards} == {v.model_uri for v in versions}
@@ -439,3 +442,36 @@ def test_loop_parallelism_is_bounded_and_set_at_compile_time(tmp_path):
     assert pipeline_module.MAX_PARALLEL == 1
     again = next(yaml.safe_load_all(Path(compile(str(tmp_path / "again.yaml"))).read_text()))  # build() restored it
     assert again["root"]["dag"]["tasks"]["for-loop-1"]["iteratorPolicy"]["parallelismLimit"] == 1
+
+
+def test_a_last_task_reports_every_teacher_even_after_failures(ir):
+    task = _tasks(ir[0])["Report per teacher"]
+    assert task["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"  # runs when a teacher's tasks failed
+    assert sorted(task["dependentTasks"]) == ["for-loop-1", "watch-teachers"]  # after the whole loop
+    assert task["inputs"]["parameters"]["run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
+
+
+def test_report_names_where_each_teacher_ended(tmp_path):
+    from sidflow.kfp.paths import run_output
+    from sidflow.kfp.report import markdown, teacher_status
+
+    art, reg = str(tmp_path / "art"), str(tmp_path / "reg")
+    teachers = [{"source": f"hf://org/{n}", "dest": f"{art}/teachers/{n}"} for n in ("a", "b", "c", "d")]
+    runs = [run_output(art, "run-1", t["dest"]) for t in teachers]
+    from sidflow.train import checkpoint
+
+    checkpoint.save(runs[1], 2048, {"nimg": 2048}, {"nimg": 2048})  # b: stopped mid-distill
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "sidflow.json").write_text("{}")
+    for run in runs[2:]:
+        storage.publish_dir(str(src), storage.join(run, "model"))
+    storage.write_text(storage.join(runs[2], "eval", "metrics.json"), json.dumps({"fid": 99.0, "clip": 0.2}))
+    from sidflow import registry
+
+    registry.register(reg, "m", storage.join(runs[3], "model"), {"fid": 9.0, "clip": 0.3}, "fp", "run-1")
+    registry.promote(reg, "m", 1)
+    rows = [teacher_status(art, "run-1", t, reg, "m") for t in teachers]
+    assert [r["status"] for r in rows] == ["not-started", "distill-failed", "gated", "registered"]
+    assert rows[1]["detail"] == "stopped at 2.048 kimg" and rows[3]["detail"] == "m v1 (champion)"
+    assert markdown(rows).count("\n") == 6

@@ -19,6 +19,7 @@ from sidflow.kfp.components.distill_trainjob import distill_trainjob
 from sidflow.kfp.components.download_teacher import download_teacher
 from sidflow.kfp.components.evaluate import evaluate, passes_gate
 from sidflow.kfp.components.register import register
+from sidflow.kfp.components.report import report
 from sidflow.kfp.components.watch_teachers import watch_teachers
 from sidflow.trainjob import S3_KEYS, S3_SECRET  # the Kubernetes secret every stage reads its S3 settings from
 
@@ -229,6 +230,12 @@ def _sid_distill(teachers: str = "", registry: str = "", model_name: str = "sid-
                              clip_floor=clip_floor, promote=promote)
             entry.set_display_name("Register (promote if better)")
             _s3_env(entry)
+    # Runs after every teacher's tasks, failed ones included (a task outside the loop: ExitHandler around a
+    # ParallelFor is broken upstream, kubeflow/pipelines #12390), and says which teacher ended where.
+    done = report(teachers=watch.output, artifact_root=artifact_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                  registry=registry, model_name=model_name)
+    done.set_display_name("Report per teacher").after(score).ignore_upstream_failure()
+    _s3_env(done)
 
 
 def build(max_parallel: int = MAX_PARALLEL):
