@@ -83,6 +83,11 @@ def check(cfg, placement: PlacementConfig) -> int:
     return gpus
 
 
+# The longest a TrainJob may run: its own activeDeadlineSeconds (honoured where the CRD has the field, as Trainer
+# v2.3.0's does) and how long the orchestrating task waits for it; the same as the one-pod distill's pod deadline.
+TIMEOUT_S = 7 * 24 * 3600
+
+
 def manifest(cfg, placement: PlacementConfig, image: str) -> dict:
     """Return the TrainJob that runs `sidflow distill` with `cfg` on distill_nodes nodes × cfg.gpus GPUs each."""
     gpus = check(cfg, placement)
@@ -107,6 +112,7 @@ def manifest(cfg, placement: PlacementConfig, image: str) -> dict:
             "trainer": {"image": image, "command": command(cfg), "env": env, "numNodes": placement.distill_nodes,
                         "numProcPerNode": gpus, "resourcesPerNode": {"requests": resources, "limits": dict(resources)}},
             "runtimePatches": [{"manager": MANAGER, "trainingRuntimeSpec": {"template": {"spec": patch}}}],
+            "activeDeadlineSeconds": TIMEOUT_S,
         },
     }
 
@@ -117,9 +123,6 @@ def condition(job: dict) -> tuple[str, str] | None:
         if c.get("type") in ("Complete", "Failed") and c.get("status") == "True":
             return c["type"], f"{c.get('reason', '')}: {c.get('message', '')}"
     return None
-
-
-TIMEOUT_S = 7 * 24 * 3600  # the longest a TrainJob is waited for (the same as the one-pod distill's pod deadline)
 
 
 class _Terminated(Exception):

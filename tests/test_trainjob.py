@@ -65,6 +65,7 @@ def test_two_nodes_of_eight_gpus():
     t = spec["trainer"]
     assert t["image"] == "registry.example/sidflow-trainer:9"
     assert (t["numNodes"], t["numProcPerNode"]) == (2, 8)
+    assert spec["activeDeadlineSeconds"] == trainjob.TIMEOUT_S  # Failed (DeadlineExceeded) after 7 days, not never
     assert t["resourcesPerNode"]["limits"] == t["resourcesPerNode"]["requests"] == {
         "cpu": "64", "memory": "512G", "nvidia.com/gpu": "8"}
     assert {e["name"]: e["valueFrom"]["secretKeyRef"] for e in t["env"]} == {
@@ -405,7 +406,7 @@ def test_run_local_takes_the_trainjob_branch_for_several_nodes(kube, tiny_teache
     assert cmd[cmd.index("--teacher") + 1].startswith(str(art / "teachers"))  # the downloaded copy
     ran = {p.parent.name for p in (tmp_path / "root").rglob("executor_output.json")}
     assert ran == {"watch-teachers", "download-teacher", "distill-trainjob", "evaluate", "passes-gate",
-                   "register"}  # the one-pod distill did not run; evaluate took the TrainJob's model (dsl.OneOf)
+                   "register", "report"}  # no one-pod distill; evaluate took the TrainJob model
 
 
 @pytest.mark.parametrize("key, text, expected", [
