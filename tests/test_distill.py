@@ -259,3 +259,32 @@ def test_sigterm_to_a_multi_process_launch_checkpoints_and_resumes(tiny_teacher,
     end = checkpoint.name_for(16)
     _assert_same(_weights(str(tmp_path / "one" / "checkpoints" / end)),
                  _weights(str(tmp_path / "two" / "checkpoints" / end)), 1e-5)
+
+
+@pytest.mark.parametrize("guidance, kappa, kappa_2, kappa_4, dropped", [
+    ("lsg", 1.5, 1.5, 1.5, 4),       # the fake step's 2 rounds x 2 iterations drop prompts; the generator step never
+    ("long", 3.0, 1.0, 3.0, 0),      # κ4 on the teacher, the fake unguided: no dropout
+    ("zero_cfg", 1.0, 0.0, 1.0, 0),  # an unconditional fake never sees c: no dropout (method.md §6.3)
+    ("anti_cfg", -1.0, -1.0, 1.0, 4),
+])
+def test_the_loop_passes_each_kappa_to_its_network_and_drops_prompts_in_the_fake_step_only(
+        tiny_teacher, prompts, tmp_path, monkeypatch, guidance, kappa, kappa_2, kappa_4, dropped):
+    # Spies on the loop's own calls (every LSG test has κ2 = κ4, so a swap at the call site passed them all).
+    from sidflow.train import loop
+
+    seen, drops = [], []
+    real_loss, real_drop = loop.generator_step_loss, loop.drop_prompts
+
+    def spy_loss(*args, **kwargs):
+        seen.append((kwargs["kappa_2"], kwargs["kappa_4"]))
+        return real_loss(*args, **kwargs)
+
+    def spy_drop(c, null, p, **kwargs):
+        drops.append(p)
+        return real_drop(c, null, p, **kwargs)
+
+    monkeypatch.setattr(loop, "generator_step_loss", spy_loss)
+    monkeypatch.setattr(loop, "drop_prompts", spy_drop)
+    run(_cfg(tiny_teacher, prompts, tmp_path / "run", kimg=0.004, guidance=guidance, kappa=kappa, checkpoints=False))
+    assert set(seen) == {(kappa_2, kappa_4)} and len(seen) == 4  # 2 rounds x 2 iterations
+    assert len(drops) == dropped and all(p == 0.1 for p in drops)

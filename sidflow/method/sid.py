@@ -45,9 +45,12 @@ def fake_step_loss(
 
 def generator_step_loss(
     teacher: ScoreNet, fake: ScoreNet, x_g: Tensor, c: Tensor, null: Tensor, t: Tensor, eps: Tensor,
-    a: Tensor, s: Tensor, kappa_2: float, kappa_4: float, alpha: float = 1.0,
+    a: Tensor, s: Tensor, *, kappa_2: float, kappa_4: float, alpha: float = 1.0,
 ) -> Tensor:
-    """Return the SiD generator loss [B]; gradients flow through both UNets into x_g. method.md §4, §9."""
+    """Return the SiD generator loss [B]; gradients flow through both UNets into x_g. method.md §4, §9.
+
+    The guidance scales are keyword-only: κ2 (the fake's) and κ4 (the teacher's) are easy to swap by position.
+    """
     a_t, s_t = at(a, t, x_g), at(s, t, x_g)
     x_t = add_noise(x_g, eps, a_t, s_t)  # [B, ...]  keeps the graph to x_g
     y_r = x0_from_eps(x_t, guided_eps(teacher, x_t, t, c, null, kappa_4), a_t, s_t)  # teacher x0, CFG κ4

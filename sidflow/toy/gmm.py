@@ -102,7 +102,7 @@ def train_sid(gmm: GMM, iters: int = 1500, batch: int = 256, lr: float = 1e-3, g
     opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.0, 0.999))
     opt_f = torch.optim.Adam(fake.parameters(), lr=lr, betas=(0.0, 0.999))
     k = kappas(guidance, kappa)
-    p_drop = 0.1 if k["kappa_1"] != 1 or k["kappa_2"] != 1 else 0.0
+    p_drop = 0.1 if (k["kappa_1"] != 1 or k["kappa_2"] != 1) and (k["kappa_1"] != 0 or k["kappa_2"] != 0) else 0.0
     null = torch.zeros(1, gmm.n_classes)
     g = torch.Generator().manual_seed(seed)
     gen_loss = generator_loss or generator_step_loss
@@ -123,7 +123,8 @@ def train_sid(gmm: GMM, iters: int = 1500, batch: int = 256, lr: float = 1e-3, g
         c, z, eps, t = draw()  # generator step
         fake.requires_grad_(False)
         x_g = generate(G, z, c, a, s, grad_last=True)
-        loss = gen_loss(teacher, fake, x_g, c, null, t, eps, a, s, k["kappa_2"], k["kappa_4"], alpha)
+        loss = gen_loss(teacher, fake, x_g, c, null, t, eps, a, s, kappa_2=k["kappa_2"], kappa_4=k["kappa_4"],
+                        alpha=alpha)
         loss.sum().div(batch).backward()
         fake.requires_grad_(True)
         torch.nn.utils.clip_grad_value_(G.parameters(), 1e5)

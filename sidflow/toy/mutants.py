@@ -8,17 +8,17 @@ from sidflow.method.guidance import guided_eps
 from sidflow.method.vp import add_noise, at, x0_from_eps
 
 
-def swapped(teacher, fake, *args):
+def swapped(teacher, fake, *args, **kwargs):
     """Teacher and fake exchanged in the generator loss."""
-    return sid.generator_step_loss(fake, teacher, *args)
+    return sid.generator_step_loss(fake, teacher, *args, **kwargs)
 
 
-def alpha_flipped(teacher, fake, x_g, c, null, t, eps, a, s, kappa_2, kappa_4, alpha):
+def alpha_flipped(teacher, fake, *args, kappa_2, kappa_4, alpha):
     """α's sign flipped."""
-    return sid.generator_step_loss(teacher, fake, x_g, c, null, t, eps, a, s, kappa_2, kappa_4, -alpha)
+    return sid.generator_step_loss(teacher, fake, *args, kappa_2=kappa_2, kappa_4=kappa_4, alpha=-alpha)
 
 
-def normaliser_attached(teacher, fake, x_g, c, null, t, eps, a, s, kappa_2, kappa_4, alpha):
+def normaliser_attached(teacher, fake, x_g, c, null, t, eps, a, s, *, kappa_2, kappa_4, alpha):
     """The per-sample normaliser w left attached to the graph."""
     a_t, s_t = at(a, t, x_g), at(s, t, x_g)
     x_t = add_noise(x_g, eps, a_t, s_t)

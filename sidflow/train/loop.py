@@ -64,7 +64,10 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
     b_tot = cfg.batch // world  # per-process share of the global batch: the loss normaliser (§3 step 4)
     k = resolved_kappas(cfg)
     guided_fake = k["kappa_1"] != 1 or k["kappa_2"] != 1
-    p_drop = cfg.fake_dropout if guided_fake else 0.0  # dropout only when the fake is guided (§3)
+    conditional_fake = k["kappa_1"] != 0 or k["kappa_2"] != 0  # Zero-CFG's fake never sees c (§6.3)
+    # Dropout only when the fake is guided, and never for an unconditional fake: it would fit G(z, ∅), which G is
+    # never trained on (§3).
+    p_drop = cfg.fake_dropout if guided_fake and conditional_fake else 0.0
 
     # Networks: G and the fake score are full copies of the frozen teacher UNet (method.md §2).
     teacher = load_teacher(cfg.teacher, device, null=cfg.null_prompt)
@@ -173,7 +176,7 @@ def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
                 x_g = generate(net_g_ddp, z, c, a, s, cfg.t_init, cfg.steps, k_step, grad_last=True,
                                generator=g_dev)
                 loss, nan = _drop_nan(generator_step_loss(net_t, net_f, x_g, c, null, t, eps, a, s,
-                                                          k["kappa_2"], k["kappa_4"], cfg.alpha))
+                                                          kappa_2=k["kappa_2"], kappa_4=k["kappa_4"], alpha=cfg.alpha))
                 acc.backward(loss.sum() / b_tot)
             sums[1] += loss.detach().sum()
             sums[3] += nan
