@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install lint clean pipeline
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sidflow tests benchmarks
 
+# The compiled IR (sidflow/kfp/sid_distill.yaml, pipeline/sid-distill.yaml) and components/<name>.yaml.
+pipeline: $(STAMP)
+	$(PY) -m sidflow.kfp.compile
+
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
 
@@ -33,6 +37,10 @@ clean:
 IMAGE_REPO ?= ghcr.io/example/sidflow
 VERSION    ?= $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' sidflow/__init__.py)
 .PHONY: images
+# `make images IMAGE_REPO=registry.example.com/ml/sidflow PUSH=1` also pushes; then compile against that registry:
+# sidflow pipeline compile --image-registry registry.example.com/ml --out sid-distill.yaml
+PUSH ?= 0
 images:
 	docker build -f containers/runtime/Dockerfile --build-arg VERSION=$(VERSION) -t $(IMAGE_REPO)-runtime:$(VERSION) .
 	docker build -f containers/trainer/Dockerfile --build-arg VERSION=$(VERSION) -t $(IMAGE_REPO)-trainer:$(VERSION) .
+	if [ "$(PUSH)" = 1 ]; then docker push $(IMAGE_REPO)-runtime:$(VERSION) && docker push $(IMAGE_REPO)-trainer:$(VERSION); fi

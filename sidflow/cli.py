@@ -180,8 +180,10 @@ def _pipeline(args) -> int:
     from sidflow.kfp import compile as kfp_pipeline
     from sidflow.kfp import submit
 
+    images = dict(image_registry=args.image_registry, runtime_digest=args.runtime_digest,
+                  trainer_digest=args.trainer_digest) if args.pipeline_command != "run-local" else {}
     if args.pipeline_command == "compile":
-        print(kfp_pipeline.compile(args.out, args.max_parallel))
+        print(kfp_pipeline.compile(args.out, args.max_parallel, **images))
         return 0
     if args.pipeline_command == "run-local":
         from google.protobuf import json_format
@@ -194,6 +196,10 @@ def _pipeline(args) -> int:
             arguments[name] = getattr(args, name)
         kfp_pipeline.run_local(args.pipeline_root, **arguments)
         return 0
+    if any(images.values()):  # the run uses the team's images: compile a package that names them
+        import tempfile
+
+        args.package = kfp_pipeline.compile(tempfile.mkstemp(suffix=".yaml", prefix="sid-distill-")[1], **images)
     params = submit.package_parameters(args.package)  # submit, schedule: typed as the compiled pipeline declares
     arguments = submit.parse_overrides(args.params, params)
     submit.check_required(arguments, params)
@@ -320,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                    "regenerated with `python -m sidflow.kfp.compile`)")
     p.add_argument("--max-parallel", type=int, help="teachers distilled at once: GPU pods or TrainJobs started "
                    "together when several new teachers appear (default 1)")
+    _image_flags(p)
     p = kp.add_parser("run-local", help="run the whole pipeline on this machine (kfp.local, no pod settings)")
     p.add_argument("--pipeline-root", default="kfp-local", help="local directory for kfp.local outputs")
     p.add_argument("--teachers", required=True, help="comma-separated teacher sources")
@@ -345,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                        "shipped in the package)")
         p.add_argument("--service-account", help="Kubernetes ServiceAccount the run's pods use")
         p.add_argument("--dry-run", action="store_true", help="print the typed parameters and stop")
+        _image_flags(p)
         if name == "submit":
             p.add_argument("--run-name", help="run name (default: the package file name and the time)")
         else:
@@ -359,6 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, PermissionError, StorageError) as e:  # one clear line, no traceback
         print(f"sidflow {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _image_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-registry", help="registry holding your pushes of sidflow-runtime and sidflow-trainer "
+                   "(`make images IMAGE_REPO=<registry>/sidflow`), e.g. registry.example.com/ml; default "
+                   "ghcr.io/example")
+    p.add_argument("--runtime-digest", help="pin sidflow-runtime by digest (sha256:…)")
+    p.add_argument("--trainer-digest", help="pin sidflow-trainer by digest (sha256:…)")
 
 
 def _cuda() -> bool:

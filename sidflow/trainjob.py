@@ -19,7 +19,7 @@ from sidflow.config import param, to_args
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Kubeflow Trainer installs
-TRAINER_IMAGE = f"ghcr.io/example/sidflow-trainer:{__version__}"  # containers/trainer, as `make images` tags it
+TRAINER_IMAGE = f"ghcr.io/example/sidflow-trainer:{__version__}"  # = sidflow.kfp.images.TRAINER (no kfp import here)
 NODE = "node"  # the runtime's trainer replicated job, and its container
 MANAGER = "sidflow.kubeflow.org/distill"  # key of sidflow's entry in spec.runtimePatches
 RBAC_VERBS = ("create", "delete", "get")  # every call `run` makes; manifests/base/rbac-trainjobs.yaml grants these

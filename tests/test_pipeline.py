@@ -475,3 +475,69 @@ def test_report_names_where_each_teacher_ended(tmp_path):
     assert [r["status"] for r in rows] == ["not-started", "distill-failed", "gated", "registered"]
     assert rows[1]["detail"] == "stopped at 2.048 kimg" and rows[3]["detail"] == "m v1 (champion)"
     assert markdown(rows).count("\n") == 6
+
+
+# What a platform team reuses without installing sidflow: the IR and each component's spec. ------------------------
+
+
+def test_top_level_pipeline_and_components_are_up_to_date(tmp_path):
+    from sidflow.kfp.compile import REPO, _components, _write
+
+    assert (REPO / "pipeline" / "sid-distill.yaml").read_text() == Path(DEFAULT_OUT).read_text(), \
+        "pipeline/ is stale: run `python -m sidflow.kfp.compile`"
+    names = _components()
+    assert sorted(p.name for p in (REPO / "components").glob("*.yaml")) == sorted(
+        f"{n.replace('_', '-')}.yaml" for n in names)
+    for name, component in names.items():
+        fresh = _write(component, str(tmp_path / f"{name}.yaml"))
+        assert Path(fresh).read_text() == (REPO / "components" / f"{name.replace('_', '-')}.yaml").read_text(), \
+            f"components/{name}.yaml is stale: run `python -m sidflow.kfp.compile`"
+
+
+def test_component_specs_load_into_a_pipeline_of_ones_own(tmp_path):
+    from kfp import compiler, components, dsl
+
+    from sidflow.kfp.compile import REPO
+
+    register_op = components.load_component_from_file(str(REPO / "components" / "register.yaml"))
+    distill_op = components.load_component_from_file(str(REPO / "components" / "distill.yaml"))
+
+    @dsl.pipeline(name="team-pipeline")
+    def team(teacher: str = "s3://team/teachers/sd15"):
+        d = distill_op(teacher=teacher, prompts="s3://team/prompts.txt", output="s3://team/runs/one", kimg=100.0)
+        register_op(registry="s3://team/registry", model=d.outputs["Output"], metrics="s3://team/eval/m.json")
+
+    compiler.Compiler().compile(team, str(tmp_path / "team.yaml"))
+    spec = next(yaml.safe_load_all((tmp_path / "team.yaml").read_text()))
+    assert set(spec["root"]["dag"]["tasks"]) == {"distill", "register"}
+    assert spec["deploymentSpec"]["executors"]["exec-distill"]["container"]["image"].endswith("sidflow-trainer:0.1.0")
+
+
+def _leaves(node, path=()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _leaves(v, (*path, i))
+    else:
+        yield path, node
+
+
+def test_image_override_changes_every_image_and_nothing_else(tmp_path):
+    from sidflow.kfp.compile import compile
+
+    digest = "sha256:" + "ab" * 32
+    ours = list(yaml.safe_load_all(Path(compile(str(tmp_path / "ours.yaml"), image_registry="registry.example.com/ml",
+                                                trainer_digest=digest)).read_text()))
+    default = list(yaml.safe_load_all(Path(DEFAULT_OUT).read_text()))
+    before, after = dict(_leaves(default)), dict(_leaves(ours))
+    assert before.keys() == after.keys()
+    changed = {p: (before[p], after[p]) for p in before if before[p] != after[p]}
+    assert changed and all(isinstance(b, str) and ("sidflow-runtime:" in b or "sidflow-trainer:" in b)
+                           for b, _ in changed.values())
+    assert {a for _, a in changed.values()} == {"registry.example.com/ml/sidflow-runtime:0.1.0",
+                                                f"registry.example.com/ml/sidflow-trainer@{digest}"}
+    assert "ghcr.io/example" not in (tmp_path / "ours.yaml").read_text()
+    with pytest.raises(ValueError, match="is not sha256"):
+        compile(str(tmp_path / "bad.yaml"), runtime_digest="latest")

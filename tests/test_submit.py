@@ -224,3 +224,14 @@ def test_readme_pipeline_examples_are_complete_runs(capsys):
     for argv in examples:
         assert main([*argv[1:], "--dry-run"]) == 0, " ".join(argv)
         capsys.readouterr()
+
+
+def test_submit_with_an_image_registry_compiles_a_package_naming_it(capsys):
+    from sidflow.cli import main
+
+    assert main(["pipeline", "submit", *REQUIRED, "--image-registry", "registry.example.com/ml", "--dry-run"]) == 0
+    package = json.loads(capsys.readouterr().out)["package"]
+    text = Path(package).read_text()
+    assert "registry.example.com/ml/sidflow-trainer:0.1.0" in text and "ghcr.io/example" not in text
+    assert main(["pipeline", "submit", *REQUIRED, "--image-registry", "Not A Registry", "--dry-run"]) == 2
+    assert "is not a registry path" in capsys.readouterr().err

@@ -1,27 +1,69 @@
-"""Compile the sid-distill pipeline to IR YAML, or run it on this machine with kfp.local.
+"""Compile the sid-distill pipeline and its components to IR YAML, or run the pipeline here with kfp.local.
 
-    python -m sidflow.kfp.compile [--out sidflow/kfp/sid_distill.yaml]   (also `sidflow pipeline compile --out …`)
+    python -m sidflow.kfp.compile            # sidflow/kfp/sid_distill.yaml, and pipeline/ + components/ in a checkout
+    sidflow pipeline compile --out my.yaml [--max-parallel N] [--image-registry REG] [--runtime-digest sha256:…]
+
+`pipeline/sid-distill.yaml` is the IR to upload in the Kubeflow UI; `components/<name>.yaml` is each component's spec,
+which `kfp.components.load_component_from_file` loads into a team's own pipelines. tests/test_pipeline.py fails when
+any of them is stale.
 """
 
 import argparse
+import tempfile
 from pathlib import Path
 
 DEFAULT_OUT = str(Path(__file__).with_name("sid_distill.yaml"))
+REPO = Path(__file__).resolve().parent.parent.parent  # the checkout (absent from an installed wheel's layout)
 
 
-def compile(path: str = DEFAULT_OUT, max_parallel: int | None = None) -> str:
-    """Compile the sid-distill pipeline to `path` (IR YAML: pipeline spec + kubernetes platform spec); return path.
-    `max_parallel` bounds the teachers distilled at once (default sid_distill.MAX_PARALLEL)."""
+def _components() -> dict:
+    from sidflow.kfp.components.distill import distill
+    from sidflow.kfp.components.distill_trainjob import distill_trainjob
+    from sidflow.kfp.components.download_teacher import download_teacher
+    from sidflow.kfp.components.evaluate import evaluate, passes_gate
+    from sidflow.kfp.components.register import register
+    from sidflow.kfp.components.report import report
+    from sidflow.kfp.components.watch_teachers import watch_teachers
+
+    return {c.name: c for c in (watch_teachers, download_teacher, distill, distill_trainjob, evaluate, passes_gate,
+                                register, report)}
+
+
+def _write(obj, path: str, **images) -> str:
     from kfp import compiler
 
+    from sidflow.kfp.images import retarget
+
+    with tempfile.TemporaryDirectory() as tmp:
+        compiler.Compiler().compile(obj, package_path=str(Path(tmp) / "ir.yaml"))
+        text = retarget((Path(tmp) / "ir.yaml").read_text(), **images)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+    return path
+
+
+def compile(path: str = DEFAULT_OUT, max_parallel: int | None = None, image_registry: str | None = None,
+            runtime_digest: str | None = None, trainer_digest: str | None = None) -> str:
+    """Compile the sid-distill pipeline to `path` (IR YAML: pipeline spec + kubernetes platform spec); return path.
+    `max_parallel` bounds the teachers distilled at once (default sid_distill.MAX_PARALLEL); the image arguments put
+    sidflow's images under another registry and pin them by digest (sidflow.kfp.images.retarget)."""
     from sidflow.kfp import sid_distill
 
     pipeline = sid_distill.build(max_parallel or sid_distill.MAX_PARALLEL)
     try:
-        compiler.Compiler().compile(pipeline, package_path=path)
+        _write(pipeline, path, registry=image_registry, runtime_digest=runtime_digest, trainer_digest=trainer_digest)
     finally:
         sid_distill.build()  # the module's pipeline keeps its defaults
     return path
+
+
+def compile_repo(root: Path = REPO) -> list[str]:
+    """Write the package's sid_distill.yaml, then pipeline/sid-distill.yaml and components/<name>.yaml under root."""
+    out = [compile(DEFAULT_OUT)]
+    out.append(compile(str(root / "pipeline" / "sid-distill.yaml")))
+    for name, component in _components().items():
+        out.append(_write(component, str(root / "components" / f"{name.replace('_', '-')}.yaml")))
+    return out
 
 
 def run_local(pipeline_root: str, **arguments):
@@ -38,8 +80,6 @@ def run_local(pipeline_root: str, **arguments):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default=DEFAULT_OUT)
-    parser.add_argument("--max-parallel", type=int, help="teachers distilled at once (default 1)")
-    args = parser.parse_args()
-    print(compile(args.out, args.max_parallel))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args()
+    print("\n".join(compile_repo()))

@@ -5,7 +5,9 @@ from typing import Optional
 from kfp import dsl
 from kfp.dsl import Metrics, Model, Output
 
-BASE_IMAGE = "ghcr.io/example/sidflow-trainer:0.1.0"  # containers/: CUDA trainer image with this package + kfp
+from sidflow.kfp import images
+
+BASE_IMAGE = images.TRAINER  # containers/trainer (sidflow/kfp/images.py)
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)

@@ -3,8 +3,10 @@
 from kfp import dsl
 from kfp.dsl import HTML, Metrics, Output
 
-BASE_IMAGE = "ghcr.io/example/sidflow-trainer:0.1.0"  # containers/: CUDA image (generation, Inception, CLIP)
-RUNTIME_IMAGE = "ghcr.io/example/sidflow-runtime:0.1.0"  # containers/: CPU image
+from sidflow.kfp import images
+
+BASE_IMAGE = images.TRAINER  # CUDA: generation, Inception, CLIP (sidflow/kfp/images.py)
+RUNTIME_IMAGE = images.RUNTIME  # CPU
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)

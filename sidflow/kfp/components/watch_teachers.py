@@ -2,7 +2,9 @@
 
 from kfp import dsl
 
-BASE_IMAGE = "ghcr.io/example/sidflow-runtime:0.1.0"  # containers/: this package + kfp installed
+from sidflow.kfp import images
+
+BASE_IMAGE = images.RUNTIME  # containers/runtime (sidflow/kfp/images.py)
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
