@@ -58,8 +58,11 @@ def compile(path: str = DEFAULT_OUT, max_parallel: int | None = None, image_regi
 
 
 def compile_repo(root: Path = REPO) -> list[str]:
-    """Write the package's sid_distill.yaml, then pipeline/sid-distill.yaml and components/<name>.yaml under root."""
+    """Write the package's sid_distill.yaml, then (in a checkout: root has pyproject.toml) pipeline/sid-distill.yaml
+    and components/<name>.yaml under root."""
     out = [compile(DEFAULT_OUT)]
+    if not (root / "pyproject.toml").is_file():  # an installed wheel: only the package's own copy
+        return out
     out.append(compile(str(root / "pipeline" / "sid-distill.yaml")))
     for name, component in _components().items():
         out.append(_write(component, str(root / "components" / f"{name.replace('_', '-')}.yaml")))
