@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: the result record of ../shared/docs/benchmarks.md."""
+"""Shared by the benchmark scripts: the result record (name, device, git sha, command, versions, metrics)."""
 
 import datetime
 import json

@@ -83,7 +83,7 @@ def _record(args, runs: dict, failed: dict, modes: list[str], counts: list[int],
                                                         for a, b in zip(runs[mode, n], runs[mode, ref])),
                           "loss_g": [round(x["loss_g"], 4) for x in runs[mode, n]]} for n in done]
         metrics[mode] += [{"gpus": n, "error": failed[mode, n]} for n in counts if (mode, n) in failed]
-    first = modes[0]  # the flat names benchmarks.md gives scaling_h200x2.json: the first placement
+    first = modes[0]  # the flat names of scaling_h200x2.json: the first placement
     if len(counts) == 2 and counts[0] == 1 and (first, counts[1]) in runs:
         metrics.update(images_per_s_1gpu=round(ips[first, 1], 3), images_per_s_2gpu=round(ips[first, counts[1]], 3),
                        scaling_2gpu=round(ips[first, counts[1]] / (2 * ips[first, 1]), 3))

@@ -1,7 +1,7 @@
 """Typed stage configs: one frozen dataclass per stage, overridden through one function.
 
 Every field carries `metadata={"help": ...}`; the CLI flags, the KFP component parameters and the README table
-are generated from these, so a parameter has one name and one description everywhere (style.md #8, #9, #19).
+are generated from these, so a parameter has one name and one description everywhere.
 """
 
 import argparse

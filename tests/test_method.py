@@ -138,7 +138,7 @@ def test_generator_sampler_one_step_formula_and_stop_gradient(K):
 
 
 def test_method_imports_only_torch():
-    # style.md #7: sidflow.method never imports accelerate, boto3, kfp, logging or the config layer.
+    # sidflow.method never imports accelerate, boto3, kfp, logging or the config layer.
     code = (
         "import sys\n"
         "class Block:\n"

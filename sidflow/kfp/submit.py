@@ -6,7 +6,7 @@
 Each `key=value` is parsed into the type the compiled pipeline declares for `key` (root.inputDefinitions), so the
 API server receives JSON booleans and numbers. `kfp recurring-run create` sends every value as a string, which the
 backend rejects for bool/int/float parameters, and `kfp run create` turns a numeric-looking string into a number
-(kfp-notes.md §1). A recurring run is always created enabled, with max_concurrency 1 and no catch-up.
+(README, "Run on a cluster"). A recurring run is always created enabled, with max_concurrency 1 and no catch-up.
 """
 
 import contextlib
