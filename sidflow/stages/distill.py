@@ -184,6 +184,14 @@ def identity(cfg: DistillConfig, teacher_fingerprint: str | None) -> dict:
     return {**fields, "teacher": teacher_fingerprint or cfg.teacher}
 
 
+def _recorded_identity(info: dict) -> dict:
+    # The identity of the run a checkpoint's run.json or a model's sidflow.json records ("unpublished": the loop's
+    # word for a teacher it could not fingerprint, which then counts by its URI).
+    fields = {k: v for k, v in info.get("config", {}).items() if k in DistillConfig.__dataclass_fields__}
+    trained_on = info.get("teacher_fingerprint")
+    return identity(override(DistillConfig(), fields), None if trained_on == "unpublished" else trained_on)
+
+
 def check_resume(cfg: DistillConfig) -> None:
     """Refuse, in one line, to continue a checkpoint under cfg.output that another run wrote (another teacher, κ,
     batch, learning rate...); a resume may change only length, logging and placement (NOT_IDENTITY)."""
@@ -195,8 +203,7 @@ def check_resume(cfg: DistillConfig) -> None:
     if info is None:
         return
     ours = identity(cfg, fingerprint(cfg.teacher))
-    theirs = identity(override(DistillConfig(), {k: v for k, v in info["config"].items() if k in ours}),
-                      info.get("teacher_fingerprint"))
+    theirs = _recorded_identity(info)
     changed = [f"{k}: {theirs[k]!r} -> {ours[k]!r}" for k in ours if ours[k] != theirs.get(k)]
     if changed:
         raise ValueError(f"output={cfg.output!r} holds a checkpoint of another run ({'; '.join(changed)}); use a new "
@@ -218,11 +225,7 @@ def finished(cfg: DistillConfig) -> DistillResult | None:
     if manifest is None or INFO_FILE not in {f["path"] for f in manifest["files"]}:
         return None
     info = json.loads(storage.read_text(storage.join(model_uri, INFO_FILE)))
-    trained_on = info.get("teacher_fingerprint")
-    theirs = override(DistillConfig(), {k: v for k, v in info.get("config", {}).items()
-                                        if k in DistillConfig.__dataclass_fields__})
-    same = identity(theirs, None if trained_on == "unpublished" else trained_on) == \
-        identity(cfg, fingerprint(cfg.teacher))
+    same = _recorded_identity(info) == identity(cfg, fingerprint(cfg.teacher))
     if not same or info.get("nimg") != total_images(cfg):
         return None
     return DistillResult(model_uri=model_uri, kimg=info["nimg"] / 1000, iterations=info["nimg"] // cfg.batch,
