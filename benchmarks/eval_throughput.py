@@ -82,8 +82,9 @@ def build_generator(configs: dict, device):
     return Sampler(nets, steps=1, t_init=625)
 
 
-def build_inception(device):
-    """Return the stand-in FID extractor: torchvision inception_v3 (random weights) → 2048-d pool3 at 299²."""
+def build_inception(device, dims: int = 2048):
+    """Return the stand-in FID extractor: torchvision inception_v3 (random weights) → 2048-d pool3 at 299², the
+    first `dims` of them (smoke runs keep 64: a 2048² eigendecomposition per FID is seconds on a CPU)."""
     from torchvision.models import inception_v3
 
     from sidflow.evaluate.features import FeatureExtractor
@@ -100,7 +101,7 @@ def build_inception(device):
     with torch.no_grad():
         net.train()(torch.rand(8, 3, 299, 299) * 2 - 1)
     net = net.to(device).eval()
-    return FeatureExtractor("torchvision-inception_v3-random", clean_resize, lambda x: net((x - 128) / 128),
+    return FeatureExtractor("torchvision-inception_v3-random", clean_resize, lambda x: net((x - 128) / 128)[:, :dims],
                             torch.device(device))
 
 
@@ -175,7 +176,7 @@ def main() -> None:
     samplers = {"eager_fp32": sampler, f"eager_{auto}": with_vae(sampler, auto),  # eager fp16: SiD-LSG's harness
                 **{f"compiled_{d}": with_vae(sampler, d, compiled=compile_vae, batch=args.batch)
                    for d in ("fp32", auto)}}
-    extractor = build_inception(device)
+    extractor = build_inception(device, 64 if args.smoke else 2048)
     clip, preprocess, tokenizer = build_clip(args.smoke, device)
     scorers = {p: openclip_scorer(clip if p in ("fp32", "tf32") else copy.deepcopy(clip), preprocess, tokenizer,
                                   "random", device, p) for p in ("fp32", "tf32", "fp16")}

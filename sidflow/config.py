@@ -21,7 +21,7 @@ def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(name: str, tp: Any, value: Any) -> Any:
+def coerce(name: str, tp: Any, value: Any) -> Any:
     """Return value converted to type tp (strings from the CLI or `kfp run create`), or raise a one-line ValueError."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -29,7 +29,7 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(name, inner[0], value)
+        return coerce(name, inner[0], value)
     if origin is Literal:
         if value not in args:
             raise ValueError(f"{name}={value!r} is not one of {list(args)}")
@@ -46,7 +46,8 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{name}={value!r} must be {tp.__name__}, not a boolean")
         try:
-            num = float(value) if tp is int and isinstance(value, str) and "." in value else value  # "2.0" -> 2
+            num = (float(value) if tp is int and isinstance(value, str) and any(ch in value.lower() for ch in ".e")
+                   else value)  # "2.0", "1e3" -> 2, 1000
             out = tp(num)
         except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{name}={value!r} is not a valid {tp.__name__}") from None
@@ -82,7 +83,7 @@ def override(cfg, overrides: dict[str, Any] | None = None):
     unknown = sorted(set(overrides) - set(hints))
     if unknown:
         raise ValueError(f"unknown {type(cfg).__name__} key(s): {', '.join(unknown)}")
-    return dataclasses.replace(cfg, **{k: _coerce(k, hints[k], v) for k, v in overrides.items()})
+    return dataclasses.replace(cfg, **{k: coerce(k, hints[k], v) for k, v in overrides.items()})
 
 
 def to_dict(cfg) -> dict[str, Any]:

@@ -79,7 +79,7 @@ def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> d
     rows = {}
     for steps in (1, 25):
         result = evaluate.run(evaluate.EvaluateConfig(
-            model=str(TOY_TEACHER), sampler="ddim", teacher_steps=steps, guidance=kappa,
+            model=str(TOY_TEACHER), sampler="ddim", teacher_steps=steps, kappa=kappa,
             output=str(root / f"eval-teacher-{steps}"), **common))
         rows[f"teacher, {steps} DDIM step{'s' if steps > 1 else ''}, CFG {kappa:g}"] = result.metrics
     start = evaluate.run(evaluate.EvaluateConfig(model=export_start(str(root / "generator-start"), kappa),

@@ -9,25 +9,16 @@ ROOT = Path(__file__).parent.parent
 
 
 def test_throughput_script_writes_its_record(tmp_path):
-    subprocess.run([sys.executable, "benchmarks/throughput.py", "--model", "tiny", "--micro-batch", "1",
+    # On 2 processes and under FSDP the script runs the same `sidflow distill` launch as ddp.py (tested below).
+    subprocess.run([sys.executable, "benchmarks/throughput.py", "--model", "tiny-sdxl", "--micro-batch", "1",
                     "--rounds", "2",
                     "--iters", "1", "--warmup", "1", "--ema", "0", "--out", str(tmp_path)], check=True, cwd=ROOT,
                    capture_output=True)
-    record = json.loads((tmp_path / "throughput_tiny_cpu.json").read_text())
+    record = json.loads((tmp_path / "throughput_tiny_sdxl_cpu.json").read_text())
     assert {"name", "device", "gpus", "git_sha", "command", "versions", "date", "metrics", "config"} <= record.keys()
     m = record["metrics"]
-    assert m["images_per_s_per_gpu"] > 0 and m["iterations_timed"] == 1
+    assert m["images_per_s_per_gpu"] > 0 and m["iterations_timed"] == 1 and m["unet_forward_tflop_per_sample"] > 0
     assert abs(sum(m["phase_split"].values()) - 1) < 0.01
-
-
-def test_throughput_script_on_two_processes_with_fsdp_and_an_sdxl_layout(tmp_path):
-    subprocess.run([sys.executable, "benchmarks/throughput.py", "--model", "tiny-sdxl", "--gpus", "2", "--sharding",
-                    "fsdp", "--micro-batch", "1", "--rounds", "1", "--iters", "1", "--warmup", "1", "--ema", "0",
-                    "--file", "x.json", "--out", str(tmp_path)], check=True, cwd=ROOT, capture_output=True,
-                   env={**__import__("os").environ, "SIDFLOW_NO_BAR": "1"})
-    record = json.loads((tmp_path / "x.json").read_text())
-    assert record["gpus"] == 2 and record["config"]["batch"] == 2 and record["config"]["sharding"] == "fsdp"
-    assert record["metrics"]["images_per_s_per_gpu"] > 0 and record["metrics"]["unet_forward_tflop_per_sample"] > 0
 
 
 def test_eval_throughput_script_writes_its_record(tmp_path):
@@ -94,7 +85,8 @@ def test_toy_quality_sid_rows_and_merge(tmp_path):
 
 def test_scaling_script_measures_both_placements(tmp_path):
     # 2 CPU processes over gloo stand in for 2 GPUs; the 1-process run is the reference of both placements.
-    subprocess.run([sys.executable, "benchmarks/ddp.py", "--model", "tiny", "--gpus", "1,2", "--sharding", "ddp,fsdp",
+    subprocess.run([sys.executable, "benchmarks/ddp.py", "--model", "tiny-sdxl", "--gpus", "1,2", "--sharding",
+                    "ddp,fsdp",
                     "--micro-batch", "1", "--batch", "2", "--iters", "1", "--warmup", "1", "--file", "scaling.json",
                     "--out", str(tmp_path)], check=True, cwd=ROOT, capture_output=True,
                    env={**__import__("os").environ, "SIDFLOW_NO_BAR": "1"})

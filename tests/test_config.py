@@ -194,24 +194,24 @@ def test_distill_defaults_match_method_md():
 @pytest.mark.parametrize(
     "guidance, kappa, expected",
     [
-        ("lsg", 1.5, (1.5, 1.5, 1.5, 1.5)),  # §3: κ1 = κ2 = κ3 = κ4 = κ
-        ("lsg", 4.5, (4.5, 4.5, 4.5, 4.5)),
-        ("long", 2.0, (1.0, 1.0, 1.0, 2.0)),  # §3 (issue #6): κ4 > 1, every other κ = 1
-        ("short", 0.5, (0.5, 1.0, 1.0, 1.0)),  # §3 (issue #6): κ1 < 1, every other κ = 1
-        ("zero_cfg", 3.0, (0.0, 0.0, 0.0, 1.0)),  # §6.3: unguided teacher, unconditional fake; κ ignored
-        ("anti_cfg", -0.5, (1.0, -0.5, -0.5, 1.0)),  # §6.3: teacher κ4 = 1, fake evaluation κ2 = κ3 = κ_neg
+        ("lsg", 1.5, (1.5, 1.5, 1.5)),  # §3: κ1 = κ2 (= κ3) = κ4 = κ
+        ("lsg", 4.5, (4.5, 4.5, 4.5)),
+        ("long", 2.0, (1.0, 1.0, 2.0)),  # §3 (issue #6): κ4 > 1, every other κ = 1
+        ("short", 0.5, (0.5, 1.0, 1.0)),  # §3 (issue #6): κ1 < 1, every other κ = 1
+        ("zero_cfg", 3.0, (0.0, 0.0, 1.0)),  # §6.3: unguided teacher, unconditional fake; κ ignored
+        ("anti_cfg", -0.5, (1.0, -0.5, 1.0)),  # §6.3: teacher κ4 = 1, fake evaluation κ2 (= κ3) = κ_neg
     ],
 )
 def test_resolved_kappas_presets(guidance, kappa, expected):
     k = resolved_kappas(DistillConfig(guidance=guidance, kappa=kappa))
-    assert k == dict(zip(("kappa_1", "kappa_2", "kappa_3", "kappa_4"), expected))
+    assert k == dict(zip(("kappa_1", "kappa_2", "kappa_4"), expected))
 
 
 def test_explicit_kappas_override_the_preset():
     cfg = override(DEFAULT, {"guidance": "lsg", "kappa": "2", "kappa_1": "1", "kappa_4": "0"})
-    assert resolved_kappas(cfg) == {"kappa_1": 1.0, "kappa_2": 2.0, "kappa_3": 2.0, "kappa_4": 0.0}
-    cfg = override(DEFAULT, {"guidance": "zero_cfg", "kappa_2": "0.5", "kappa_3": "0.5"})
-    assert resolved_kappas(cfg) == {"kappa_1": 0.0, "kappa_2": 0.5, "kappa_3": 0.5, "kappa_4": 1.0}
+    assert resolved_kappas(cfg) == {"kappa_1": 1.0, "kappa_2": 2.0, "kappa_4": 0.0}
+    cfg = override(DEFAULT, {"guidance": "zero_cfg", "kappa_2": "0.5"})
+    assert resolved_kappas(cfg) == {"kappa_1": 0.0, "kappa_2": 0.5, "kappa_4": 1.0}
 
 
 def test_to_args_round_trips_through_the_cli_parser():

@@ -417,7 +417,7 @@ def test_toy_evaluator_gives_shapes_fid_and_prompt_accuracy(tmp_path, s3_bucket,
                  f"{s3_bucket}/toy/ref.npz", "--protocol", "native", "--features", toy, "--workers", "0"]) == 0
     cfg = EvaluateConfig(model=str(TOY), prompts=f"{s3_bucket}/toy/prompts.parquet",
                          reference=f"{s3_bucket}/toy/ref.npz", output=f"{s3_bucket}/toy/eval", protocol="native",
-                         features=toy, scorer=toy, sampler="ddim", teacher_steps=3, guidance=2.0, batch=4,
+                         features=toy, scorer=toy, sampler="ddim", teacher_steps=3, kappa=2.0, batch=4,
                          shard_size=4, grid=8)
     result = run(cfg)
     metrics = json.loads(storage.read_text(f"{s3_bucket}/toy/eval/metrics.json"))

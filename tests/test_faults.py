@@ -22,9 +22,28 @@ from tests.test_distill import ENV, _cfg, _cli, prompts  # noqa: F401  (prompts 
 END = checkpoint.name_for(6)  # kimg 0.006 at batch 2: 3 iterations, a checkpoint after each
 
 
-def _run(cfg: DistillConfig, failpoint: str | None = None, **env) -> subprocess.CompletedProcess:
+def _child(cfg: DistillConfig, failpoint: str | None = None, **env) -> subprocess.CompletedProcess:
+    """Run `sidflow distill` in a child process, which SIGKILLs itself at `failpoint` if one is given."""
     extra = {"SIDFLOW_FAILPOINT": failpoint} if failpoint else {}
     return subprocess.run(_cli(cfg), env={**ENV, **extra, **env}, capture_output=True, text=True, timeout=600)
+
+
+def _run(cfg: DistillConfig, **env) -> subprocess.CompletedProcess:
+    """Run `sidflow distill` to its end in this process (no signal is involved: the imports are already paid for);
+    return what the command would have returned and printed."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in (*env, "SIDFLOW_NO_BAR")}
+    os.environ.update({**env, "SIDFLOW_NO_BAR": "1"})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(_cli(cfg)[3:])
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return subprocess.CompletedProcess(_cli(cfg), rc, out.getvalue(), err.getvalue())
 
 
 def _unet(output: str | Path) -> dict:
@@ -61,7 +80,7 @@ def _like(straight, tmp_path, **kw) -> DistillConfig:
 ])
 def test_a_kill_anywhere_then_the_same_command_gives_the_uninterrupted_weights(straight, tmp_path, failpoint):
     cfg = _like(straight, tmp_path)
-    killed = _run(cfg, failpoint)
+    killed = _child(cfg, failpoint)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert storage.read_manifest(str(tmp_path / "run" / "model")) is None  # nothing half-exported is visible
     again = _run(cfg)
@@ -126,7 +145,7 @@ def test_only_the_newest_checkpoints_are_kept(straight, tmp_path):
 
 def test_a_checkpoint_of_another_run_is_refused_and_a_longer_run_continues(straight, tmp_path):
     cfg = _like(straight, tmp_path)
-    assert _run(cfg, "train:checkpoint@1").returncode == -9
+    assert _child(cfg, "train:checkpoint@1").returncode == -9
     config = (Path(cfg.output) / "config.json").read_text()
     from sidflow.stages.distill import run
 
@@ -142,7 +161,7 @@ def test_a_checkpoint_of_another_run_is_refused_and_a_longer_run_continues(strai
         checkpoint.name_for(8))
 
 
-def test_ctrl_c_checkpoints_like_sigterm_and_leaves_no_temp_logs(straight, tmp_path):
+def test_ctrl_c_checkpoints_like_sigterm_and_leaves_no_temp_logs(straight, tmp_path, monkeypatch):
     import signal
     import time
 
@@ -159,8 +178,12 @@ def test_ctrl_c_checkpoints_like_sigterm_and_leaves_no_temp_logs(straight, tmp_p
     out = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 143 and "Traceback" not in out, out[-2000:]
     assert checkpoint.latest(cfg.output) is not None
-    assert _run(cfg, TMPDIR=str(tmp)).returncode == 0
     assert not list(tmp.glob("sidflow-logs-*"))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # TMPDIR as this process's tempfile reads it
+    assert _run(cfg).returncode == 0
+    assert not list(tmp.glob("sidflow-logs-*")) and list(Path(cfg.output, "logs").iterdir())
 
 
 @pytest.mark.parametrize("flag, value, named", [
@@ -244,7 +267,6 @@ def test_the_distill_task_retries_a_crashed_launch_itself_and_resumes(straight, 
     from kfp import dsl
 
     from sidflow.kfp.components.distill import distill
-    from sidflow.stages.distill import PIPELINE_UNSET
 
     cfg = _like(straight, tmp_path)
     marker = tmp_path / "killed-once"
@@ -253,6 +275,6 @@ def test_the_distill_task_retries_a_crashed_launch_itself_and_resumes(straight, 
     monkeypatch.setenv("SIDFLOW_NO_BAR", "1")
     fields = {k: v for k, v in __import__("dataclasses").asdict(cfg).items() if k != "keep_checkpoints"}
     uri = distill.python_func(metrics=dsl.Metrics(uri=str(tmp_path / "m")), model=dsl.Model(uri=str(tmp_path / "card")),
-                              **{**fields, **PIPELINE_UNSET, "clip_grad_value": 0.0}, retries=1)
+                              **{k: v for k, v in fields.items() if v is not None}, retries=1)
     assert marker.exists() and uri == storage.join(cfg.output, "model")
     assert _same(_unet(cfg.output), _unet(straight[0].output))

@@ -109,9 +109,9 @@ def test_dropout_rate_and_determinism():
 
 
 def test_kappa_presets():
-    assert kappas("lsg", 2.0) == {"kappa_1": 2.0, "kappa_2": 2.0, "kappa_3": 2.0, "kappa_4": 2.0}
-    assert kappas("long", 2.0) == {"kappa_1": 1.0, "kappa_2": 1.0, "kappa_3": 1.0, "kappa_4": 2.0}
-    assert kappas("zero_cfg", 2.0) == {"kappa_1": 0.0, "kappa_2": 0.0, "kappa_3": 0.0, "kappa_4": 1.0}
+    assert kappas("lsg", 2.0) == {"kappa_1": 2.0, "kappa_2": 2.0, "kappa_4": 2.0}
+    assert kappas("long", 2.0) == {"kappa_1": 1.0, "kappa_2": 1.0, "kappa_4": 2.0}
+    assert kappas("zero_cfg", 2.0) == {"kappa_1": 0.0, "kappa_2": 0.0, "kappa_4": 1.0}
     with pytest.raises(ValueError, match="guidance mode"):
         kappas("strong", 2.0)
 

@@ -68,7 +68,8 @@ def test_submit_sends_typed_parameters_and_pipeline_root(kfp_api, capsys):
     api = kfp_api()
     rc = main(["pipeline", "submit", "--host", api.url, "--pipeline-root", "s3://b/kfp-root", "--run-name", "nightly",
                *REQUIRED, "tf32=false", "checkpoints=False", "lr_g=1e-5", "batch=1024", "kimg=20", "gpus=8",
-               "kappa_1=2", "distill_nodes=2", 'gpu_node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}',
+               'overrides={"kappa_1": 2, "eval_limit": 100}', "distill_nodes=2",
+               'gpu_node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}',
                'gpu_tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]'])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
@@ -81,7 +82,7 @@ def test_submit_sends_typed_parameters_and_pipeline_root(kfp_api, capsys):
     assert config["pipeline_root"] == "s3://b/kfp-root"
     params = config["parameters"]
     expected = {"tf32": False, "checkpoints": False, "lr_g": 1e-5, "batch": 1024, "kimg": 20.0, "gpus": "8",
-                "kappa_1": 2.0, "distill_nodes": 2,
+                "overrides": {"kappa_1": 2.0, "eval_limit": 100}, "distill_nodes": 2,
                 "gpu_node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
                 "gpu_tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                 **dict(kv.split("=", 1) for kv in REQUIRED)}
@@ -151,7 +152,7 @@ def test_dry_run_prints_the_typed_parameters(capsys):
 
 @pytest.mark.parametrize("pair, value", [
     ("tf32=false", False), ("tf32=False", False), ("tf32=0", False), ("checkpoints=true", True), ("resume=yes", True),
-    ("lr_g=1e-5", 1e-5), ("kimg=20", 20.0), ("kappa_2=-1.5", -1.5), ("batch=1024", 1024), ("batch=2.0", 2),
+    ("lr_g=1e-5", 1e-5), ("kimg=20", 20.0), ("kappa=-1.5", -1.5), ("batch=1024", 1024), ("batch=2.0", 2),
     ("seed=1e3", 1000), ("gpus=8", "8"), ("model_name=2024", "2024"), ('model_name="2024"', "2024"),
     ("model_name=null", "null"), ("registry=s3://b/k=v", "s3://b/k=v"), ("prompts=", ""),
     ('gpu_node_selector={"a": "b"}', {"a": "b"}), ("gpu_tolerations=[]", []), ("guidance=anti_cfg", "anti_cfg"),
@@ -168,8 +169,8 @@ def test_parser_types_values_as_the_pipeline_declares(pair, value):
     (["=1"], "'=1' is not key=value"),
     (["tf32=maybe"], "tf32='maybe' is not a boolean (true/false)"),
     (["batch=2.5"], "batch='2.5' is not an integer"),
-    (["batch=many"], "batch='many' is not an integer"),
-    (["lr_g=fast"], "lr_g='fast' is not a number"),
+    (["batch=many"], "batch='many' is not a valid int"),
+    (["lr_g=fast"], "lr_g='fast' is not a valid float"),
     (["lr_g=nan"], "lr_g='nan' is not a finite number"),
     (["kimg=inf"], "kimg='inf' is not a finite number"),
     (["gpu_node_selector=[1]"], "gpu_node_selector='[1]' is not a JSON object"),

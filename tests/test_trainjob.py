@@ -325,7 +325,6 @@ def test_component_runs_the_job_and_returns_the_model(kube, tmp_path, monkeypatc
     from kfp import dsl
 
     from sidflow.kfp.components.distill_trainjob import distill_trainjob
-    from sidflow.stages.distill import PIPELINE_UNSET
 
     output = str(tmp_path / "run")
 
@@ -352,7 +351,7 @@ def test_component_runs_the_job_and_returns_the_model(kube, tmp_path, monkeypatc
     card = dsl.Model(uri=str(tmp_path / "card"))
     model = distill_trainjob.python_func(
         metrics=metrics, model=card, trainer_image="img", distill_nodes=2, gpu_tolerations=[TOLERATION], teacher="s3://b/t",
-        prompts="s3://b/p.txt", output=output, gpus="8", **PIPELINE_UNSET)
+        prompts="s3://b/p.txt", output=output, gpus="8")
     assert model == storage.join(output, "model")
     assert metrics.metadata == {"kimg": 2.048, "iteration": 4.0, "loss_g": 0.5}
     assert card.metadata["uri"] == model and card.metadata["kimg"] == 2.048
@@ -393,7 +392,7 @@ def test_run_local_takes_the_trainjob_branch_for_several_nodes(kube, tiny_teache
     eval_set = toy_eval_set(str(tmp_path / "eval"), evaluator, n=4, reference_images=32)
     assert main(["pipeline", "run-local", "--pipeline-root", str(tmp_path / "root"), "--teachers", tiny_teacher,
                  "--registry", str(tmp_path / "registry"), "--artifact-root", str(art), "--prompts", str(prompts),
-                 "--set", "distill_nodes=2", "--set", "gpus=8", "--set", "kappa_4=2.5",
+                 "--set", "distill_nodes=2", "--set", "gpus=8", "--set", 'overrides={"kappa_4": 2.5}',
                  "--set", 'gpu_tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists"}]',
                  "--set", f"eval_prompts={eval_set['prompts']}", "--set", f"eval_reference={eval_set['reference']}",
                  "--set", "eval_protocol=native", "--set", f"eval_features=toy:{evaluator}",

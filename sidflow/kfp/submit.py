@@ -42,47 +42,17 @@ def package_parameters(package: str) -> dict[str, tuple[type, typing.Any]]:
 
 
 def parse_value(name: str, tp: type, text: str) -> typing.Any:
-    """Return `text` converted to `tp`, or raise a one-line ValueError naming the parameter."""
-    low = text.strip().lower()
-    if tp is bool:
-        if low in ("true", "yes", "on", "1"):
-            return True
-        if low in ("false", "no", "off", "0"):
-            return False
-        raise ValueError(f"{name}={text!r} is not a boolean (true/false)")
-    if tp is int:
-        try:
-            return int(text)
-        except ValueError:
-            pass
-        try:
-            number = float(text)  # "2.0", "1e3": whole numbers written as floats
-        except ValueError:
-            number = math.nan
-        if math.isfinite(number) and number == int(number):
-            return int(number)
-        raise ValueError(f"{name}={text!r} is not an integer")
-    if tp is float:
-        try:
-            number = float(text)
-        except ValueError:
-            raise ValueError(f"{name}={text!r} is not a number") from None
-        if not math.isfinite(number):
-            raise ValueError(f"{name}={text!r} is not a finite number")
-        return number
-    if tp in (dict, list):
-        kind = "object" if tp is dict else "array"
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            raise ValueError(f"{name}={text!r} is not a JSON {kind}") from None
-        if not isinstance(value, tp):
-            raise ValueError(f"{name}={text!r} is not a JSON {kind}")
-        return value
-    if len(text) >= 2 and text[0] == text[-1] == '"':  # `kfp run create` habit: '"2024"' quotes a string
+    """Return `text` converted to `tp` as the CLI converts a flag (sidflow.config.coerce), or raise a one-line
+    ValueError naming the parameter; numbers must be finite."""
+    from sidflow.config import coerce
+
+    if tp is str and len(text) >= 2 and text[0] == text[-1] == '"':  # `kfp run create` habit: '"2024"' quotes a string
         with contextlib.suppress(json.JSONDecodeError):
             return json.loads(text)
-    return text
+    value = coerce(name, tp, text.strip() if tp is not str else text)
+    if tp in (int, float) and not math.isfinite(value):
+        raise ValueError(f"{name}={text!r} is not a finite number")
+    return value
 
 
 POD_COUNTS = ("gpus", "eval_gpus")  # become a pod's GPU request at run time: 'all' (fine on the CLI) cannot work
@@ -98,6 +68,11 @@ def parse_overrides(pairs: list[str], params: dict[str, tuple[type, typing.Any]]
             raise ValueError(f"{pair!r} is not key=value")
         split.append((key.strip(), text))
     unknown = [k for k, _ in split if k not in params]
+    from sidflow.kfp.sid_distill import OVERRIDABLE
+
+    if unknown and unknown[0] in OVERRIDABLE and "overrides" in params:
+        raise ValueError(f"{unknown[0]} defaults to None and has no parameter of its own: pass it in overrides, e.g. "
+                         f"overrides='{{\"{unknown[0]}\": <value>}}'")
     if unknown:
         close = difflib.get_close_matches(unknown[0], params, n=1)
         hint = f" (did you mean {close[0]}?)" if len(unknown) == 1 and close else ""
@@ -107,6 +82,10 @@ def parse_overrides(pairs: list[str], params: dict[str, tuple[type, typing.Any]]
         if key in out:
             raise ValueError(f"{key} is given twice")
         out[key] = parse_value(key, params[key][0], text)
+        if key == "overrides":
+            from sidflow.kfp.sid_distill import checked_overrides
+
+            out[key] = checked_overrides(out[key])
         choices = _choices().get(key)
         if choices and out[key] not in choices:
             raise ValueError(f"{key}={out[key]!r} is not one of {list(choices)}")
@@ -198,7 +177,6 @@ def _api_errors(where):
 
 
 def _choices() -> dict[str, tuple]:
-    from sidflow.stages.distill import DistillConfig
+    from sidflow.kfp.sid_distill import PARAMS
 
-    hints = typing.get_type_hints(DistillConfig)
-    return {k: typing.get_args(t) for k, t in hints.items() if typing.get_origin(t) is typing.Literal}
+    return {p.name: p.choices for p in PARAMS if p.choices}

@@ -41,19 +41,21 @@ def drop_prompts(c: Tensor, null: Tensor, p: float, *, generator: torch.Generato
 
 
 def kappas(mode: str, kappa: float) -> dict[str, float]:
-    """Return {kappa_1, kappa_2, kappa_3, kappa_4} for a guidance preset. method.md §3 (issue #6) and §6.3.
+    """Return {kappa_1, kappa_2, kappa_4} for a guidance preset. method.md §3 (issue #6) and §6.3.
+
+    κ3 of the method is κ2: the reference code ties the two, so it has no name of its own here.
 
     long: teacher-only CFG (κ4 = κ); short: fake-training CFG only (κ1 = κ, meant for κ < 1);
-    lsg: the same κ everywhere; zero_cfg: unguided teacher, unconditional fake (κ1 = κ2 = κ3 = 0);
-    anti_cfg: unguided teacher, negative CFG κ < 0 on the fake when evaluated (κ2 = κ3 = κ).
+    lsg: the same κ everywhere; zero_cfg: unguided teacher, unconditional fake (κ1 = κ2 = 0);
+    anti_cfg: unguided teacher, negative CFG κ < 0 on the fake when evaluated (κ2 = κ).
     """
     table = {
-        "lsg": (kappa, kappa, kappa, kappa),
-        "long": (1.0, 1.0, 1.0, kappa),
-        "short": (kappa, 1.0, 1.0, 1.0),
-        "zero_cfg": (0.0, 0.0, 0.0, 1.0),
-        "anti_cfg": (1.0, kappa, kappa, 1.0),
+        "lsg": (kappa, kappa, kappa),
+        "long": (1.0, 1.0, kappa),
+        "short": (kappa, 1.0, 1.0),
+        "zero_cfg": (0.0, 0.0, 1.0),
+        "anti_cfg": (1.0, kappa, 1.0),
     }
     if mode not in table:
         raise ValueError(f"guidance mode {mode!r} is not one of {sorted(table)}")
-    return dict(zip(("kappa_1", "kappa_2", "kappa_3", "kappa_4"), table[mode]))
+    return dict(zip(("kappa_1", "kappa_2", "kappa_4"), table[mode]))

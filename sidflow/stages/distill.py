@@ -26,7 +26,6 @@ class DistillConfig:
     kappa: float = param(1.5, "guidance scale κ of the preset; released SD1.5 models use 1.5, 2, 3, 4.5 (§3, §7.2)")
     kappa_1: float | None = param(None, "override κ1: CFG on the fake network while it is trained (§3)")
     kappa_2: float | None = param(None, "override κ2 (= κ3): CFG on the fake network inside the generator loss (§3)")
-    kappa_3: float | None = param(None, "override κ3; tied to κ2 in the reference code, so it must equal κ2 (§3)")
     kappa_4: float | None = param(None, "override κ4: CFG on the teacher inside the generator loss (§3)")
     null_prompt: Literal["auto", "empty", "zeros"] = param(
         "auto", "∅ for CFG and dropout: encoding of '' or zeros; auto = the teacher's force_zeros_for_empty_prompt "
@@ -82,20 +81,10 @@ MAX_SEED = 999_999  # the loop's RNG keys multiply the seed by ~4e12: larger see
 # draws are keyed by global micro-batch index, so 1 and N GPUs see the same ones, and micro_batch is kept).
 NOT_IDENTITY = ("teacher", "output", "kimg", "checkpoint_kimg", "keep_checkpoints", "log_every", "checkpoints",
                 "profile", "gpus", "resume", "sharding", "grad_checkpointing")
-# A KFP pipeline parameter cannot default to None (kfp.local 2.17 refuses to run one), so the pipeline and its distill
-# components spell "unset" for the None-default fields with these values; `from_pipeline` turns them back into None.
-# -99 lies outside every guidance mode's κ range; clipping to ±0 would zero every gradient, so 0 is free to mean off.
-PIPELINE_UNSET = {"kappa_1": -99.0, "kappa_2": -99.0, "kappa_3": -99.0, "kappa_4": -99.0, "clip_grad_value": 0.0}
-
-
-def from_pipeline(fields: dict) -> DistillConfig:
-    """Return the DistillConfig of KFP parameter values, where a PIPELINE_UNSET value means None."""
-    return override(DistillConfig(), {k: None if k in PIPELINE_UNSET and v == PIPELINE_UNSET[k] else v
-                                      for k, v in fields.items()})
 
 
 def resolved_kappas(cfg: DistillConfig) -> dict[str, float]:
-    """Return κ1..κ4: the preset's values with any explicit overrides applied."""
+    """Return κ1, κ2 (= κ3), κ4: the preset's values with any explicit overrides applied."""
     out = kappas(cfg.guidance, cfg.kappa)
     for k in out:
         if getattr(cfg, k) is not None:
@@ -111,8 +100,6 @@ def validate(cfg: DistillConfig, world_size: int = 1) -> None:
         if not getattr(cfg, name):
             raise ValueError(f"{name} is empty: it must be a URI")
     k = resolved_kappas(cfg)
-    if k["kappa_3"] != k["kappa_2"]:
-        raise ValueError(f"kappa_3={k['kappa_3']} must equal kappa_2={k['kappa_2']}: the two are tied (method.md §3)")
     lo = -5.0 if cfg.guidance == "anti_cfg" else KAPPA_RANGE[0]
     for name, value in k.items():
         if not (lo <= value <= KAPPA_RANGE[1]) or math.isnan(value):

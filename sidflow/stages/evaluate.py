@@ -53,7 +53,7 @@ class EvaluateConfig:
         "generator", "generator: the exported generator's own K steps; ddim / dpm_solver: a teacher with "
                      "teacher_steps steps and CFG guidance (comparison rows)")
     teacher_steps: int = param(25, "steps of the ddim / dpm_solver teacher sampler")
-    guidance: float = param(3.0, "CFG scale of the teacher sampler (SD1.5's best-FID setting, evaluation.md §1)")
+    kappa: float = param(3.0, "CFG scale κ of the teacher sampler (SD1.5's best-FID setting, evaluation.md §1)")
     unet_dtype: Literal["fp16", "bf16", "fp32"] = param(
         "fp16", "UNet autocast precision on GPU (SiD-LSG generates in fp16); CPU runs use fp32")
     vae_dtype: Literal["auto", "fp32", "bf16", "fp16"] = param(
@@ -164,7 +164,7 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
         from sidflow.evaluate.toy import toy_scorer
 
         scorer = toy_scorer(cfg.scorer[len("toy:"):], device)
-    sampler, about = load_sampler(cfg.model, device, cfg.sampler, cfg.teacher_steps, cfg.guidance,
+    sampler, about = load_sampler(cfg.model, device, cfg.sampler, cfg.teacher_steps, cfg.kappa,
                                   cfg.unet_dtype, cfg.vae_dtype, cfg.compile_vae, cfg.batch)
     protocol = PROTOCOLS[cfg.protocol]
     n = min(len(prompts), cfg.limit or len(prompts))

@@ -1,0 +1,177 @@
+"""What each KFP component does, called with the component's arguments.
+
+The component functions are generated from the stage dataclasses (sidflow.kfp.declare); their bodies call these.
+Fields that default to None have no run parameter of their own: the KFP backend's driver handles an unset optional
+parameter inside a nested DAG such as a loop only from 2.14 (backend/src/v2/driver/resolve.go, "Handle omitted
+optional pipeline input parameters"), and kfp.local cannot run one at all. They travel in the one `overrides` dict, under their pipeline names.
+"""
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidflow import storage
+from sidflow.config import override, param
+from sidflow.kfp import declare
+
+
+@dataclass(frozen=True)
+class RunPlace:
+    """Where a pipeline task writes when its output is not given: <artifact_root>/runs/<run_id>/<teacher>-<hash>."""
+
+    artifact_root: str = param("", "artifact root URI the pipeline's runs go under (names the run directory with "
+                                   "run_id and the teacher when output is empty)")
+    run_id: str = param("", "the pipeline run's id, passed as the whole value dsl.PIPELINE_JOB_ID_PLACEHOLDER")
+
+
+@dataclass(frozen=True)
+class DistillTask(RunPlace):
+    teacher_fingerprint: str = param("", "the teacher's fingerprint: part of the task's inputs, so a new teacher "
+                                         "version is never answered with an old run's outputs")
+    retries: int = param(3, "times a crashed training is started again by this task, resuming from its newest "
+                            "checkpoint (KFP backends up to 2.17 drop set_retry inside a ParallelFor, kubeflow/"
+                            "pipelines #12389, #13897)")
+    overrides: dict = field(default_factory=dict, metadata={"help": "values of the fields that default to None, by "
+                                                                    "pipeline name, e.g. {\"kappa_4\": 3.0}"})
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The registration gate between evaluate and register."""
+
+    max_fid: float | None = param(None, "registration gate: a model is registered only if its FID is finite and at "
+                                        "most this; None: any finite FID")
+
+
+def optional_values(cls, given: dict, rename: dict[str, str] | None = None) -> dict[str, Any]:
+    """Return the values in `given` (the `overrides` parameter, by pipeline name) for cls's None-default fields."""
+    names = {(rename or {}).get(p.name, p.name): p.name for p in declare.params(cls) if declare.optional(p)}
+    return {names[k]: v for k, v in given.items() if k in names}
+
+
+def _log(metrics, values: dict) -> None:
+    for name, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(name, float(value))
+
+
+def distill(metrics, model, artifact_root: str, run_id: str, teacher_fingerprint: str, retries: int,
+            overrides: dict, **fields) -> str:
+    """Distill in this pod: one process per GPU, re-launched after a crash; return the exported model's URI."""
+    from sidflow.generator import describe
+    from sidflow.stages import distill as stage
+
+    cfg = _distill_config(fields, artifact_root, run_id, overrides)
+    result = stage.launch_with_retries(cfg, retries)
+    print(stage.summary(result))
+    _log(metrics, {"kimg": result.kimg, "iterations": result.iterations, **result.metrics})
+    if result.interrupted:
+        raise RuntimeError(f"distill of {cfg.teacher} was interrupted at {result.kimg:.3f} kimg; a retry resumes it")
+    model.metadata.update(describe(result.model_uri, model.path))
+    return result.model_uri
+
+
+def _distill_config(fields: dict, artifact_root: str, run_id: str, given: dict):
+    from sidflow.kfp.paths import run_output
+    from sidflow.stages.distill import DistillConfig
+
+    fields = {**fields, **optional_values(DistillConfig, given)}
+    fields["output"] = fields["output"] or run_output(artifact_root, run_id, fields["teacher"])
+    return override(DistillConfig(), fields)  # Literal values and types are checked as on the CLI
+
+
+def distill_trainjob(metrics, model, trainer_image: str, artifact_root: str, run_id: str, teacher_fingerprint: str,
+                     retries: int, overrides: dict, **fields) -> str:
+    """Create a TrainJob for the run, wait for it (re-creating a Failed one up to `retries` times); return the URI
+    of the model it exported."""
+    from sidflow import trainjob
+    from sidflow.generator import describe
+
+    placement = {f.name: fields.pop(f.name) for f in dataclasses.fields(trainjob.PlacementConfig)}
+    cfg = _distill_config(fields, artifact_root, run_id, overrides)
+    job = trainjob.manifest(cfg, trainjob.PlacementConfig(**placement), trainer_image)  # checks before any pod
+    for attempt in range(retries + 1):
+        try:
+            trainjob.run(job)  # adopts a running job; deletes and re-creates a Failed one
+            break
+        except RuntimeError as e:
+            if "failed:" not in str(e) or attempt == retries:
+                raise
+            print(f"{e}; attempt {attempt + 2} of {retries + 1} resumes from the newest checkpoint")
+    model_uri, info = trainjob.result(cfg.output)
+    _log(metrics, {"kimg": info["nimg"] / 1000, **info.get("metrics", {})})
+    model.metadata.update(describe(model_uri, model.path))
+    print(f"TrainJob {job['metadata']['name']} exported {model_uri}")
+    return model_uri
+
+
+def evaluate(metrics, samples, artifact_root: str, run_id: str, teacher: str, overrides: dict, **fields) -> str:
+    """Evaluate the model (one process per GPU of the pod); return the URI of its metrics.json."""
+    import base64
+
+    from sidflow.kfp.paths import run_output
+    from sidflow.stages import evaluate as stage
+
+    output = fields["output"] or storage.join(run_output(artifact_root, run_id, teacher), "eval")
+    cfg = override(stage.EvaluateConfig(), {**fields, "output": output,
+                                            **optional_values(stage.EvaluateConfig, overrides, EVAL_NAMES)})
+    result = stage.launch(cfg)
+    print(stage.summary(result))
+    _log(metrics, {k: result.metrics[k] for k in ("fid", "clip", "images", "images_per_s")})
+    grid_uri = storage.join(output, "grid.png")
+    page = "<p>no grid (grid = 0)</p>"
+    if storage.exists(grid_uri):
+        png = base64.b64encode(storage.read_bytes(grid_uri)).decode()
+        page = f'<img alt="samples" src="data:image/png;base64,{png}">'
+    with open(samples.path, "w") as f:
+        f.write(f"<html><body><h3>{cfg.model}</h3><p>FID {result.fid:.3f}, score {result.clip:.4f} "
+                f"({result.images} images)</p>{page}</body></html>")
+    return result.metrics_uri
+
+
+# Pipeline name of an EvaluateConfig field, where the bare name is a distill parameter or would be unclear.
+EVAL_NAMES = {k: f"eval_{k}" for k in ("prompts", "reference", "protocol", "features", "scorer", "batch",
+                                       "shard_size", "limit", "grid", "workers", "gpus")}
+
+
+def passes_gate(metrics: str, overrides: dict) -> bool:
+    """True when the evaluation's FID and score are finite and the FID is at most max_fid (if set)."""
+    max_fid = override(Gate(), optional_values(Gate, overrides)).max_fid
+    m = json.loads(storage.read_text(metrics))
+    passed = math.isfinite(m["fid"]) and math.isfinite(m["clip"]) and (max_fid is None or m["fid"] <= max_fid)
+    print(f"fid {m['fid']:.4f}, score {m['clip']:.4f}: {'passes' if passed else 'fails'} the gate (max_fid={max_fid})")
+    return passed
+
+
+def register(overrides: dict, **fields) -> dict:
+    """Register the model; return {"version", "promoted", "champion_version"}."""
+    from sidflow.stages import register as stage
+
+    cfg = override(stage.RegisterConfig(), {**fields, **optional_values(stage.RegisterConfig, overrides)})
+    result = stage.run(cfg)
+    print(f"registered {cfg.model} as {cfg.model_name} v{result.version} (promoted={result.promoted})")
+    return {"version": result.version, "promoted": result.promoted, "champion_version": result.champion_version}
+
+
+def watch_teachers(**fields) -> list:
+    """Return one {"source", "dest"[, "fingerprint"]} per new teacher, for a dsl.ParallelFor."""
+    from sidflow.stages import watch_teachers as stage
+
+    new = stage.run(stage.WatchTeachersConfig(**fields)).new
+    print(f"{len(new)} new teacher(s): {[t['source'] for t in new]}")
+    # An unknown fingerprint (None) is dropped from the item: kfp.local cannot carry a null inside a loop item.
+    return [{k: v for k, v in t.items() if v is not None} for t in new]
+
+
+def download_teacher(**fields):
+    """Publish the teacher once; return (uri, fingerprint, skipped)."""
+    from collections import namedtuple
+
+    from sidflow.stages import download_teacher as stage
+
+    cfg = stage.DownloadTeacherConfig(**fields)
+    result = stage.run(cfg)
+    print(f"teacher {cfg.source} -> {result.uri} ({result.fingerprint}, skipped={result.skipped})")
+    return namedtuple("Outputs", ["uri", "fingerprint", "skipped"])(result.uri, result.fingerprint, result.skipped)
