@@ -80,3 +80,50 @@ def record(name: str, file: str, gpus: int, metrics: dict, config: dict, out_dir
     if final:
         print(json.dumps(result))
     return result
+
+
+def build_generator(configs: dict, device):
+    """Return a one-step Sampler over SD-layout networks with random weights, built on `device` (no files)."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from sidflow.evaluate.sampling import Sampler
+    from sidflow.method.vp import vp_tables
+    from sidflow.teacher import Teacher
+    from sidflow.toy.tiny import write_char_tokenizer
+
+    tok_dir = Path(tempfile.mkdtemp(prefix="sidflow-tok-"))
+    write_char_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
+                              pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    with torch.device(device):  # random init on the GPU: seconds instead of a minute on the CPU
+        unet = UNet2DConditionModel(**configs["unet"]).eval().requires_grad_(False)
+        vae = AutoencoderKL(**configs["vae"]).eval().requires_grad_(False)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                            **configs["text"])).eval().requires_grad_(False)
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+                          prediction_type="epsilon", clip_sample=False, steps_offset=1)
+    a, s = vp_tables(sched.alphas_cumprod)
+    nets = Teacher(path="", unet=unet, text_encoder=text, tokenizer=tokenizer, vae=vae,
+                   scheduler_config=dict(sched.config), alphas_cumprod=sched.alphas_cumprod, a=a, s=s)
+    return Sampler(nets, steps=1, t_init=625)
+
+
+def timed(fn, device) -> tuple[object, float]:
+    """Return (fn(), seconds), synchronizing the GPU on both sides."""
+    import time
+
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start

@@ -40,7 +40,10 @@ def main() -> None:
     args = p.parse_args()
 
     from sidflow.config import to_args
-    from sidflow.stages.distill import DistillConfig
+    from sidflow.launch import run_per_gpu
+    from sidflow.stages.distill import DistillConfig, validate
+
+    os.environ["SIDFLOW_NO_BAR"] = "1"  # the runs' progress bars (their metrics lines are what is read)
 
     work, teacher, prompts = synthetic_run(args.model, "sidflow-ddp-")
     counts = [int(n) for n in args.gpus.split(",")]
@@ -57,9 +60,13 @@ def main() -> None:
                                 batch=args.batch, micro_batch=args.micro_batch, checkpoints=False,
                                 kimg=args.batch * (args.warmup + args.iters) / 1000, ema_halflife_kimg=0,
                                 grad_checkpointing=args.grad_checkpointing, sharding=mode)
-            # Each run is a fresh `sidflow distill` process, so no run inherits another's GPU memory or caches.
-            rc = subprocess.run([sys.executable, "-m", "sidflow.cli", "distill", *to_args(cfg)],
-                                env={**os.environ, "SIDFLOW_NO_BAR": "1"}).returncode
+            # Each run is fresh processes, so no run inherits another's GPU memory or caches: `sidflow distill` on
+            # one GPU, and on N the N processes it would start itself (torchrun), started here directly.
+            if n == 1:
+                rc = subprocess.run([sys.executable, "-m", "sidflow.cli", "distill", *to_args(cfg)]).returncode
+            else:
+                validate(cfg, world_size=n)
+                rc = run_per_gpu("distill", cfg, n)[0]
             if rc:  # recorded as failed; the other placements and counts still run
                 failed[mode, n] = f"sidflow distill exited with {rc}"
             else:

@@ -54,7 +54,8 @@ def main() -> None:
     if args.smoke:
         args.batch, args.batches = 2, 1
 
-    from eval_throughput import build_clip, build_generator, build_inception, captions
+    from common import build_generator
+    from eval_throughput import build_clip, build_inception, captions
     from vae_decode import with_vae
 
     from sidflow.evaluate.clipscore import openclip_scorer

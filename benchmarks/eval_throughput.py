@@ -29,8 +29,6 @@ import argparse
 import copy
 import os
 import sys
-import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS, device_tag, record  # noqa: E402
+from common import RESULTS, build_generator, device_tag, record, timed  # noqa: E402
 
 TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "patch_size": 32,
                                              "head_width": 16},
@@ -51,35 +49,6 @@ def captions(n: int) -> list[str]:
     places = ["on a table", "next to a red building", "in a grassy field near a lake", "at night", ""]
     return [f"A {things[i % 10]} {places[i % 5]} photographed from the side, number {i}".replace("  ", " ")
             for i in range(n)]
-
-
-def build_generator(configs: dict, device):
-    """Return a one-step Sampler over SD-layout networks with random weights, built on `device` (no files)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from sidflow.evaluate.sampling import Sampler
-    from sidflow.method.vp import vp_tables
-    from sidflow.teacher import Teacher
-    from sidflow.toy.tiny import write_char_tokenizer
-
-    tok_dir = Path(tempfile.mkdtemp(prefix="sidflow-tok-"))
-    write_char_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
-                              pad_token="<|endoftext|>")
-    torch.manual_seed(0)
-    with torch.device(device):  # random init on the GPU: seconds instead of a minute on the CPU
-        unet = UNet2DConditionModel(**configs["unet"]).eval().requires_grad_(False)
-        vae = AutoencoderKL(**configs["vae"]).eval().requires_grad_(False)
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                            **configs["text"])).eval().requires_grad_(False)
-    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
-                          prediction_type="epsilon", clip_sample=False, steps_offset=1)
-    a, s = vp_tables(sched.alphas_cumprod)
-    nets = Teacher(path="", unet=unet, text_encoder=text, tokenizer=tokenizer, vae=vae,
-                   scheduler_config=dict(sched.config), alphas_cumprod=sched.alphas_cumprod, a=a, s=s)
-    return Sampler(nets, steps=1, t_init=625)
 
 
 def build_inception(device, dims: int = 2048):
@@ -115,17 +84,6 @@ def build_clip(smoke: bool, device):
         model = open_clip.model.CLIP(**TINY_CLIP) if smoke else open_clip.create_model("ViT-g-14", device=device)
     preprocess = open_clip.image_transform(224, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
     return model.eval().requires_grad_(False), preprocess, open_clip.get_tokenizer("ViT-g-14")
-
-
-def timed(fn, device) -> tuple[object, float]:
-    """Return (fn(), seconds), synchronizing the GPU on both sides."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
 
 
 def batches(n: int, batch: int) -> list[range]:

@@ -46,7 +46,7 @@ def with_vae(sampler, dtype: str, layout: str = "contiguous", compiled: bool = F
 def sweep(sampler, lat: list, device, variants: list[str]) -> dict:
     """Return {"images_per_s": {variant: …}, "vs_first": {variant: pixel differences}} of `sampler.decode` with its
     VAE in each variant, on the latents given (lat[0] warms up and compiles; the rest are timed)."""
-    from eval_throughput import timed
+    from common import timed
 
     out: dict = {"images_per_s": {}, "vs_first": {}}
     ref, timed_lat = None, lat[1:] or lat  # one batch only (smoke runs): it warms up and is timed
@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
 
-    from eval_throughput import build_generator
+    from common import build_generator
 
     from sidflow.toy.tiny import SD15, tiny_configs
 

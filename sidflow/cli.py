@@ -59,9 +59,14 @@ def _data(args) -> int:
     from sidflow.evaluate import protocol
 
     if args.data_command == "ref-stats":
-        from sidflow.evaluate.reference import RefStatsConfig, compute_reference
+        import torch
 
-        print(json.dumps(compute_reference(config.from_args(RefStatsConfig, args))))
+        from sidflow.evaluate.reference import RefStatsConfig, compute_reference
+        from sidflow.stages.evaluate import load_features
+
+        cfg = config.from_args(RefStatsConfig, args)
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        print(json.dumps(compute_reference(cfg, load_features(cfg.features, cfg.inception_weights, device))))
         return 0
     from sidflow import storage
 

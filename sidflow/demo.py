@@ -46,10 +46,10 @@ def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> d
     import warnings
 
     from sidflow import registry
-    from sidflow.evaluate.toy import toy_eval_set
     from sidflow.kfp.compile import run_local
     from sidflow.stages import evaluate
     from sidflow.toy import shapes
+    from sidflow.toy.metrics import toy_eval_set
 
     # kfp.local warns that pod settings (GPUs, images, display names) do not apply on this machine: expected here.
     warnings.filterwarnings("ignore", module=r"kfp\..*")

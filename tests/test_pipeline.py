@@ -289,8 +289,8 @@ def test_run_local_end_to_end_on_s3_registers_once_then_skips(s3_bucket, sidflow
     from sidflow import registry
     from sidflow.cli import main
     from sidflow.demo import TOY_TEACHER
-    from sidflow.evaluate.toy import toy_eval_set
     from sidflow.generator import load_generator, sample
+    from sidflow.toy.metrics import toy_eval_set
 
     monkeypatch.setenv("SIDFLOW_NO_BAR", "1")
     monkeypatch.chdir(tmp_path)

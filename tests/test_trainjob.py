@@ -364,9 +364,9 @@ def test_run_local_takes_the_trainjob_branch_for_several_nodes(kube, tiny_teache
     """The whole pipeline under kfp.local with distill_nodes=2: the TrainJob task, not the one-pod distill, runs."""
     from sidflow.cli import main
     from sidflow.demo import TOY_TEACHER
-    from sidflow.evaluate.toy import toy_eval_set
     from sidflow.generator import export_generator
     from sidflow.teacher import load_teacher
+    from sidflow.toy.metrics import toy_eval_set
 
     def train(job):  # what the pods would leave behind: an exported generator (the toy teacher's UNet as is)
         cmd = job["spec"]["trainer"]["command"]

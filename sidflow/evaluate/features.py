@@ -61,12 +61,7 @@ def inception(weights_uri: str, device) -> FeatureExtractor:
     return FeatureExtractor("inception:sha256:" + storage.sha256_file(path), clean_resize, net, torch.device(device))
 
 
-def load_features(spec: str, inception_weights: str, device) -> FeatureExtractor:
-    """Return the extractor named by `spec`: 'inception' or 'toy:<evaluator directory URI>'."""
-    if spec == "inception":
-        return inception(inception_weights, device)
-    if spec.startswith("toy:"):
-        from sidflow.evaluate.toy import toy_features
-
-        return toy_features(spec[len("toy:"):], device)
-    raise ValueError(f"features={spec!r} is not 'inception' or 'toy:<evaluator URI>'")
+def check_spec(spec: str) -> None:
+    """Raise a one-line ValueError unless `spec` names FID features: 'inception' or 'toy:<evaluator URI>'."""
+    if spec != "inception" and not spec.startswith("toy:"):
+        raise ValueError(f"features={spec!r} is not 'inception' or 'toy:<evaluator URI>'")

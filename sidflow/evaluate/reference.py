@@ -101,11 +101,11 @@ def _listing(cfg: RefStatsConfig) -> tuple[str, list[str], list | None]:
     return path, [n for n in storage.list_files(path) if n.lower().endswith(IMAGE_SUFFIXES)], None
 
 
-def compute_reference(cfg: RefStatsConfig) -> dict:
-    """Compute mu/sigma of the real images and write them to cfg.out; return the metadata written."""
+def compute_reference(cfg: RefStatsConfig, extractor) -> dict:
+    """Compute mu/sigma of the real images with `extractor` (the FeatureExtractor cfg.features names, resolved by
+    the caller: sidflow.stages.evaluate.load_features) and write them to cfg.out; return the metadata written."""
     from tqdm import tqdm
 
-    from sidflow.evaluate.features import load_features
     from sidflow.evaluate.protocol import read_prompt_set
 
     for name in ("images", "out"):
@@ -113,8 +113,6 @@ def compute_reference(cfg: RefStatsConfig) -> dict:
             raise ValueError(f"{name} is empty: {RefStatsConfig.__dataclass_fields__[name].metadata['help']}")
     if not cfg.out.endswith(".npz"):
         raise ValueError(f"out={cfg.out!r} must end in .npz")
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    extractor = load_features(cfg.features, cfg.inception_weights, device)
     source, names, blobs = _listing(cfg)
     if cfg.prompts:
         wanted = read_prompt_set(cfg.prompts).image_ids

@@ -52,7 +52,7 @@ def captioned_grid(images: np.ndarray, captions: list[str], cols: int = 4) -> by
 def markdown_row(metrics: dict) -> str:
     """Return a header and one row for a results table, in the style of evaluation.md's anchor table."""
     s = metrics["sampler"]
-    steps = s["steps"] if s["kind"] == "generator" else f"{s['steps']} ({s['sampler']}, cfg={s['guidance']})"
+    steps = s["steps"] if s["kind"] == "generator" else f"{s['steps']} ({s['sampler']}, κ={s['kappa']})"
     return ("| model | steps | FID | CLIP | protocol | images |\n|---|---|---|---|---|---|\n"
             f"| {metrics['model']} | {steps} | {metrics['fid']:.2f} | {metrics['clip']:.4f} | {metrics['protocol']} "
             f"| {metrics['images']} |\n")

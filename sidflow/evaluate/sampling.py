@@ -97,36 +97,6 @@ class Sampler:
         return self.decode(self.latents(captions, seeds))
 
 
-def load_sampler(uri: str, device, sampler: str = "generator", steps: int = 25, guidance: float = 1.0,
-                 unet_dtype: str = "fp16", vae_dtype: str = "auto", compile_vae: bool = False,
-                 batch: int = 32) -> tuple[Sampler, dict]:
-    """Return (sampler, description) for the model at `uri`; description goes into metrics.json.
-
-    vae_dtype "auto" is `vae_auto_dtype`. On the CPU every network runs in fp32 whatever the dtypes say, and nothing
-    is compiled (recorded as such).
-    `batch` is the largest batch the sampler will be called with (the compiled decode's shape).
-    """
-    from sidflow.generator import load_generator
-    from sidflow.teacher import load_teacher
-
-    device = torch.device(device)
-    if device.type == "cpu":
-        unet_dtype, vae_dtype, compile_vae = "fp32", "fp32", False
-    if sampler == "generator":
-        nets, info = load_generator(uri, device)
-        out = Sampler(nets, info["config"]["steps"], info["config"]["t_init"])
-        about = {"kind": "generator", "steps": out.steps, "t_init": out.t_init}
-    else:
-        nets = load_teacher(uri, device)
-        out = Sampler(nets, steps, None, sampler, guidance)
-        about = {"kind": "teacher", "sampler": sampler, "steps": steps, "guidance": guidance}
-    set_precision(out, unet_dtype, vae_auto_dtype(nets) if vae_dtype == "auto" else vae_dtype)
-    if compile_vae:
-        compile_decode(out, batch)
-    return out, {**about, "unet_dtype": unet_dtype, "vae_dtype": out.vae_dtype, "compile_vae": compile_vae,
-                 "fingerprint": model_fingerprint(uri)}
-
-
 def set_precision(sampler: Sampler, unet_dtype: str, vae_dtype: str) -> None:
     """Cast the sampler's UNet and VAE weights in place (UNet NHWC on the GPU) and record the dtypes."""
     sampler.unet_dtype, sampler.vae_dtype = unet_dtype, vae_dtype

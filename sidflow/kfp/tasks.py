@@ -3,7 +3,8 @@
 The component functions are generated from the stage dataclasses (sidflow.kfp.declare); their bodies call these.
 Fields that default to None have no run parameter of their own: the KFP backend's driver handles an unset optional
 parameter inside a nested DAG such as a loop only from 2.14 (backend/src/v2/driver/resolve.go, "Handle omitted
-optional pipeline input parameters"), and kfp.local cannot run one at all. They travel in the one `overrides` dict, under their pipeline names.
+optional pipeline input parameters"), and kfp.local cannot run one at all. They travel in the one `overrides` dict,
+under their pipeline names.
 """
 
 import dataclasses

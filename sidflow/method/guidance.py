@@ -40,6 +40,16 @@ def drop_prompts(c: Tensor, null: Tensor, p: float, *, generator: torch.Generato
     return torch.where(keep, c, null.expand_as(c))
 
 
+def resolved_kappas(cfg) -> dict[str, float]:
+    """Return κ1, κ2 (= κ3), κ4 of a config (guidance, kappa, kappa_1, kappa_2, kappa_4): the preset's values with
+    any explicit override applied."""
+    out = kappas(cfg.guidance, cfg.kappa)
+    for k in out:
+        if getattr(cfg, k) is not None:
+            out[k] = getattr(cfg, k)
+    return out
+
+
 def kappas(mode: str, kappa: float) -> dict[str, float]:
     """Return {kappa_1, kappa_2, kappa_4} for a guidance preset. method.md §3 (issue #6) and §6.3.
 

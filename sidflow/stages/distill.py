@@ -13,7 +13,8 @@ from typing import Literal
 
 from sidflow import storage
 from sidflow.config import override, param, to_dict, to_json
-from sidflow.method.guidance import kappas
+from sidflow.method.guidance import resolved_kappas
+from sidflow.train.result import DistillResult, total_images  # noqa: F401  (the stage's result and length)
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,6 @@ class DistillConfig:
     resume: bool = param(True, "resume from the newest complete checkpoint under output, if any")
 
 
-@dataclass(frozen=True)
-class DistillResult:
-    model_uri: str
-    kimg: float
-    iterations: int
-    interrupted: bool
-    metrics: dict
-
-
 KAPPA_RANGE = (0.0, 20.0)
 MAX_SEED = 999_999  # the loop's RNG keys multiply the seed by ~4e12: larger seeds overflow torch's 64-bit seed
 # Fields that change what a run computes: a checkpoint written under other values belongs to another run. The rest
@@ -81,15 +73,6 @@ MAX_SEED = 999_999  # the loop's RNG keys multiply the seed by ~4e12: larger see
 # draws are keyed by global micro-batch index, so 1 and N GPUs see the same ones, and micro_batch is kept).
 NOT_IDENTITY = ("teacher", "output", "kimg", "checkpoint_kimg", "keep_checkpoints", "log_every", "checkpoints",
                 "profile", "gpus", "resume", "sharding", "grad_checkpointing")
-
-
-def resolved_kappas(cfg: DistillConfig) -> dict[str, float]:
-    """Return κ1, κ2 (= κ3), κ4: the preset's values with any explicit overrides applied."""
-    out = kappas(cfg.guidance, cfg.kappa)
-    for k in out:
-        if getattr(cfg, k) is not None:
-            out[k] = getattr(cfg, k)
-    return out
 
 
 def validate(cfg: DistillConfig, world_size: int = 1) -> None:
@@ -195,11 +178,6 @@ def check_resume(cfg: DistillConfig) -> None:
     if changed:
         raise ValueError(f"output={cfg.output!r} holds a checkpoint of another run ({'; '.join(changed)}); use a new "
                          "output, restore those values to resume it, or pass --no-resume to start over in place")
-
-
-def total_images(cfg: DistillConfig) -> int:
-    """Return the generator images a run of cfg trains on: kimg rounded up to whole iterations."""
-    return int(math.ceil(cfg.kimg * 1000 / cfg.batch)) * cfg.batch
 
 
 def finished(cfg: DistillConfig) -> DistillResult | None:

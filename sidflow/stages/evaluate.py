@@ -132,6 +132,53 @@ def _check_model(cfg: EvaluateConfig) -> None:
         storage.verify_published(cfg.model)  # a local generator without a manifest does not exist to readers
 
 
+def load_sampler(uri: str, device, sampler: str = "generator", steps: int = 25, kappa: float = 1.0,
+                 unet_dtype: str = "fp16", vae_dtype: str = "auto", compile_vae: bool = False,
+                 batch: int = 32) -> tuple["Sampler", dict]:  # noqa: F821  (sidflow.evaluate.sampling)
+    """Return (sampler, description) for the model at `uri`; description goes into metrics.json.
+
+    vae_dtype "auto" is `vae_auto_dtype`. On the CPU every network runs in fp32 whatever the dtypes say, and nothing
+    is compiled (recorded as such).
+    `batch` is the largest batch the sampler will be called with (the compiled decode's shape).
+    """
+    import torch
+
+    from sidflow.evaluate.sampling import Sampler, compile_decode, model_fingerprint, set_precision, vae_auto_dtype
+    from sidflow.generator import load_generator
+    from sidflow.teacher import load_teacher
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        unet_dtype, vae_dtype, compile_vae = "fp32", "fp32", False
+    if sampler == "generator":
+        nets, info = load_generator(uri, device)
+        out = Sampler(nets, info["config"]["steps"], info["config"]["t_init"])
+        about = {"kind": "generator", "steps": out.steps, "t_init": out.t_init}
+    else:
+        nets = load_teacher(uri, device)
+        out = Sampler(nets, steps, None, sampler, kappa)
+        about = {"kind": "teacher", "sampler": sampler, "steps": steps, "kappa": kappa}
+    set_precision(out, unet_dtype, vae_auto_dtype(nets) if vae_dtype == "auto" else vae_dtype)
+    if compile_vae:
+        compile_decode(out, batch)
+    return out, {**about, "unet_dtype": unet_dtype, "vae_dtype": out.vae_dtype, "compile_vae": compile_vae,
+                 "fingerprint": model_fingerprint(uri)}
+
+
+
+def load_features(spec: str, inception_weights: str, device):
+    """Return the FID feature extractor `spec` names: 'inception' (clean-fid's TF-Inception from inception_weights) or
+    'toy:<evaluator directory URI>' (shapes-FID)."""
+    from sidflow.evaluate.features import check_spec, inception
+
+    check_spec(spec)
+    if spec == "inception":
+        return inception(inception_weights, device)
+    from sidflow.toy.metrics import toy_features
+
+    return toy_features(spec[len("toy:"):], device)
+
+
 def run(cfg: EvaluateConfig) -> EvaluateResult:
     """Validate, record config.json, evaluate this process's shards, then (rank 0) write the results."""
     import torch
@@ -139,10 +186,8 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     from tqdm import tqdm
 
     from sidflow.evaluate.clipscore import load_openclip
-    from sidflow.evaluate.features import load_features
     from sidflow.evaluate.protocol import PROTOCOLS, read_prompt_set
     from sidflow.evaluate.reference import read_reference
-    from sidflow.evaluate.sampling import load_sampler
     from sidflow.evaluate.shards import evaluate_rows, read_shard, shard_rows, shard_uri
 
     validate(cfg)
@@ -161,7 +206,7 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     if cfg.scorer == "openclip":
         scorer = load_openclip(cfg.clip_model, cfg.clip_weights, device, cfg.clip_precision)
     else:
-        from sidflow.evaluate.toy import toy_scorer
+        from sidflow.toy.metrics import toy_scorer
 
         scorer = toy_scorer(cfg.scorer[len("toy:"):], device)
     sampler, about = load_sampler(cfg.model, device, cfg.sampler, cfg.teacher_steps, cfg.kappa,

@@ -19,13 +19,14 @@ from sidflow import failpoints, storage
 from sidflow.config import to_dict
 from sidflow.generator import export_generator, generator_info
 from sidflow.launch import main_thread
-from sidflow.method.guidance import drop_prompts
+from sidflow.method.guidance import drop_prompts, resolved_kappas
 from sidflow.method.sid import fake_step_loss, generate, generator_step_loss
 from sidflow.method.vp import sample_t
 from sidflow.prompts import read_prompts
 from sidflow.teacher import fingerprint, load_teacher, score_net
 from sidflow.train import checkpoint
 from sidflow.train.ema import ema_beta, update_ema
+from sidflow.train.result import DistillResult, total_images
 from sidflow.train.sharding import Placement, local
 
 
@@ -50,11 +51,9 @@ def _gen(seed: int, it: int, phase: int, mb: int, device) -> torch.Generator:
     return torch.Generator(device).manual_seed(((seed * 1_000_003 + it) * 4 + phase) * 1_000_003 + mb)
 
 
-def train(cfg) -> "DistillResult":  # noqa: F821  (the stage's result type)
-    """Train G and the fake score network per cfg (a DistillConfig); return the stage result."""
+def train(cfg) -> DistillResult:
+    """Train G and the fake score network per cfg (a DistillConfig); return the run's result."""
     from accelerate import Accelerator
-
-    from sidflow.stages.distill import DistillResult, resolved_kappas, total_images
 
     acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32

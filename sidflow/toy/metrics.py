@@ -62,5 +62,6 @@ def toy_eval_set(root: str, evaluator_uri: str, n: int = 256, reference_images: 
     real = storage.join(root, "real.parquet")
     shapes.write_parquet(real, reference_images, 777, "train")
     compute_reference(RefStatsConfig(images=real, out=out["reference"], protocol="native",
-                                     features=f"toy:{evaluator_uri}", workers=0, device="cpu"))
+                                     features=f"toy:{evaluator_uri}", workers=0, device="cpu"),
+                      toy_features(evaluator_uri, "cpu"))
     return out
