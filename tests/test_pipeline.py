@@ -52,70 +52,83 @@ def _tasks(spec) -> dict[str, dict]:
             if "executorLabel" in spec["components"][t["componentRef"]["name"]]}
 
 
+def _nodes(spec) -> dict[str, dict]:
+    """Every task of the IR, container or sub-DAG, by display name, with "key" (its id in its DAG), "dag" (the
+    component holding it) and "comp" (its own component): tests find tasks by meaning, never by compiler ids, so
+    another dsl.If somewhere renumbers nothing here."""
+    holders = {"root": spec["root"], **{k: c for k, c in spec["components"].items() if "dag" in c}}
+    return {t["taskInfo"]["name"]: {**t, "key": key, "dag": holder, "comp": t["componentRef"]["name"]}
+            for holder, comp in holders.items() for key, t in comp["dag"]["tasks"].items()}
+
+
+def _branches(nodes) -> dict:
+    """The compiler's wrapper task around the one-pod / multi-node branches (it has no display name of its own)."""
+    (task,) = [t for t in nodes.values() if t["comp"] == nodes["one-pod"]["dag"]]
+    return task
+
+
 def _distill_tasks(spec) -> tuple[dict, dict]:
     """(the one-pod distill task, the TrainJob task): one in each branch of the distill_nodes condition."""
-    branches = spec["components"]["comp-condition-branches-2"]["dag"]["tasks"]
-    one_pod, multi_node = branches["condition-3"], branches["condition-4"]
+    n = _nodes(spec)
+    one_pod, multi_node = n["one-pod"], n["multi-node"]
     assert one_pod["triggerPolicy"]["condition"] == \
         "int(inputs.parameter_values['pipelinechannel--distill_nodes']) == 1"
     assert multi_node["triggerPolicy"]["condition"] == \
         "!(int(inputs.parameter_values['pipelinechannel--distill_nodes']) == 1)"
-    assert (one_pod["taskInfo"]["name"], multi_node["taskInfo"]["name"]) == ("one-pod", "multi-node")
-    return (spec["components"]["comp-condition-3"]["dag"]["tasks"]["distill"],
-            spec["components"]["comp-condition-4"]["dag"]["tasks"]["distill-trainjob"])
+    train, job = n["Distill one-step generator"], n["Distill on several nodes (TrainJob)"]
+    assert (train["dag"], job["dag"]) == (one_pod["comp"], multi_node["comp"])
+    return train, job
 
 
 def test_dag_tasks_display_names_and_parallel_for(ir):
     spec = ir[0]
-    root = spec["root"]["dag"]["tasks"]
-    assert set(root) == {"watch-teachers", "for-loop-1", "report"}
-    assert root["watch-teachers"]["taskInfo"]["name"] == "Find new teachers"
-    loop = root["for-loop-1"]
-    assert loop["taskInfo"]["name"] == "new-teachers"
-    assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--watch-teachers-Output"}
-    inner = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
-    assert {k: t["taskInfo"]["name"] for k, t in inner.items()} == {
-        "download-teacher": "Download teacher", "condition-branches-2": "condition-branches-2",
-        "evaluate": "Evaluate (FID, CLIP score)", "passes-gate": "Check the registration gate",
-        "condition-5": "passed-gate"}
-    assert inner["condition-branches-2"]["dependentTasks"] == ["download-teacher"]
+    n = _nodes(spec)
+    assert {name for name, t in n.items() if t["dag"] == "root"} == {"Find new teachers", "new-teachers",
+                                                                      "Report per teacher"}
+    loop = n["new-teachers"]
+    assert loop["parameterIterator"]["items"] == {
+        "inputParameter": f"pipelinechannel--{n['Find new teachers']['key']}-Output"}
+    branches = _branches(n)
+    assert branches["dag"] == loop["comp"]
+    assert {name for name, t in n.items() if t["dag"] == loop["comp"]} - {branches["taskInfo"]["name"]} == {
+        "Download teacher", "Evaluate (FID, CLIP score)", "Check the registration gate", "passed-gate"}
+    fetch = n["Download teacher"]
+    assert branches["dependentTasks"] == [fetch["key"]]
     train, job = _distill_tasks(spec)
-    assert train["taskInfo"]["name"] == "Distill one-step generator"
-    assert job["taskInfo"]["name"] == "Distill on several nodes (TrainJob)"
+    channel = f"pipelinechannel--{fetch['key']}-uri"
     for task in (train, job):  # both distill the downloaded teacher
-        assert task["inputs"]["parameters"]["teacher"] == {
-            "componentInputParameter": "pipelinechannel--download-teacher-uri"}
-    assert inner["condition-branches-2"]["inputs"]["parameters"]["pipelinechannel--download-teacher-uri"] == {
-        "taskOutputParameter": {"producerTask": "download-teacher", "outputParameterKey": "uri"}}
-    fields = inner["download-teacher"]["inputs"]["parameters"]
-    assert fields["dest"]["parameterExpressionSelector"] == 'parseJson(string_value)["dest"]'
-    assert set(spec["components"]) == {
-        "comp-watch-teachers", "comp-for-loop-1", "comp-download-teacher", "comp-condition-branches-2",
-        "comp-condition-3", "comp-distill", "comp-condition-4", "comp-distill-trainjob", "comp-evaluate",
-        "comp-passes-gate", "comp-condition-5", "comp-register", "comp-report"}  # finetune has not landed
+        assert task["inputs"]["parameters"]["teacher"] == {"componentInputParameter": channel}
+    assert branches["inputs"]["parameters"][channel] == {
+        "taskOutputParameter": {"producerTask": fetch["key"], "outputParameterKey": "uri"}}
+    assert fetch["inputs"]["parameters"]["dest"]["parameterExpressionSelector"] == 'parseJson(string_value)["dest"]'
+    assert set(_tasks(spec)) == {  # every container task; finetune has not landed
+        "Find new teachers", "Download teacher", "Distill one-step generator", "Distill on several nodes (TrainJob)",
+        "Evaluate (FID, CLIP score)", "Check the registration gate", "Register (promote if better)",
+        "Report per teacher"}
 
 
 def test_evaluate_takes_either_branchs_model_and_gates_register(ir):
     spec = ir[0]
-    inner = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
-    evaluate_task, check, gate = inner["evaluate"], inner["passes-gate"], inner["condition-5"]
-    oneof = {"taskOutputParameter": {"outputParameterKey": "pipelinechannel--condition-branches-2-oneof-1",
-                                     "producerTask": "condition-branches-2"}}
+    n = _nodes(spec)
+    evaluate_task, check, gate = n["Evaluate (FID, CLIP score)"], n["Check the registration gate"], n["passed-gate"]
+    branches = _branches(n)
+    oneof = {"taskOutputParameter": {"outputParameterKey": f"pipelinechannel--{branches['key']}-oneof-1",
+                                     "producerTask": branches["key"]}}
     assert evaluate_task["inputs"]["parameters"]["model"] == oneof  # dsl.OneOf(one-pod distill, TrainJob)
-    assert sorted(evaluate_task["dependentTasks"]) == ["condition-branches-2", "download-teacher"]
+    assert sorted(evaluate_task["dependentTasks"]) == sorted([branches["key"], n["Download teacher"]["key"]])
     assert check["inputs"]["parameters"] == {
         "overrides": {"componentInputParameter": "pipelinechannel--overrides"},
-        "metrics": {"taskOutputParameter": {"outputParameterKey": "Output", "producerTask": "evaluate"}}}
+        "metrics": {"taskOutputParameter": {"outputParameterKey": "Output", "producerTask": evaluate_task["key"]}}}
     assert not check["cachingOptions"].get("enableCache", False)
     assert gate["triggerPolicy"]["condition"] == \
-        "inputs.parameter_values['pipelinechannel--passes-gate-Output'] == true"
-    assert sorted(gate["dependentTasks"]) == ["condition-branches-2", "evaluate", "passes-gate"]
-    reg = spec["components"]["comp-condition-5"]["dag"]["tasks"]["register"]
+        f"inputs.parameter_values['pipelinechannel--{check['key']}-Output'] == true"
+    assert sorted(gate["dependentTasks"]) == sorted([branches["key"], evaluate_task["key"], check["key"]])
+    reg = n["Register (promote if better)"]
+    assert reg["dag"] == gate["comp"]
     params = reg["inputs"]["parameters"]
-    assert params["metrics"] == {"componentInputParameter": "pipelinechannel--evaluate-Output"}
+    assert params["metrics"] == {"componentInputParameter": f"pipelinechannel--{evaluate_task['key']}-Output"}
     assert params["run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
     assert not reg["cachingOptions"].get("enableCache", False)  # the champion it compares against moves
-    assert reg["taskInfo"]["name"] == "Register (promote if better)"
     resources = spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]
     assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert resources["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--eval_gpus']}}"
@@ -186,7 +199,7 @@ def test_gpu_placement_is_set_at_run_time(ir):
     assert distill_pod["tolerations"] == [
         {"tolerationJson": {"componentInputParameter": "pipelinechannel--gpu_tolerations"}}]
     # the driver looks them up among the inputs of the DAG around the task: the one-pod condition
-    inputs = spec["components"]["comp-condition-3"]["inputDefinitions"]["parameters"]
+    inputs = spec["components"][_nodes(spec)["one-pod"]["comp"]]["inputDefinitions"]["parameters"]
     assert inputs["pipelinechannel--gpu_node_selector"]["parameterType"] == "STRUCT"
     assert inputs["pipelinechannel--gpu_tolerations"]["parameterType"] == "LIST"
 
@@ -439,7 +452,7 @@ def test_distill_cache_key_includes_the_teacher_fingerprint(ir):
     tasks = _tasks(ir[0])
     for name in ("Distill one-step generator", "Distill on several nodes (TrainJob)"):
         (channel,) = tasks[name]["inputs"]["parameters"]["teacher_fingerprint"].values()
-        assert "download-teacher-fingerprint" in channel
+        assert f"{_nodes(ir[0])['Download teacher']['key']}-fingerprint" in channel
 
 
 def test_loop_parallelism_is_bounded_and_set_at_compile_time(tmp_path):
@@ -447,17 +460,18 @@ def test_loop_parallelism_is_bounded_and_set_at_compile_time(tmp_path):
 
     for n, path in ((None, DEFAULT_OUT), (3, compile(str(tmp_path / "p3.yaml"), max_parallel=3))):
         spec = next(yaml.safe_load_all(Path(path).read_text()))
-        loop = spec["root"]["dag"]["tasks"]["for-loop-1"]
+        loop = _nodes(spec)["new-teachers"]
         assert loop["iteratorPolicy"]["parallelismLimit"] == (n or pipeline_module.MAX_PARALLEL)
     assert pipeline_module.MAX_PARALLEL == 1
     again = next(yaml.safe_load_all(Path(compile(str(tmp_path / "again.yaml"))).read_text()))  # build() restored it
-    assert again["root"]["dag"]["tasks"]["for-loop-1"]["iteratorPolicy"]["parallelismLimit"] == 1
+    assert _nodes(again)["new-teachers"]["iteratorPolicy"]["parallelismLimit"] == 1
 
 
 def test_a_last_task_reports_every_teacher_even_after_failures(ir):
-    task = _tasks(ir[0])["Report per teacher"]
+    n = _nodes(ir[0])
+    task = n["Report per teacher"]
     assert task["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"  # runs when a teacher's tasks failed
-    assert sorted(task["dependentTasks"]) == ["for-loop-1", "watch-teachers"]  # after the whole loop
+    assert sorted(task["dependentTasks"]) == sorted([n["new-teachers"]["key"], n["Find new teachers"]["key"]])
     assert task["inputs"]["parameters"]["run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
 
 
