@@ -33,6 +33,14 @@ def in_launch() -> bool:
 
 
 RESULT_ENV = "SIDFLOW_RESULT_FILE"  # where rank 0 of a launch writes its result for the launching process
+# Set by run_per_gpu: the launching process has validated the config, so its ranks do not fetch the teacher, read the
+# prompts and probe the output again, N times over. Ranks started otherwise (a TrainJob's torchrun) validate.
+CHECKED_ENV = "SIDFLOW_CHECKED"
+
+
+def checked() -> bool:
+    """True in a rank whose launching process (run_per_gpu) already validated the config."""
+    return in_launch() and os.environ.get(CHECKED_ENV) == "1"
 
 
 def run_per_gpu(command: str, cfg, n: int) -> tuple[int, dict | None]:
@@ -45,7 +53,7 @@ def run_per_gpu(command: str, cfg, n: int) -> tuple[int, dict | None]:
            "sidflow.cli", command, *to_args(cfg)]
     with tempfile.TemporaryDirectory(prefix="sidflow-launch-") as tmp:
         result = Path(tmp) / "result.json"
-        proc = subprocess.Popen(cmd, env={**os.environ, RESULT_ENV: str(result)})
+        proc = subprocess.Popen(cmd, env={**os.environ, RESULT_ENV: str(result), CHECKED_ENV: "1"})
         forward = lambda sig, _frame: proc.send_signal(sig)  # noqa: E731
         previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread() else {}
         try:
@@ -66,7 +74,8 @@ def report(result: dict) -> None:
 def per_gpu(command: str, cfg, run, check, result_type, finished=lambda rc, result: rc == 0):
     """Run a stage on `cfg.gpus` GPUs and return its result: `run(cfg)` in this process for one GPU (or inside a
     torchrun launch, where rank 0 reports back), else `check(cfg, n)` and one `sidflow <command>` process per GPU.
-    `finished(rc, result)` says whether the launch ended as the stage meant it to."""
+    `finished(rc, result)` says whether the launch ended as the stage meant it to. The caller validates: its ranks
+    then skip that (launch.checked)."""
     n = gpu_count(cfg.gpus)
     if n == 1 or in_launch():
         result = run(cfg)

@@ -123,7 +123,8 @@ def test_resume_after_sigterm_equals_uninterrupted_run(tiny_teacher, prompts, tm
 
 
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_processes_match_one_with_the_same_global_batch(tiny_teacher, prompts, tmp_path, capfd, sharding):
+def test_two_processes_match_one_with_the_same_global_batch(tiny_teacher, prompts, tmp_path, capfd, monkeypatch,
+                                                           sharding):
     # DDP or FSDP over gloo on CPU: reducing on the last accumulation round only (method.md §8.2) must give the
     # same update as one process accumulating the whole global batch; so must FSDP's sharded Adam and EMA.
     # torchrun runs each process on one thread, so sums differ in the last bits; a large Adam ε keeps Adam's
@@ -133,6 +134,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_teacher, prompt
     run(one)
     # The CLI and the KFP one-pod component both call launch(): gpus=2 is 2 child processes, and the result is the one
     # rank 0 reported.
+    # Validated once, here: a rank that validated again would be killed at this failpoint.
+    monkeypatch.setenv("SIDFLOW_FAILPOINT", "distill:validate:rank1")
     result = launch(two)
     assert ("sharded over 2 processes" in "".join(capfd.readouterr())) == (sharding == "fsdp")
     assert (result.iterations, result.kimg, result.interrupted) == (2, 0.008, False)

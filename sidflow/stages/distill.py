@@ -77,7 +77,10 @@ NOT_IDENTITY = ("teacher", "output", "kimg", "checkpoint_kimg", "keep_checkpoint
 
 def validate(cfg: DistillConfig, world_size: int = 1) -> None:
     """Raise a one-line error for any user mistake, before a model is loaded or a GPU touched."""
+    from sidflow import failpoints
     from sidflow.teacher import check_teacher_dir, materialize
+
+    failpoints.hit(f"distill:validate:rank{os.environ['RANK']}" if "RANK" in os.environ else "distill:validate")
 
     for name in ("teacher", "prompts", "output"):
         if not getattr(cfg, name):
@@ -199,10 +202,12 @@ def finished(cfg: DistillConfig) -> DistillResult | None:
 
 def run(cfg: DistillConfig) -> DistillResult:
     """Validate, record config.json, train, export; return where the generator is and what was measured."""
+    from sidflow.launch import checked
     from sidflow.train.loop import train
 
-    validate(cfg, world_size=world_size())
-    check_resume(cfg)
+    if not checked():  # a rank of run_per_gpu: the launching process validated (once, not once per GPU)
+        validate(cfg, world_size=world_size())
+        check_resume(cfg)
     done = finished(cfg)
     if done is not None:  # a re-run of a finished command (or a retry after its export) is a no-op
         return done
@@ -216,7 +221,11 @@ def launch(cfg: DistillConfig) -> DistillResult:
     from sidflow.launch import per_gpu
 
     # A SIGTERM'd run checkpoints and reports interrupted=True; torchrun then exits non-zero, which is expected.
-    return per_gpu("distill", cfg, run, lambda c, n: validate(c, world_size=n), DistillResult,
+    def check(c: DistillConfig, n: int) -> None:  # what run() checks, done once here for all n ranks
+        validate(c, world_size=n)
+        check_resume(c)
+
+    return per_gpu("distill", cfg, run, check, DistillResult,
                    finished=lambda rc, result: rc == 0 or result["interrupted"])
 
 

@@ -189,8 +189,10 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     from sidflow.evaluate.protocol import PROTOCOLS, read_prompt_set
     from sidflow.evaluate.reference import read_reference
     from sidflow.evaluate.shards import evaluate_rows, read_shard, shard_rows, shard_uri
+    from sidflow.launch import checked
 
-    validate(cfg)
+    if not checked():  # a rank of run_per_gpu: the launching process validated
+        validate(cfg)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     device, rank, world = acc.device, acc.process_index, acc.num_processes
     torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its kernels once and keeps the fastest
