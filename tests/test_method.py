@@ -8,7 +8,16 @@ import torch
 
 from sidflow.method import sid
 from sidflow.method.guidance import drop_prompts, guided_eps, kappas
-from sidflow.method.vp import add_noise, at, sample_t, scaled_linear_alphas_cumprod, step_times, vp_tables, x0_from_eps
+from sidflow.method.vp import (
+    VP,
+    add_noise,
+    at,
+    sample_t,
+    scaled_linear_alphas_cumprod,
+    step_times,
+    vp_tables,
+    x0_from_eps,
+)
 from sidflow.toy.gmm import analytic_teacher, energy_distance, one_step_samples, six_point_gmm, train_sid
 from sidflow.toy.mutants import MUTANTS
 
@@ -82,9 +91,9 @@ def test_generator_step_uses_teacher_with_kappa4_and_fake_with_kappa2():
     y_r = x0_from_eps(x_t, teacher(x_t, t, nulls) + 2.0 * (teacher(x_t, t, c) - teacher(x_t, t, nulls)), a_t, s_t)
     y_f = x0_from_eps(x_t, fake(x_t, t, nulls) + 1.5 * (fake(x_t, t, c) - fake(x_t, t, nulls)), a_t, s_t)
     expected = sid.sid_generator_loss(x_g, y_r, y_f, 1.0)
-    got = sid.generator_step_loss(teacher, fake, x_g, c, null, t, eps, A, S, kappa_2=1.5, kappa_4=2.0)
+    got = sid.generator_step_loss(teacher, fake, x_g, c, null, t, eps, VP(A, S), kappa_2=1.5, kappa_4=2.0)
     torch.testing.assert_close(got, expected)
-    swapped = sid.generator_step_loss(fake, teacher, x_g, c, null, t, eps, A, S, kappa_2=1.5, kappa_4=2.0)
+    swapped = sid.generator_step_loss(fake, teacher, x_g, c, null, t, eps, VP(A, S), kappa_2=1.5, kappa_4=2.0)
     assert not torch.allclose(swapped, expected)
 
 
@@ -125,14 +134,14 @@ def test_generator_sampler_one_step_formula_and_stop_gradient(K):
         return w * x
 
     z, c = torch.randn(5, 2, generator=torch.Generator().manual_seed(0)), torch.zeros(5, 3)
-    out = sid.generate(G, z, c, A, S, 625, K, grad_last=True, generator=torch.Generator().manual_seed(1))
+    out = sid.generate(G, z, c, VP(A, S), t_init=625, K=K, grad_last=True, generator=torch.Generator().manual_seed(1))
     if K == 1:
         torch.testing.assert_close(out, (S[625] * z - S[625] * 0.3 * S[625] * z) / A[625])
     out.sum().backward()
     t_last = step_times(625, K)[-1]
     # d out / d w = −s_t x / a_t at the last step only, its input x detached.
     assert w.grad is not None
-    again = sid.generate(G, z, c, A, S, 625, K, generator=torch.Generator().manual_seed(1))
+    again = sid.generate(G, z, c, VP(A, S), t_init=625, K=K, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out.detach(), again)  # same generator ⇒ same sample
     assert t_last == step_times(625, K)[K - 1]
 
@@ -239,7 +248,7 @@ def test_generator_gradient_flows_through_teacher_and_fake(kappa_2, kappa_4):
     c, null, t = torch.eye(3, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64), torch.tensor([50, 400, 900])
     kw = dict(kappa_2=kappa_2, kappa_4=kappa_4, alpha=1.0)
     x = x_g.clone().requires_grad_()
-    sid.generator_step_loss(teacher, fake, x, c, null, t, eps, a, s, **kw).sum().backward()
+    sid.generator_step_loss(teacher, fake, x, c, null, t, eps, VP(a, s), **kw).sum().backward()
 
     def y(net, kappa, xg):
         a_t, s_t = at(a, t, xg), at(s, t, xg)
@@ -272,11 +281,12 @@ def test_few_step_gradient_stops_between_steps(K):
 
     z, c = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64), torch.zeros(5, 3)
     a, s = A.double(), S.double()
-    out = sid.generate(G, z, c, a, s, 625, K, grad_last=True, generator=torch.Generator().manual_seed(1))
+    out = sid.generate(G, z, c, VP(a, s), t_init=625, K=K, grad_last=True, generator=torch.Generator().manual_seed(1))
     out.sum().backward()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        D = sid.generate(G, z, c, a, s, 625, K, k_stop=K - 1, generator=gen)  # draws the noise of steps 1..K−2
+        # draws the noise of steps 1..K−2
+        D = sid.generate(G, z, c, VP(a, s), t_init=625, K=K, k_stop=K - 1, generator=gen)
     n = torch.randn(z.shape, generator=gen, dtype=z.dtype)  # the last step's fresh noise
     t_last = step_times(625, K)[-1]
     x_last = a[t_last] * D + s[t_last] * n

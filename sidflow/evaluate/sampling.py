@@ -66,6 +66,7 @@ class Sampler:
         """Return float32 latents [B, C, h, w] for the captions."""
         from sidflow.method.guidance import guided_eps
         from sidflow.method.sid import generate
+        from sidflow.method.vp import VP
         from sidflow.teacher import score_net
 
         nets, device = self.nets, self.device
@@ -74,7 +75,7 @@ class Sampler:
         with torch.autocast(device.type, DTYPES[self.unet_dtype], enabled=self.unet_dtype != "fp32"):
             if self.t_init is not None:  # the generator (method.md §2); fresh noise of steps k > 0 as `sample`
                 g = torch.Generator(device).manual_seed(seeds[0])
-                return generate(net, z, c, nets.a.to(device), nets.s.to(device), self.t_init, self.steps,
+                return generate(net, z, c, VP(nets.a, nets.s).to(device), t_init=self.t_init, K=self.steps,
                                 generator=g).float()
             sched = teacher_scheduler(nets.scheduler_config, self.teacher_sampler, self.steps)  # fresh state
             null, x = nets.null().to(device), z * sched.init_noise_sigma

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from sidflow.method.guidance import ScoreNet, guided_eps
-from sidflow.method.vp import add_noise, at, step_times, x0_from_eps
+from sidflow.method.vp import VP, add_noise, step_times, x0_from_eps
 
 
 def _pix(x: Tensor) -> tuple[int, ...]:
@@ -31,27 +31,26 @@ def fake_score_loss(eps_pred: Tensor, eps: Tensor) -> Tensor:
 
 
 def fake_step_loss(
-    fake: ScoreNet, x_g: Tensor, c: Tensor, null: Tensor, t: Tensor, eps: Tensor, a: Tensor, s: Tensor,
-    kappa_1: float,
+    fake: ScoreNet, x_g: Tensor, c: Tensor, null: Tensor, t: Tensor, eps: Tensor, vp: VP, *, kappa_1: float,
 ) -> Tensor:
     """Return the fake-score loss [B] on generator samples x_g (no grad to G). method.md §3.
 
     c has already had prompt dropout applied; the regression target is the plain ε (κ1 acts on the fake only).
     """
-    a_t, s_t = at(a, t, x_g), at(s, t, x_g)
+    a_t, s_t = vp.at(t, x_g)
     x_t = add_noise(x_g.detach(), eps, a_t, s_t)  # [B, ...]  x_g is data here: no grad to G (§3 step 2)
     return fake_score_loss(guided_eps(fake, x_t, t, c, null, kappa_1), eps)
 
 
 def generator_step_loss(
-    teacher: ScoreNet, fake: ScoreNet, x_g: Tensor, c: Tensor, null: Tensor, t: Tensor, eps: Tensor,
-    a: Tensor, s: Tensor, *, kappa_2: float, kappa_4: float, alpha: float = 1.0,
+    teacher: ScoreNet, fake: ScoreNet, x_g: Tensor, c: Tensor, null: Tensor, t: Tensor, eps: Tensor, vp: VP, *,
+    kappa_2: float, kappa_4: float, alpha: float = 1.0,
 ) -> Tensor:
     """Return the SiD generator loss [B]; gradients flow through both UNets into x_g. method.md §4, §9.
 
     The guidance scales are keyword-only: κ2 (the fake's) and κ4 (the teacher's) are easy to swap by position.
     """
-    a_t, s_t = at(a, t, x_g), at(s, t, x_g)
+    a_t, s_t = vp.at(t, x_g)
     x_t = add_noise(x_g, eps, a_t, s_t)  # [B, ...]  keeps the graph to x_g
     y_r = x0_from_eps(x_t, guided_eps(teacher, x_t, t, c, null, kappa_4), a_t, s_t)  # teacher x0, CFG κ4
     y_f = x0_from_eps(x_t, guided_eps(fake, x_t, t, c, null, kappa_2), a_t, s_t)  # fake x0, CFG κ2 (= κ3)
@@ -59,8 +58,8 @@ def generator_step_loss(
 
 
 def generate(
-    G: ScoreNet, z: Tensor, c: Tensor, a: Tensor, s: Tensor, t_init: int = 625, K: int = 1, k_stop: int | None = None,
-    grad_last: bool = False, *, generator: torch.Generator | None = None,
+    G: ScoreNet, z: Tensor, c: Tensor, vp: VP, *, t_init: int = 625, K: int = 1, k_stop: int | None = None,
+    grad_last: bool = False, generator: torch.Generator | None = None,
 ) -> Tensor:
     """Return the generator's sample D_k [B, ...] after k_stop of its K steps. method.md §2, §6.1, §9.
 
@@ -73,7 +72,7 @@ def generate(
     for j, t_j in enumerate(step_times(t_init, K)[:k_stop]):
         n = z if j == 0 else torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         t = torch.full((z.shape[0],), t_j, device=z.device, dtype=torch.long)
-        a_t, s_t = at(a, t, z), at(s, t, z)
+        a_t, s_t = vp.at(t, z)
         x = add_noise(D, n, a_t, s_t)  # [B, ...]  D is detached: no backprop through the trajectory (§6.1)
         with torch.set_grad_enabled(grad_last and j == k_stop - 1 and torch.is_grad_enabled()):
             D = x0_from_eps(x, G(x, t, c), a_t, s_t)

@@ -1,11 +1,28 @@
 """The VP-DDPM noise parameterisation shared by SD1.5, SD2.1-base and SDXL (method.md §1).
 
 All functions are pure: tensors in, tensors out. `a` and `s` are the tables a_t = sqrt(alpha_bar_t) and
-s_t = sqrt(1 - alpha_bar_t) indexed by integer t; callers gather them with `at(table, t, x)`.
+s_t = sqrt(1 - alpha_bar_t) indexed by integer t; `VP` holds the pair and gathers both at t.
 """
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class VP:
+    """The schedule's tables a [T] and s [T] (from `vp_tables`), passed as one value."""
+
+    a: Tensor
+    s: Tensor
+
+    def at(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return (a_t, s_t), each shaped [B, 1, ..., 1] to broadcast against x [B, ...]."""
+        return at(self.a, t, x), at(self.s, t, x)
+
+    def to(self, device) -> "VP":
+        return VP(self.a.to(device), self.s.to(device))
 
 
 def vp_tables(alphas_cumprod: Tensor) -> tuple[Tensor, Tensor]:

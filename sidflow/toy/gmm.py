@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from sidflow.method.guidance import drop_prompts, kappas
 from sidflow.method.sid import fake_step_loss, generate, generator_step_loss
-from sidflow.method.vp import at, eps_from_x0, sample_t, scaled_linear_alphas_cumprod, vp_tables
+from sidflow.method.vp import VP, at, eps_from_x0, sample_t, scaled_linear_alphas_cumprod, vp_tables
 
 
 @dataclass
@@ -97,6 +97,7 @@ def train_sid(gmm: GMM, iters: int = 1500, batch: int = 256, lr: float = 1e-3, g
     """
     torch.manual_seed(seed)
     a, s = vp_tables(scaled_linear_alphas_cumprod())
+    vp = VP(a, s)
     teacher = analytic_teacher(gmm, a, s)
     G, fake = Residual(teacher, gmm.n_classes), Residual(teacher, gmm.n_classes)
     opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.0, 0.999))
@@ -116,14 +117,14 @@ def train_sid(gmm: GMM, iters: int = 1500, batch: int = 256, lr: float = 1e-3, g
         c, z, eps, t = draw()  # fake step
         c = drop_prompts(c, null, p_drop, generator=g)
         with torch.no_grad():
-            x_g = generate(G, z, c, a, s)
-        fake_step_loss(fake, x_g, c, null, t, eps, a, s, k["kappa_1"]).sum().div(batch).backward()
+            x_g = generate(G, z, c, vp)
+        fake_step_loss(fake, x_g, c, null, t, eps, vp, kappa_1=k["kappa_1"]).sum().div(batch).backward()
         opt_f.step()
         opt_f.zero_grad(set_to_none=True)
         c, z, eps, t = draw()  # generator step
         fake.requires_grad_(False)
-        x_g = generate(G, z, c, a, s, grad_last=True)
-        loss = gen_loss(teacher, fake, x_g, c, null, t, eps, a, s, kappa_2=k["kappa_2"], kappa_4=k["kappa_4"],
+        x_g = generate(G, z, c, vp, grad_last=True)
+        loss = gen_loss(teacher, fake, x_g, c, null, t, eps, vp, kappa_2=k["kappa_2"], kappa_4=k["kappa_4"],
                         alpha=alpha)
         loss.sum().div(batch).backward()
         fake.requires_grad_(True)
@@ -138,4 +139,4 @@ def one_step_samples(G, gmm: GMM, a: Tensor, s: Tensor, n: int, label: int, seed
     """Return n one-step samples [n, 2] of class `label`."""
     g = torch.Generator().manual_seed(seed)
     c = torch.eye(gmm.n_classes)[label].expand(n, -1)
-    return generate(G, torch.randn(n, 2, generator=g), c, a, s)
+    return generate(G, torch.randn(n, 2, generator=g), c, VP(a, s))

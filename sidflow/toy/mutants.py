@@ -5,7 +5,7 @@ Used by tests/test_method.py and benchmarks/gmm_mutants.py to show that the math
 
 from sidflow.method import sid
 from sidflow.method.guidance import guided_eps
-from sidflow.method.vp import add_noise, at, x0_from_eps
+from sidflow.method.vp import add_noise, x0_from_eps
 
 
 def swapped(teacher, fake, *args, **kwargs):
@@ -18,9 +18,9 @@ def alpha_flipped(teacher, fake, *args, kappa_2, kappa_4, alpha):
     return sid.generator_step_loss(teacher, fake, *args, kappa_2=kappa_2, kappa_4=kappa_4, alpha=-alpha)
 
 
-def normaliser_attached(teacher, fake, x_g, c, null, t, eps, a, s, *, kappa_2, kappa_4, alpha):
+def normaliser_attached(teacher, fake, x_g, c, null, t, eps, vp, *, kappa_2, kappa_4, alpha):
     """The per-sample normaliser w left attached to the graph."""
-    a_t, s_t = at(a, t, x_g), at(s, t, x_g)
+    a_t, s_t = vp.at(t, x_g)
     x_t = add_noise(x_g, eps, a_t, s_t)
     y_r = x0_from_eps(x_t, guided_eps(teacher, x_t, t, c, null, kappa_4), a_t, s_t)
     y_f = x0_from_eps(x_t, guided_eps(fake, x_t, t, c, null, kappa_2), a_t, s_t)

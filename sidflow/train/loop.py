@@ -21,7 +21,7 @@ from sidflow.generator import export_generator, generator_info
 from sidflow.launch import main_thread
 from sidflow.method.guidance import drop_prompts, resolved_kappas
 from sidflow.method.sid import fake_step_loss, generate, generator_step_loss
-from sidflow.method.vp import sample_t
+from sidflow.method.vp import VP, sample_t
 from sidflow.prompts import read_prompts
 from sidflow.teacher import fingerprint, load_teacher, score_net
 from sidflow.train import checkpoint
@@ -94,7 +94,7 @@ def train(cfg) -> DistillResult:
     fused = device.type == "cuda"  # one kernel for the whole update instead of several per parameter
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=betas, eps=cfg.adam_eps, fused=fused)
     opt_f = torch.optim.Adam(fake.parameters(), lr=cfg.lr_fake, betas=betas, eps=cfg.adam_eps, fused=fused)
-    a, s = teacher.a.to(device), teacher.s.to(device)
+    vp = VP(teacher.a, teacher.s).to(device)
     null = teacher.null().to(device)  # [1, 77, D] embedding of "" (§3)
 
     # Resume from the newest checkpoint that loads (a damaged newest one falls back to the one before it).
@@ -155,9 +155,9 @@ def train(cfg) -> DistillResult:
         for r in range(rounds):
             c, z, eps, t, g_dev = draw(0, r, p_drop)
             with torch.no_grad(), acc.autocast():
-                x_g = generate(net_g, z, c, a, s, cfg.t_init, cfg.steps, k_step, generator=g_dev)
+                x_g = generate(net_g, z, c, vp, t_init=cfg.t_init, K=cfg.steps, k_stop=k_step, generator=g_dev)
             with place.no_sync(fake_ddp, r == rounds - 1), acc.autocast():
-                loss, nan = _drop_nan(fake_step_loss(net_f_ddp, x_g, c, null, t, eps, a, s, k["kappa_1"]))
+                loss, nan = _drop_nan(fake_step_loss(net_f_ddp, x_g, c, null, t, eps, vp, kappa_1=k["kappa_1"]))
                 acc.backward(loss.sum() / b_tot)
             sums[0] += loss.detach().sum()
             sums[2] += nan
@@ -172,9 +172,9 @@ def train(cfg) -> DistillResult:
         for r in range(rounds):
             c, z, eps, t, g_dev = draw(1, r, 0.0)
             with place.no_sync(G_ddp, r == rounds - 1), acc.autocast():
-                x_g = generate(net_g_ddp, z, c, a, s, cfg.t_init, cfg.steps, k_step, grad_last=True,
+                x_g = generate(net_g_ddp, z, c, vp, t_init=cfg.t_init, K=cfg.steps, k_stop=k_step, grad_last=True,
                                generator=g_dev)
-                loss, nan = _drop_nan(generator_step_loss(net_t, net_f, x_g, c, null, t, eps, a, s,
+                loss, nan = _drop_nan(generator_step_loss(net_t, net_f, x_g, c, null, t, eps, vp,
                                                           kappa_2=k["kappa_2"], kappa_4=k["kappa_4"], alpha=cfg.alpha))
                 acc.backward(loss.sum() / b_tot)
             sums[1] += loss.detach().sum()
