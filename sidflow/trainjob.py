@@ -43,6 +43,9 @@ class PlacementConfig:
         'tolerations of the GPU pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]')})
     distill_cpu: str = param("8", "CPUs of the one-pod distill (distill_nodes = 1); give about 8 per GPU of `gpus` "
                                   "(TrainJob nodes get 8 per GPU themselves)")
+    gpu_resource: str = param("nvidia.com/gpu", "Kubernetes resource name the GPU pods request `gpus` of: "
+                                                "nvidia.com/gpu, a MIG profile (nvidia.com/mig-3g.40gb) or another "
+                                                "vendor's device (amd.com/gpu)")
     distill_memory: str = param("64G", "memory of the one-pod distill; about 64G per GPU of `gpus`, more for SDXL "
                                        "(every process loads the teacher); TrainJob nodes get 64G per GPU")
 
@@ -91,7 +94,8 @@ TIMEOUT_S = 7 * 24 * 3600
 def manifest(cfg, placement: PlacementConfig, image: str) -> dict:
     """Return the TrainJob that runs `sidflow distill` with `cfg` on distill_nodes nodes × cfg.gpus GPUs each."""
     gpus = check(cfg, placement)
-    resources = {"cpu": str(CPU_PER_GPU * gpus), "memory": f"{MEMORY_G_PER_GPU * gpus}G", "nvidia.com/gpu": str(gpus)}
+    resources = {"cpu": str(CPU_PER_GPU * gpus), "memory": f"{MEMORY_G_PER_GPU * gpus}G",
+                 placement.gpu_resource: str(gpus)}
     env = [{"name": k, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": k}}} for k in S3_KEYS]
     pod = {  # what the runtime's pod template does not have: /dev/shm for NCCL, and the GPU placement
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{SHM_GI_PER_GPU * gpus}Gi"}}],

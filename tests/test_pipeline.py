@@ -130,7 +130,7 @@ def test_evaluate_takes_either_branchs_model_and_gates_register(ir):
     assert params["run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
     assert not reg["cachingOptions"].get("enableCache", False)  # the champion it compares against moves
     resources = spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]
-    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert resources["accelerator"]["resourceType"] == "{{$.inputs.parameters['pipelinechannel--gpu_resource']}}"
     assert resources["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--eval_gpus']}}"
     assert evaluate_task["retryPolicy"]["maxRetryCount"] == pipeline_module.EVAL_RETRIES
 
@@ -145,8 +145,9 @@ def test_multi_node_branch_creates_a_trainjob(ir):
                                                         .container.image}}
     assert job["retryPolicy"]["maxRetryCount"] == pipeline_module.DISTILL_RETRIES  # a retry adopts or replaces it
     # The one-pod task's resources are run-time parameters, which the compiler hands it as extra inputs.
-    resource_inputs = {"accelerator_count", "cpu_limit", "cpu_request", "memory_limit", "memory_request",
-                       "pipelinechannel--gpus", "pipelinechannel--distill_cpu", "pipelinechannel--distill_memory"}
+    resource_inputs = {"accelerator_count", "accelerator_type", "cpu_limit", "cpu_request", "memory_limit",
+                       "memory_request", "pipelinechannel--gpu_resource", "pipelinechannel--gpus",
+                       "pipelinechannel--distill_cpu", "pipelinechannel--distill_memory"}
     assert set(params) - {"trainer_image", *PLACEMENT_FIELDS} == set(train["inputs"]["parameters"]) - resource_inputs
     executor = spec["deploymentSpec"]["executors"]["exec-distill-trainjob"]["container"]
     assert executor["image"].startswith("ghcr.io/example/sidflow-runtime:")  # a CPU pod that only orchestrates
@@ -159,8 +160,10 @@ def test_pod_settings_caching_and_retries(ir):
     spec, platform = ir
     train, _ = _distill_tasks(spec)
     resources = spec["deploymentSpec"]["executors"]["exec-distill"]["container"]["resources"]
-    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    # the resource name (MIG, other vendors) and the count are run-time parameters, which the driver resolves
+    assert resources["accelerator"]["resourceType"] == "{{$.inputs.parameters['pipelinechannel--gpu_resource']}}"
     assert resources["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
+    assert spec["root"]["inputDefinitions"]["parameters"]["gpu_resource"]["defaultValue"] == "nvidia.com/gpu"
     # GPUs, CPU and memory of the one-pod distill are set at run time: gpus, distill_cpu, distill_memory.
     assert resources["resourceCpuRequest"] == resources["resourceCpuLimit"] == (
         "{{$.inputs.parameters['pipelinechannel--distill_cpu']}}")

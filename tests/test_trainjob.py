@@ -73,6 +73,11 @@ def test_two_nodes_of_eight_gpus():
     assert not any(e["name"].startswith("PET_") for e in t["env"])  # reserved: Trainer's webhook refuses them
     pod = _pod_patch(job)
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "H100"} and pod["tolerations"] == [TOLERATION]
+    import dataclasses
+
+    mig = trainjob.manifest(CFG, dataclasses.replace(PLACEMENT, gpu_resource="nvidia.com/mig-3g.40gb"), "img")
+    assert mig["spec"]["trainer"]["resourcesPerNode"]["limits"] == {  # a MIG profile (or amd.com/gpu) instead
+        "cpu": "64", "memory": "512G", "nvidia.com/mig-3g.40gb": "8"}
     assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "128Gi"}}]
     assert pod["containers"] == [{"name": "node", "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}]
 

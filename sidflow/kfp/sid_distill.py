@@ -84,11 +84,11 @@ def _s3_env(task: dsl.PipelineTask, timeout_s: int = CPU_TIMEOUT_S) -> dsl.Pipel
     return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_KEYS})
 
 
-def _gpu_pod(task: dsl.PipelineTask, gpus, retries: int, node_selector, tolerations, timeout_s: int, cpu=DISTILL_CPU,
-             memory=DISTILL_MEMORY) -> dsl.PipelineTask:
-    """GPU, CPU and memory (constants or run-time parameters), retries (the GPU stages resume), the S3 secret, and
-    run-time node placement."""
-    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
+def _gpu_pod(task: dsl.PipelineTask, resource, gpus, retries: int, node_selector, tolerations, timeout_s: int,
+             cpu=DISTILL_CPU, memory=DISTILL_MEMORY) -> dsl.PipelineTask:
+    """GPU resource and count, CPU and memory (constants or run-time parameters: the driver resolves each, backend
+    2.5+ driver.go), retries (the GPU stages resume), the S3 secret, and run-time node placement."""
+    task.set_accelerator_type(resource).set_accelerator_limit(gpus)
     task.set_cpu_request(cpu).set_cpu_limit(cpu)
     task.set_memory_request(memory).set_memory_limit(memory)
     task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0)
@@ -123,7 +123,7 @@ def _dag(args: dict) -> None:
         with dsl.If(a["distill_nodes"] == 1, name="one-pod"):
             train = distill(**ident, **hyper, overrides=overrides)
             train.set_display_name("Distill one-step generator")
-            _gpu_pod(train, a["gpus"], DISTILL_RETRIES, a["gpu_node_selector"], a["gpu_tolerations"],
+            _gpu_pod(train, a["gpu_resource"], a["gpus"], DISTILL_RETRIES, a["gpu_node_selector"], a["gpu_tolerations"],
                      DISTILL_TIMEOUT_S, a["distill_cpu"], a["distill_memory"])
             kubernetes.empty_dir_mount(train, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                        size_limit=DISTILL_SHM)
@@ -135,7 +135,8 @@ def _dag(args: dict) -> None:
         model = dsl.OneOf(train.outputs["Output"], job.outputs["Output"])
         score = evaluate(model=model, teacher=fetch.outputs["uri"], **where, **scoring, overrides=overrides)
         score.set_display_name("Evaluate (FID, CLIP score)")
-        _gpu_pod(score, a["eval_gpus"], EVAL_RETRIES, a["gpu_node_selector"], a["gpu_tolerations"], EVAL_TIMEOUT_S)
+        _gpu_pod(score, a["gpu_resource"], a["eval_gpus"], EVAL_RETRIES, a["gpu_node_selector"], a["gpu_tolerations"],
+                 EVAL_TIMEOUT_S)
         gate = passes_gate(metrics=score.outputs["Output"], overrides=overrides)
         gate.set_display_name("Check the registration gate")
         _s3_env(gate)
