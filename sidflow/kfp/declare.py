@@ -55,11 +55,6 @@ def none_fields(cls) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if default(f) is None)
 
 
-def optional(p: Param) -> bool:
-    """True for a parameter that defaults to None (isOptional without a default in the IR)."""
-    return p.default is None
-
-
 def _annotation(tp: Any) -> str:
     if typing.get_origin(tp) is typing.Union:
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]

@@ -9,6 +9,8 @@ per GPU. Each run writes under <artifact_root>/runs/<run id>/<teacher>-<hash>/, 
 from the stage dataclasses (PARAMS): every run parameter is a field declared once, with its type, default and help.
 """
 
+import dataclasses
+
 from kfp import dsl, kubernetes
 
 from sidflow.kfp import declare
@@ -41,10 +43,11 @@ EVAL_RETRIES = 2  # a retried evaluation keeps the shards already written; its p
 # The run parameters, in form order: each is a field of a stage dataclass, declared there once (sidflow.kfp.declare).
 # Fields that default to None travel in `overrides` (sidflow.kfp.tasks says why).
 EVAL_SKIP = ("model", "output", "sampler", "teacher_steps", "kappa", "save_images")  # teacher comparison rows only
-PARAMS = (declare.params(WatchTeachersConfig)
-          + declare.params(DistillConfig, skip=("teacher", "output", *declare.none_fields(DistillConfig)))
-          + declare.params(PlacementConfig)
-          + declare.params(EvaluateConfig, skip=(*EVAL_SKIP, *declare.none_fields(EvaluateConfig)), rename=EVAL_NAMES)
+# Each stage's run parameters by field name; the pipeline's names (EVAL_NAMES) differ only for evaluate.
+WATCH, PLACEMENT = declare.params(WatchTeachersConfig), declare.params(PlacementConfig)
+DISTILL = declare.params(DistillConfig, skip=("teacher", "output", *declare.none_fields(DistillConfig)))
+EVALUATE = declare.params(EvaluateConfig, skip=(*EVAL_SKIP, *declare.none_fields(EvaluateConfig)))
+PARAMS = (WATCH + DISTILL + PLACEMENT + [dataclasses.replace(p, name=EVAL_NAMES.get(p.name, p.name)) for p in EVALUATE]
           + declare.params(RegisterConfig, skip=("registry", "model_name", "model", "metrics", "teacher_fingerprint",
                                                  "run_id", *declare.none_fields(RegisterConfig))))
 # overrides key -> (dataclass, field): every None-default field of the stages in the DAG
@@ -103,12 +106,8 @@ _BUILD = {"max_parallel": MAX_PARALLEL}  # compile-time settings of build()
 def _dag(args: dict) -> None:
     """Build the DAG from the pipeline's arguments (channels), by parameter name."""
     a = args
-    watched = {p.name: a[p.name] for p in declare.params(WatchTeachersConfig)}
-    placement = {p.name: a[p.name] for p in declare.params(PlacementConfig)}
-    hyper = {p.name: a[p.name] for p in declare.params(DistillConfig, skip=("teacher", "output",
-                                                                          *declare.none_fields(DistillConfig)))}
-    scoring = {p.name: a[EVAL_NAMES.get(p.name, p.name)]
-               for p in declare.params(EvaluateConfig, skip=(*EVAL_SKIP, *declare.none_fields(EvaluateConfig)))}
+    watched, placement, hyper = ({p.name: a[p.name] for p in ps} for ps in (WATCH, PLACEMENT, DISTILL))
+    scoring = {p.name: a[EVAL_NAMES.get(p.name, p.name)] for p in EVALUATE}
     overrides, artifact_root, registry, model_name = a["overrides"], a["artifact_root"], a["registry"], a["model_name"]
     watch = watch_teachers(**watched)
     watch.set_display_name("Find new teachers")

@@ -48,7 +48,7 @@ class Gate:
 
 def optional_values(cls, given: dict, rename: dict[str, str] | None = None) -> dict[str, Any]:
     """Return the values in `given` (the `overrides` parameter, by pipeline name) for cls's None-default fields."""
-    names = {(rename or {}).get(p.name, p.name): p.name for p in declare.params(cls) if declare.optional(p)}
+    names = {(rename or {}).get(n, n): n for n in declare.none_fields(cls)}
     return {names[k]: v for k, v in given.items() if k in names}
 
 

@@ -200,14 +200,19 @@ def finished(cfg: DistillConfig) -> DistillResult | None:
                          interrupted=False, metrics=info.get("metrics", {}))
 
 
+def check(cfg: DistillConfig, world: int) -> None:
+    """Everything a run checks before it trains: the inputs (validate) and whose checkpoints it would resume."""
+    validate(cfg, world_size=world)
+    check_resume(cfg)
+
+
 def run(cfg: DistillConfig) -> DistillResult:
     """Validate, record config.json, train, export; return where the generator is and what was measured."""
     from sidflow.launch import checked
     from sidflow.train.loop import train
 
-    if not checked():  # a rank of run_per_gpu: the launching process validated (once, not once per GPU)
-        validate(cfg, world_size=world_size())
-        check_resume(cfg)
+    if not checked():  # a rank of run_per_gpu: the launching process checked (once, not once per GPU)
+        check(cfg, world_size())
     done = finished(cfg)
     if done is not None:  # a re-run of a finished command (or a retry after its export) is a no-op
         return done
@@ -221,10 +226,6 @@ def launch(cfg: DistillConfig) -> DistillResult:
     from sidflow.launch import per_gpu
 
     # A SIGTERM'd run checkpoints and reports interrupted=True; torchrun then exits non-zero, which is expected.
-    def check(c: DistillConfig, n: int) -> None:  # what run() checks, done once here for all n ranks
-        validate(c, world_size=n)
-        check_resume(c)
-
     return per_gpu("distill", cfg, run, check, DistillResult,
                    finished=lambda rc, result: rc == 0 or result["interrupted"])
 
@@ -238,8 +239,7 @@ def launch_with_retries(cfg: DistillConfig, retries: int) -> DistillResult:
     from sidflow.launch import gpu_count, run_per_gpu
 
     n = gpu_count(cfg.gpus)
-    validate(cfg, world_size=n)
-    check_resume(cfg)
+    check(cfg, n)
     for attempt in range(retries + 1):
         rc, result = run_per_gpu("distill", cfg, n)
         if result is not None and (rc == 0 or result["interrupted"]):
