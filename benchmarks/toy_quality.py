@@ -80,7 +80,7 @@ def main() -> None:
     if "real" in args.rows:
         metrics, _ = evaluate(model, lambda caps: np.stack([shapes.render(*shapes.parse(c).values(),
                               np.random.default_rng(i)) for i, c in enumerate(caps)]), prompts, reference)
-        rows.append({"row": "real", "steps": None, "guidance": None, **metrics, "images_seen": None,
+        rows.append({"row": "real", "steps": None, "kappa": None, **metrics, "images_seen": None,
                      "gpu_minutes": None})
     teacher = load_teacher(args.teacher, device)
     if "teacher" in args.rows:
@@ -88,7 +88,7 @@ def main() -> None:
             for g in [float(s) for s in args.teacher_cfg.split(",")]:
                 metrics, imgs = evaluate(model, lambda caps: sample_teacher(teacher, caps, seeds, steps, g),
                                          prompts, reference)
-                rows.append({"row": "teacher", "steps": steps, "guidance": g, **metrics,
+                rows.append({"row": "teacher", "steps": steps, "kappa": g, **metrics,
                              "images_seen": training["metrics"]["unet_steps"] * training["config"]["batch"],
                              "gpu_minutes": round(training["metrics"]["minutes"], 2)})
                 grids[f"teacher-{steps}-{g}"] = imgs[:16]
@@ -109,7 +109,7 @@ def main() -> None:
             minutes = (time.time() - start) / 60
             gen, info = load_generator(result.model_uri, device)
             metrics, imgs = evaluate(model, lambda caps: sample(gen, info, caps, seeds, batch=512), prompts, reference)
-            rows.append({"row": row, "steps": cfg.steps, "guidance": cfg.kappa, **metrics,
+            rows.append({"row": row, "steps": cfg.steps, "kappa": cfg.kappa, **metrics,
                          "images_seen": int(result.kimg * 1000), "gpu_minutes": round(minutes, 2),
                          "config": overrides})
             grids[f"{row}-{cfg.steps}-{cfg.kappa}"] = imgs[:16]

@@ -71,7 +71,7 @@ def test_toy_quality_sid_rows_and_merge(tmp_path):
                     "--out", str(tmp_path)], check=True, cwd=ROOT, capture_output=True)
     rows = json.loads((tmp_path / "toy_quality.json").read_text())["metrics"]["rows"]
     assert [r["row"] for r in rows] == ["real", "sid-fewstep"]
-    assert rows[1]["steps"] == 2 and rows[1]["guidance"] == 2.0 and rows[1]["images_seen"] == 32
+    assert rows[1]["steps"] == 2 and rows[1]["kappa"] == 2.0 and rows[1]["images_seen"] == 32
     assert 0 <= rows[1]["prompt_acc_seen"] <= 1 and rows[1]["shapes_fid"] > 0
     # a merged table merges again flat, each part keeping the tree it ran on
     subprocess.run([sys.executable, "benchmarks/toy_quality.py", "--merge", f"{tmp_path}/toy_quality.json,"

@@ -18,8 +18,9 @@ from sidflow.method.vp import (
     vp_tables,
     x0_from_eps,
 )
-from sidflow.toy.gmm import analytic_teacher, energy_distance, one_step_samples, six_point_gmm, train_sid
-from sidflow.toy.mutants import MUTANTS
+from sidflow.stages.distill import DistillConfig
+from sidflow.toy.gmm import TOY_RUN, analytic_teacher, distill, energy_distance, one_step_samples, six_point_gmm
+from sidflow.toy.mutants import installed
 
 A, S = vp_tables(scaled_linear_alphas_cumprod())
 
@@ -165,11 +166,16 @@ def test_method_imports_only_torch():
 # Analytic teacher: distillation must reach the true mixture; broken losses must not.
 
 GMM = six_point_gmm(0.1)
-# 600 iterations: the energy distance falls 0.43 -> 0.09 by then (0.12 at 100, 0.087 at 800), while the mutants end
-# at 1.5e5 (swapped) and 0.45 (w attached). Under torch 2.14.1 this toy loop (lr 1e-3, σ = 0.1) blows up between 800
-# and 850 iterations (33 at 850, 2.8e6 at 1500), so the former 1,500 no longer separates a correct loss from a broken
-# one; the blow-up is followed up where the GMM tests move onto the shipped loop.
-ITERS = 600
+# The runs go through the shipped loop (sidflow.train.loop.train), so these tests exercise the code the distill stage
+# runs: its draws, prompt dropout, gradient guard and optimizer settings. After 1,500 iterations of TOY_RUN the energy
+# is 0.60-0.61× its start (0.43) over seeds 0-2; w attached ends at 1.23×, teacher and fake swapped at > 1e5×
+# (benchmarks/results/gmm_mutants.json); 0.8× lies between.
+ITERS = 1500
+BOUND = 0.8
+
+
+def _run(gmm, iters=ITERS, **kw):
+    return distill(gmm, DistillConfig(**TOY_RUN, kimg=iters * 0.256, **kw))
 
 
 def _energy(G):
@@ -184,11 +190,11 @@ def start_energy():
 
 
 def test_distillation_reaches_the_mixture(start_energy):
-    G, *_ = train_sid(GMM, iters=ITERS)
+    G, *_ = _run(GMM)
     energy = _energy(G)
-    # method.md §10: ≈0.5 → ≈0.15 after 1,500 iterations in an independent implementation.
+    # An independent implementation reached ≈0.15 from ≈0.5 after 1,500 iterations at lr 1e-3 (unstable here: TOY_RUN).
     assert start_energy > 0.3
-    assert energy < 0.35 * start_energy, (start_energy, energy)
+    assert energy < BOUND * start_energy, (start_energy, energy)
     # Every mixture component receives samples.
     for label in range(3):
         x = one_step_samples(G, GMM, A, S, 1000, label)
@@ -201,21 +207,26 @@ def test_distillation_reaches_the_mixture(start_energy):
 def test_broken_losses_fail_the_same_bound(name, start_energy):
     # α's sign flip is caught by test_generator_loss_equals_expanded_form: on this toy it still converges
     # (benchmarks/results/gmm_mutants.json).
-    G, *_ = train_sid(GMM, iters=ITERS, generator_loss=MUTANTS[name])
+    with installed(name):
+        G, *_ = _run(GMM)
     energy = _energy(G)
-    assert not energy < 0.35 * start_energy, energy
+    assert not energy < BOUND * start_energy, energy
 
 
 def test_guidance_raises_class_likelihood():
-    # Overlapping classes (σ = 0.45): LSG κ = 2 pulls each class's samples toward its modes (method.md §10).
+    # Overlapping classes (σ = 0.45): LSG κ = 2 pulls each class's samples toward its modes (method.md §10), above
+    # the class likelihood of the data itself, which κ = 1 fits (data [-0.14, -0.11, -0.13]; after 1,000 iterations
+    # κ = 1 gives [-0.10, -0.16, -0.13], κ = 2 [-0.004, -0.006, -0.002]).
     gmm = six_point_gmm(0.45)
+    g = torch.Generator().manual_seed(7)
+    data = torch.tensor([gmm.class_log_prob(gmm.sample(4000, c, g), c).mean() for c in range(3)])
 
     def class_logp(kappa):
-        G, *_ = train_sid(gmm, iters=1000, kappa=kappa)
+        G, *_ = _run(gmm, 1000, kappa=kappa)
         return torch.tensor([gmm.class_log_prob(one_step_samples(G, gmm, A, S, 1000, c), c).mean() for c in range(3)])
 
     k1, k2 = class_logp(1.0), class_logp(2.0)
-    assert (k2 > k1 + 0.05).all(), (k1, k2)
+    assert (k2 > data + 0.1).all() and (k2 > k1).all(), (data, k1, k2)
 
 
 # Pins on the loop's math: each of these mutants passed the tests before (an independent audit). ------------------

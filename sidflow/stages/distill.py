@@ -1,7 +1,8 @@
 """Stage `distill`: data-free one-step SiD-LSG distillation of a teacher (method.md §1–§5, §8).
 
-`run(cfg)` validates everything a user can get wrong, writes config.json to the output, then trains with the
-one loop in `sidflow.train.loop` and publishes checkpoints and the exported generator under `cfg.output`.
+`run(cfg)` validates everything a user can get wrong, writes config.json to the output, builds the networks (G
+and the fake score network start as copies of the teacher's UNet) and the prompt conditions, trains them with
+the one loop in `sidflow.train.loop` and publishes checkpoints and the exported generator under `cfg.output`.
 """
 
 import json
@@ -209,7 +210,7 @@ def check(cfg: DistillConfig, world: int) -> None:
 def run(cfg: DistillConfig) -> DistillResult:
     """Validate, record config.json, train, export; return where the generator is and what was measured."""
     from sidflow.launch import checked
-    from sidflow.train.loop import train
+    from sidflow.train.loop import device, train
 
     if not checked():  # a rank of run_per_gpu: the launching process checked (once, not once per GPU)
         check(cfg, world_size())
@@ -217,7 +218,43 @@ def run(cfg: DistillConfig) -> DistillResult:
     if done is not None:  # a re-run of a finished command (or a retry after its export) is a no-op
         return done
     storage.write_text(storage.join(cfg.output, "config.json"), to_json(cfg))
-    return train(cfg)
+    return train(cfg, *networks(cfg, device()))
+
+
+def networks(cfg: DistillConfig, device):
+    """Return the loop's Networks and Conditions for cfg on `device`: G and the fake score network are full copies
+    of the frozen teacher UNet (method.md §2); the conditions are the training prompts' text embeddings."""
+    import copy
+
+    import torch
+
+    from sidflow.generator import export_generator, generator_info
+    from sidflow.method.vp import VP
+    from sidflow.prompts import read_prompts
+    from sidflow.teacher import fingerprint, load_teacher, score_net
+    from sidflow.train.loop import Conditions, Networks
+
+    teacher = load_teacher(cfg.teacher, device, null=cfg.null_prompt)
+    prompts = read_prompts(cfg.prompts)
+    if device.type == "cuda":  # NHWC convolutions run on the tensor cores without layout transposes
+        teacher.unet.to(memory_format=torch.channels_last)
+    G, fake = copy.deepcopy(teacher.unet), copy.deepcopy(teacher.unet)
+    if cfg.precision == "bf16":  # frozen, so no master copy: autocast would cast it to bf16 at every forward
+        teacher.unet.to(torch.bfloat16)
+    if cfg.grad_checkpointing:  # diffusers checkpoints only modules in train mode; the teacher has no dropout
+        for m in (G, fake, teacher.unet):
+            m.enable_gradient_checkpointing()
+            m.train()
+    model_uri = storage.join(cfg.output, "model")
+
+    def export(unet, nimg: int, weights: str, metrics: dict) -> None:
+        export_generator(unet, teacher, model_uri, generator_info(cfg, nimg, weights, metrics))
+
+    nets = Networks(G=G, fake=fake, teacher=score_net(teacher.unet), score=score_net,
+                    vp=VP(teacher.a, teacher.s).to(device), null=teacher.null().to(device),  # [1, 77, D]: "" (§3)
+                    shape=teacher.latent_shape, export=export, fingerprint=fingerprint(cfg.teacher),
+                    template=teacher.unet)
+    return nets, Conditions(len(prompts), lambda idx: teacher.encode([prompts[i] for i in idx]))
 
 
 def launch(cfg: DistillConfig) -> DistillResult:

@@ -1,7 +1,10 @@
 """Deliberately wrong SiD generator losses: the analytic-teacher checks must reject every one of them.
 
-Used by tests/test_method.py and benchmarks/gmm_mutants.py to show that the math tests can fail.
+Used by tests/test_method.py and benchmarks/gmm_mutants.py to show that the math tests can fail: `installed`
+puts one in the shipped loop in place of the real loss.
 """
+
+import contextlib
 
 from sidflow.method import sid
 from sidflow.method.guidance import guided_eps
@@ -31,3 +34,16 @@ def normaliser_attached(teacher, fake, x_g, c, null, t, eps, vp, *, kappa_2, kap
 
 MUTANTS = {"teacher-fake-swapped": swapped, "alpha-sign-flipped": alpha_flipped,
            "normaliser-attached": normaliser_attached}
+
+
+@contextlib.contextmanager
+def installed(name: str):
+    """Run the training loop with mutant `name` as its generator loss inside the block."""
+    from sidflow.train import loop
+
+    real = loop.generator_step_loss
+    loop.generator_step_loss = MUTANTS[name]
+    try:
+        yield
+    finally:
+        loop.generator_step_loss = real

@@ -2,6 +2,9 @@
 
 One-step SiD-LSG is the K = 1 case. Each process draws everything for iteration i from generators seeded by
 (seed, i, rank), so a resumed run replays exactly the draws of an uninterrupted one.
+
+The loop trains what it is given: the distill stage hands it UNet copies of a diffusers teacher and the prompts'
+text embeddings; the analytic-teacher tests hand it small MLPs and one-hot classes (sidflow.toy.gmm).
 """
 
 import copy
@@ -11,23 +14,56 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
 from sidflow import failpoints, storage
 from sidflow.config import to_dict
-from sidflow.generator import export_generator, generator_info
 from sidflow.launch import main_thread
 from sidflow.method.guidance import drop_prompts, resolved_kappas
 from sidflow.method.sid import fake_step_loss, generate, generator_step_loss
 from sidflow.method.vp import VP, sample_t
-from sidflow.prompts import read_prompts
-from sidflow.teacher import fingerprint, load_teacher, score_net
 from sidflow.train import checkpoint
 from sidflow.train.ema import ema_beta, update_ema
 from sidflow.train.result import DistillResult, total_images
 from sidflow.train.sharding import Placement, local
+
+ScoreNet = Callable[[Tensor, Tensor, Tensor], Tensor]  # net(x_t, t, c) -> ε̂
+
+
+@dataclass
+class Networks:
+    """What the loop trains, built on this process's device (`device()`) by the caller (method.md §2)."""
+
+    G: nn.Module  # the generator; starts as a copy of the teacher
+    fake: nn.Module  # the fake score network; starts as a copy of the teacher
+    teacher: ScoreNet  # the frozen teacher
+    score: Callable[[nn.Module], ScoreNet]  # G, fake, G's EMA (or their DDP wrappers) as net(x_t, t, c) -> ε̂
+    vp: VP  # the teacher's schedule, on the device
+    null: Tensor  # [1, ...] the condition ∅ (for CFG and prompt dropout)
+    shape: tuple[int, ...]  # one sample's shape: (C, H, W) of a latent
+    export: Callable[[nn.Module, int, str, dict], None]  # publish(generator, nimg, "ema" | "raw", metrics)
+    fingerprint: str | None = None  # the teacher's content, recorded in every checkpoint for the resume check
+    template: nn.Module | None = None  # the class and config a generator sharded by FSDP is gathered into
+
+
+@dataclass
+class Conditions:
+    """The training conditions: `size` of them; `encode(indices)` returns their batch [b, ...] (on any device)."""
+
+    size: int
+    encode: Callable[[Tensor], Tensor]
+
+
+def device() -> torch.device:
+    """Return the device this process trains on (one GPU per process; the CPU when there is none)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).device
 
 
 def _finite_grads(params, clip: float | None) -> None:
@@ -51,8 +87,8 @@ def _gen(seed: int, it: int, phase: int, mb: int, device) -> torch.Generator:
     return torch.Generator(device).manual_seed(((seed * 1_000_003 + it) * 4 + phase) * 1_000_003 + mb)
 
 
-def train(cfg) -> DistillResult:
-    """Train G and the fake score network per cfg (a DistillConfig); return the run's result."""
+def train(cfg, nets: Networks, data: Conditions) -> DistillResult:
+    """Train nets.G and nets.fake per cfg (a DistillConfig) on data; export the generator; return the result."""
     from accelerate import Accelerator
 
     acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
@@ -68,19 +104,7 @@ def train(cfg) -> DistillResult:
     # never trained on (§3).
     p_drop = cfg.fake_dropout if guided_fake and conditional_fake else 0.0
 
-    # Networks: G and the fake score are full copies of the frozen teacher UNet (method.md §2).
-    teacher = load_teacher(cfg.teacher, device, null=cfg.null_prompt)
-    teacher_fp = fingerprint(cfg.teacher)  # recorded in every checkpoint: a resume checks it belongs to this run
-    prompts = read_prompts(cfg.prompts)
-    if device.type == "cuda":  # NHWC convolutions run on the tensor cores without layout transposes
-        teacher.unet.to(memory_format=torch.channels_last)
-    G, fake = copy.deepcopy(teacher.unet), copy.deepcopy(teacher.unet)
-    if cfg.precision == "bf16":  # frozen, so no master copy: autocast would cast it to bf16 at every forward
-        teacher.unet.to(torch.bfloat16)
-    if cfg.grad_checkpointing:  # diffusers checkpoints only modules in train mode; the teacher has no dropout
-        for m in (G, fake, teacher.unet):
-            m.enable_gradient_checkpointing()
-            m.train()
+    G, fake = nets.G, nets.fake
     G.requires_grad_(True).train()
     fake.requires_grad_(True).train()
     ema = copy.deepcopy(G).requires_grad_(False).eval() if cfg.ema_halflife_kimg > 0 else None
@@ -94,8 +118,7 @@ def train(cfg) -> DistillResult:
     fused = device.type == "cuda"  # one kernel for the whole update instead of several per parameter
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=betas, eps=cfg.adam_eps, fused=fused)
     opt_f = torch.optim.Adam(fake.parameters(), lr=cfg.lr_fake, betas=betas, eps=cfg.adam_eps, fused=fused)
-    vp = VP(teacher.a, teacher.s).to(device)
-    null = teacher.null().to(device)  # [1, 77, D] embedding of "" (§3)
+    vp, null = nets.vp, nets.null
 
     # Resume from the newest checkpoint that loads (a damaged newest one falls back to the one before it).
     nimg, it, metrics = 0, 0, {}
@@ -111,8 +134,8 @@ def train(cfg) -> DistillResult:
         acc.print(f"resumed from {last} at {nimg / 1000:.3f} kimg")
     del state, found
     G_ddp, fake_ddp = place.wrap(G), place.wrap(fake)
-    net_t, net_g, net_f = score_net(teacher.unet), score_net(G), score_net(fake)
-    net_g_ddp, net_f_ddp = score_net(G_ddp), score_net(fake_ddp)
+    net_t, net_g, net_f = nets.teacher, nets.score(G), nets.score(fake)
+    net_g_ddp, net_f_ddp = nets.score(G_ddp), nets.score(fake_ddp)
 
     # SIGTERM (preemption, a pod's end) and SIGINT (Ctrl-C) both checkpoint and end the run; the same command resumes.
     stop = {"flag": False}
@@ -125,7 +148,7 @@ def train(cfg) -> DistillResult:
     total = total_images(cfg)
     next_ckpt = (nimg // int(cfg.checkpoint_kimg * 1000) + 1) * int(cfg.checkpoint_kimg * 1000)
     bar = _progress(total, nimg, acc.is_main_process)
-    shape = teacher.latent_shape
+    shape = nets.shape
     stop_now = False  # a run resumed at its end goes straight to the export
 
     def draw(phase: int, r: int, dropout: float):
@@ -133,7 +156,7 @@ def train(cfg) -> DistillResult:
         # the run is the same whatever the number of GPUs, and a resumed run replays it exactly.
         mb = rank * rounds + r
         g_cpu, g_dev = _gen(cfg.seed, it, phase, mb, "cpu"), _gen(cfg.seed, it, phase, mb, device)
-        c = teacher.encode([prompts[i] for i in idx[phase, rank, r]]).to(device)  # [b, 77, D]
+        c = data.encode(idx[phase, rank, r]).to(device)  # [b, 77, D] for prompts
         if dropout:
             c = drop_prompts(c, null, dropout, generator=g_cpu)
         z = torch.randn((cfg.micro_batch, *shape), generator=g_dev, device=device)  # [b, C, H, W]
@@ -146,7 +169,7 @@ def train(cfg) -> DistillResult:
         # Prompts: a global draw of 2·batch indices per iteration, split by rank, so the data seen does not
         # depend on the number of GPUs.
         g_shared = _gen(cfg.seed, it, 2, 0, "cpu")  # the same on every rank
-        idx = torch.randint(len(prompts), (2, world, rounds, cfg.micro_batch), generator=g_shared)
+        idx = torch.randint(data.size, (2, world, rounds, cfg.micro_batch), generator=g_shared)
         k_step = int(torch.randint(1, cfg.steps + 1, (1,), generator=g_shared))  # one k per iteration (§6.1)
         sums = torch.zeros(5, device=device)  # loss_fake, loss_g, nan_fake, nan_g, stop requests
         phases = _Phases(cfg.profile, device)
@@ -213,7 +236,7 @@ def train(cfg) -> DistillResult:
                      "ema": place.full_state(ema) if ema is not None else None}
             if acc.is_main_process:
                 checkpoint.save(cfg.output, nimg, {**state, "nimg": nimg, "iteration": it, "metrics": metrics},
-                                {"config": to_dict(cfg), "teacher_fingerprint": teacher_fp, "nimg": nimg},
+                                {"config": to_dict(cfg), "teacher_fingerprint": nets.fingerprint, "nimg": nimg},
                                 keep=cfg.keep_checkpoints)
                 storage.upload_dir(str(logdir), storage.join(cfg.output, "logs"))
             failpoints.hit("train:checkpoint")
@@ -230,11 +253,10 @@ def train(cfg) -> DistillResult:
 
     model_uri = storage.join(cfg.output, "model")
     # Export the generator (EMA weights when EMA is on), gathered whole onto rank 0.
-    export = None if stop_now else place.gather(ema if ema is not None else G, teacher.unet)
+    export = None if stop_now else place.gather(ema if ema is not None else G, nets.template or G)
     if export is not None and acc.is_main_process:
         failpoints.hit("train:export")
-        info = generator_info(cfg, nimg, "ema" if ema is not None else "raw", metrics)
-        export_generator(export, teacher, model_uri, info)
+        nets.export(export, nimg, "ema" if ema is not None else "raw", metrics)
     acc.wait_for_everyone()
     return DistillResult(model_uri=model_uri, kimg=nimg / 1000, iterations=it, interrupted=stop_now, metrics=metrics)
 
