@@ -61,7 +61,8 @@ class DistillConfig:
     profile: bool = param(False, "time each phase of an iteration (synchronizes the GPU: slower)")
     seed: int = param(0, "random seed; every draw of iteration i derives from (seed, i, rank)")
     sharding: Literal["ddp", "fsdp"] = param(
-        "ddp", "ddp = a full replica per GPU; fsdp = parameters, grads and Adam state sharded (FSDP2), needed for SDXL")
+        "ddp", "ddp = a full replica per GPU; fsdp = parameters, grads and Adam state sharded (FSDP2), needed for SDXL "
+               "on 80 GB GPUs")
     gpus: str = param("1", "GPUs to use: a count or 'all' (one process per GPU); in the pipeline a count: the GPUs "
                            "each distill pod requests")
     resume: bool = param(True, "resume from the newest complete checkpoint under output, if any")
