@@ -19,10 +19,14 @@ def sid_generator_loss(x_g: Tensor, y_r: Tensor, y_f: Tensor, alpha: float = 1.0
 
     Σ_pix (y_r − y_f) ⊙ [(y_r − x_g) − α (y_r − y_f)] / w, with w = max(1e-5, mean |x_g − y_r|).
     """
-    pix = _pix(x_g)
-    w = (x_g - y_r).abs().mean(dim=pix).clamp(min=1e-5).detach()  # [B]  the only detached term (§4)
+    w = sid_normaliser(x_g, y_r)  # [B]  the only detached term (§4)
     d = y_r - y_f  # [B, ...]  y_r and y_f keep their graphs w.r.t. x_t, hence x_g
-    return (d * ((y_r - x_g) - alpha * d)).sum(dim=pix) / w  # [B]
+    return (d * ((y_r - x_g) - alpha * d)).sum(dim=_pix(x_g)) / w  # [B]
+
+
+def sid_normaliser(x_g: Tensor, y_r: Tensor) -> Tensor:
+    """Return w = max(1e-5, mean_pix |x_g − y_r|) per sample [B], detached (method.md §4; §6.2 reuses it)."""
+    return (x_g - y_r).abs().mean(dim=_pix(x_g)).clamp(min=1e-5).detach()
 
 
 def fake_score_loss(eps_pred: Tensor, eps: Tensor) -> Tensor:
@@ -50,11 +54,21 @@ def generator_step_loss(
 
     The guidance scales are keyword-only: κ2 (the fake's) and κ4 (the teacher's) are easy to swap by position.
     """
+    return generator_step_terms(teacher, fake, x_g, c, null, t, eps, vp, kappa_2=kappa_2, kappa_4=kappa_4,
+                                alpha=alpha)[0]
+
+
+def generator_step_terms(
+    teacher: ScoreNet, fake: ScoreNet, x_g: Tensor, c: Tensor, null: Tensor, t: Tensor, eps: Tensor, vp: VP, *,
+    kappa_2: float, kappa_4: float, alpha: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Return (the SiD generator loss [B], its normaliser w [B], the noised sample x_t it was taken at); the
+    adversarial term (method.md §6.2) is divided by the same w and scores the same x_t."""
     a_t, s_t = vp.at(t, x_g)
     x_t = add_noise(x_g, eps, a_t, s_t)  # [B, ...]  keeps the graph to x_g
     y_r = x0_from_eps(x_t, guided_eps(teacher, x_t, t, c, null, kappa_4), a_t, s_t)  # teacher x0, CFG κ4
     y_f = x0_from_eps(x_t, guided_eps(fake, x_t, t, c, null, kappa_2), a_t, s_t)  # fake x0, CFG κ2 (= κ3)
-    return sid_generator_loss(x_g, y_r, y_f, alpha)
+    return sid_generator_loss(x_g, y_r, y_f, alpha), sid_normaliser(x_g, y_r), x_t
 
 
 def generate(

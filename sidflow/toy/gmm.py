@@ -53,10 +53,10 @@ class GMM:
         return per_class[:, label] - torch.logsumexp(per_class, -1)
 
 
-def six_point_gmm(sigma: float = 0.1) -> GMM:
-    """Return 3 classes × 2 components on the unit circle (class k owns angles 120k° and 120k° + 60°)."""
+def six_point_gmm(sigma: float = 0.1, radius: float = 1.5) -> GMM:
+    """Return 3 classes × 2 components on a circle (class k owns angles 120k° and 120k° + 60°)."""
     angles = torch.arange(6) * math.pi / 3
-    mu = 1.5 * torch.stack([angles.cos(), angles.sin()], -1)
+    mu = radius * torch.stack([angles.cos(), angles.sin()], -1)
     return GMM(mu=mu, cls=torch.arange(6) // 2, sigma=sigma, n_classes=3)
 
 
@@ -71,9 +71,16 @@ class Residual(nn.Module):
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
-    def forward(self, x_t: Tensor, t: Tensor, c: Tensor) -> Tensor:
+    def _inputs(self, x_t: Tensor, t: Tensor, c: Tensor) -> Tensor:
         tt = (t.float() / 1000)[:, None]
-        return self.teacher(x_t, t, c) + self.mlp(torch.cat([x_t, tt, tt.square(), c], -1))
+        return torch.cat([x_t, tt, tt.square(), c], -1)
+
+    def forward(self, x_t: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        return self.teacher(x_t, t, c) + self.mlp(self._inputs(x_t, t, c))
+
+    def logits(self, x_t: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        """The network's encoder as discriminator, no new parameters: the mean of its last hidden layer [B, 1]."""
+        return self.mlp[:-1](self._inputs(x_t, t, c)).mean(-1, keepdim=True)
 
 
 def analytic_teacher(gmm: GMM, a: Tensor, s: Tensor):
@@ -100,10 +107,13 @@ TOY_RUN = dict(batch=256, micro_batch=256, lr_g=5e-4, lr_fake=2e-3, precision="f
                checkpoints=False, resume=False, log_every=100)
 
 
-def distill(gmm: GMM, cfg):
-    """Distill the analytic teacher into a one-step generator with the shipped loop under cfg (a DistillConfig,
-    e.g. of TOY_RUN; its output is replaced by a scratch directory); return (G, teacher, a, s)."""
-    from sidflow.train.loop import Conditions, Networks, train
+def distill(gmm: GMM, cfg, real: GMM | None = None, adv_weight: float = 1.0, disc_weight: float = 1.0,
+            start_kimg: float = 0.0, n_real: int = 20_000):
+    """Distill the analytic teacher of `gmm` into a generator with the shipped loop under cfg (a DistillConfig,
+    e.g. of TOY_RUN; its output is replaced by a scratch directory); return (G, teacher, a, s).
+
+    With `real`, the adversarial term is on: n_real labelled samples of that mixture are the real data."""
+    from sidflow.train.loop import GAN, Conditions, Networks, train
 
     a, s = vp_tables(scaled_linear_alphas_cumprod())
     teacher = analytic_teacher(gmm, a, s)
@@ -112,12 +122,19 @@ def distill(gmm: GMM, cfg):
     exported = {}
     nets = Networks(G=G, fake=fake, teacher=teacher, score=lambda net: net, vp=VP(a, s),
                     null=torch.zeros(1, gmm.n_classes), shape=(2,),
-                    export=lambda net, *_: exported.update(G=net))
+                    export=lambda net, *_: exported.update(G=net), disc=lambda net: net.logits)
     onehot = torch.eye(gmm.n_classes)
     classes = Conditions(gmm.n_classes, lambda idx: onehot[idx])  # [b, n_classes]
+    gan = None
+    if real is not None:
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        labels = torch.randint(real.n_classes, (n_real,), generator=g)
+        points = torch.stack([real.sample(1, int(y), g)[0] for y in labels])  # [n_real, 2]
+        gan = GAN(real=lambda idx: (points[idx], onehot[labels[idx]]), size=n_real, adv_weight=adv_weight,
+                  disc_weight=disc_weight, start_kimg=start_kimg)
     output = tempfile.mkdtemp(prefix="sidflow-gmm-")  # the loop writes its logs there
     try:
-        train(dataclasses.replace(cfg, output=output), nets, classes)
+        train(dataclasses.replace(cfg, output=output), nets, classes, gan)
     finally:
         shutil.rmtree(output, ignore_errors=True)
     return exported["G"], teacher, a, s

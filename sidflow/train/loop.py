@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from sidflow import failpoints, storage
 from sidflow.config import to_dict
 from sidflow.launch import main_thread
+from sidflow.method.adversarial import disc_step_loss, generator_adv_loss
 from sidflow.method.guidance import drop_prompts, resolved_kappas
-from sidflow.method.sid import fake_step_loss, generate, generator_step_loss
+from sidflow.method.sid import fake_step_loss, generate, generator_step_loss, generator_step_terms
 from sidflow.method.vp import VP, sample_t
 from sidflow.train import checkpoint
 from sidflow.train.ema import ema_beta, update_ema
@@ -49,6 +50,7 @@ class Networks:
     export: Callable[[nn.Module, int, str, dict], None]  # publish(generator, nimg, "ema" | "raw", metrics)
     fingerprint: str | None = None  # the teacher's content, recorded in every checkpoint for the resume check
     template: nn.Module | None = None  # the class and config a generator sharded by FSDP is gathered into
+    disc: Callable[[nn.Module], ScoreNet] | None = None  # the fake as discriminator: disc(x_t, t, c) -> logits
 
 
 @dataclass
@@ -57,6 +59,19 @@ class Conditions:
 
     size: int
     encode: Callable[[Tensor], Tensor]
+
+
+@dataclass
+class GAN:
+    """The adversarial term of few-step SiD with real data (method.md §6.2); the loop runs without it when given none.
+    The discriminator is nets.disc, the fake score network's encoder."""
+
+    real: Callable[[Tensor], tuple[Tensor, Tensor]]  # indices -> (real samples [b, ...], their conditions [b, ...])
+    size: int  # real pairs to draw from
+    adv_weight: float  # λ_adv: the generator's loss is ½ L_SiD + ½ λ_adv L_adv while the term is on
+    disc_weight: float  # λ_D: the fake step's loss is the score loss + λ_D L_D while the term is on
+    start_kimg: float = 0.0  # both terms are on from this many kimg (the fake first fits the generator)
+    clip: float = 1.0  # gradient value clip of the fake step while the terms are on (§6.2)
 
 
 def device() -> torch.device:
@@ -87,8 +102,9 @@ def _gen(seed: int, it: int, phase: int, mb: int, device) -> torch.Generator:
     return torch.Generator(device).manual_seed(((seed * 1_000_003 + it) * 4 + phase) * 1_000_003 + mb)
 
 
-def train(cfg, nets: Networks, data: Conditions) -> DistillResult:
-    """Train nets.G and nets.fake per cfg (a DistillConfig) on data; export the generator; return the result."""
+def train(cfg, nets: Networks, data: Conditions, gan: GAN | None = None) -> DistillResult:
+    """Train nets.G and nets.fake per cfg (a DistillConfig) on data, with the adversarial term when `gan` is given;
+    export the generator; return the result."""
     from accelerate import Accelerator
 
     acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
@@ -136,6 +152,8 @@ def train(cfg, nets: Networks, data: Conditions) -> DistillResult:
     G_ddp, fake_ddp = place.wrap(G), place.wrap(fake)
     net_t, net_g, net_f = nets.teacher, nets.score(G), nets.score(fake)
     net_g_ddp, net_f_ddp = nets.score(G_ddp), nets.score(fake_ddp)
+    # The discriminator runs on the fake module itself: its gradients join the score loss's in the same backward.
+    disc = nets.disc(fake) if gan is not None else None
 
     # SIGTERM (preemption, a pod's end) and SIGINT (Ctrl-C) both checkpoint and end the run; the same command resumes.
     stop = {"flag": False}
@@ -156,13 +174,13 @@ def train(cfg, nets: Networks, data: Conditions) -> DistillResult:
         # the run is the same whatever the number of GPUs, and a resumed run replays it exactly.
         mb = rank * rounds + r
         g_cpu, g_dev = _gen(cfg.seed, it, phase, mb, "cpu"), _gen(cfg.seed, it, phase, mb, device)
-        c = data.encode(idx[phase, rank, r]).to(device)  # [b, 77, D] for prompts
+        c = c_text = data.encode(idx[phase, rank, r]).to(device)  # [b, 77, D] for prompts
         if dropout:
             c = drop_prompts(c, null, dropout, generator=g_cpu)
         z = torch.randn((cfg.micro_batch, *shape), generator=g_dev, device=device)  # [b, C, H, W]
         eps = torch.randn((cfg.micro_batch, *shape), generator=g_dev, device=device)
         t = sample_t(cfg.micro_batch, cfg.t_min, cfg.t_max, generator=g_cpu).to(device)
-        return c, z, eps, t, g_dev
+        return c, z, eps, t, g_dev, c_text
 
     while nimg < total:
         tick = time.perf_counter()
@@ -171,21 +189,30 @@ def train(cfg, nets: Networks, data: Conditions) -> DistillResult:
         g_shared = _gen(cfg.seed, it, 2, 0, "cpu")  # the same on every rank
         idx = torch.randint(data.size, (2, world, rounds, cfg.micro_batch), generator=g_shared)
         k_step = int(torch.randint(1, cfg.steps + 1, (1,), generator=g_shared))  # one k per iteration (§6.1)
-        sums = torch.zeros(5, device=device)  # loss_fake, loss_g, nan_fake, nan_g, stop requests
+        gan_on = gan is not None and nimg >= gan.start_kimg * 1000
+        if gan_on:  # real pairs: a global draw as for the prompts
+            idx_real = torch.randint(gan.size, (world, rounds, cfg.micro_batch), generator=g_shared)
+        sums = torch.zeros(7, device=device)  # loss_fake, loss_g, nan_fake, nan_g, stop requests, loss_d, loss_adv
         phases = _Phases(cfg.profile, device)
 
         # Fake score step.
         for r in range(rounds):
-            c, z, eps, t, g_dev = draw(0, r, p_drop)
+            c, z, eps, t, g_dev, c_text = draw(0, r, p_drop)
             with torch.no_grad(), acc.autocast():
                 x_g = generate(net_g, z, c, vp, t_init=cfg.t_init, K=cfg.steps, k_stop=k_step, generator=g_dev)
             with place.no_sync(fake_ddp, r == rounds - 1), acc.autocast():
-                loss, nan = _drop_nan(fake_step_loss(net_f_ddp, x_g, c, null, t, eps, vp, kappa_1=k["kappa_1"]))
+                loss = fake_step_loss(net_f_ddp, x_g, c, null, t, eps, vp, kappa_1=k["kappa_1"])
+                if gan_on:  # the real pairs and x_g noised with this step's t and ε; the text kept (§6.2, §6.3)
+                    x_real, c_real = gan.real(idx_real[rank, r])
+                    loss_d = disc_step_loss(disc, x_g, c_text, x_real.to(device), c_real.to(device), t, eps, vp)
+                    sums[5] += loss_d.detach().nan_to_num().sum()
+                    loss = loss + gan.disc_weight * loss_d
+                loss, nan = _drop_nan(loss)
                 acc.backward(loss.sum() / b_tot)
             sums[0] += loss.detach().sum()
             sums[2] += nan
         phases.mark("fake_step")
-        _finite_grads(fake.parameters(), cfg.clip_grad_value)
+        _finite_grads(fake.parameters(), gan.clip if gan_on else cfg.clip_grad_value)
         opt_f.step()
         opt_f.zero_grad(set_to_none=True)
         phases.mark("fake_optimizer")
@@ -193,12 +220,19 @@ def train(cfg, nets: Networks, data: Conditions) -> DistillResult:
         # Generator step: fresh draws, no dropout; grads flow through teacher and fake into x_g (§4).
         fake.requires_grad_(False)
         for r in range(rounds):
-            c, z, eps, t, g_dev = draw(1, r, 0.0)
+            c, z, eps, t, g_dev, _ = draw(1, r, 0.0)
             with place.no_sync(G_ddp, r == rounds - 1), acc.autocast():
                 x_g = generate(net_g_ddp, z, c, vp, t_init=cfg.t_init, K=cfg.steps, k_stop=k_step, grad_last=True,
                                generator=g_dev)
-                loss, nan = _drop_nan(generator_step_loss(net_t, net_f, x_g, c, null, t, eps, vp,
-                                                          kappa_2=k["kappa_2"], kappa_4=k["kappa_4"], alpha=cfg.alpha))
+                kw = dict(kappa_2=k["kappa_2"], kappa_4=k["kappa_4"], alpha=cfg.alpha)
+                if gan_on:  # ½ L_SiD + ½ λ_adv L_adv, both over the same w; L_adv reaches x_g through the encoder
+                    loss_sid, w, x_t = generator_step_terms(net_t, net_f, x_g, c, null, t, eps, vp, **kw)
+                    loss_adv = generator_adv_loss(disc, x_t, t, c, w)
+                    sums[6] += loss_adv.detach().nan_to_num().sum()
+                    loss = 0.5 * loss_sid + 0.5 * gan.adv_weight * loss_adv
+                else:
+                    loss = generator_step_loss(net_t, net_f, x_g, c, null, t, eps, vp, **kw)
+                loss, nan = _drop_nan(loss)
                 acc.backward(loss.sum() / b_tot)
             sums[1] += loss.detach().sum()
             sums[3] += nan
@@ -224,6 +258,8 @@ def train(cfg, nets: Networks, data: Conditions) -> DistillResult:
             metrics = {"kimg": nimg / 1000, "iteration": it, "loss_fake": v[0] / cfg.batch, "loss_g": v[1] / cfg.batch,
                        "nan_dropped": int(v[2] + v[3]), "images_per_s": cfg.batch / (time.perf_counter() - tick),
                        **phases.seconds()}
+            if gan is not None:
+                metrics |= {"loss_disc": v[5] / cfg.batch, "loss_adv": v[6] / cfg.batch}
             if device.type == "cuda":  # this process's peak, which is what must fit on a GPU
                 metrics["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             if acc.is_main_process:
