@@ -25,15 +25,13 @@ from sidflow import failpoints, storage
 from sidflow.config import to_dict
 from sidflow.launch import main_thread
 from sidflow.method.adversarial import disc_step_loss, generator_adv_loss
-from sidflow.method.guidance import drop_prompts, resolved_kappas
+from sidflow.method.guidance import ScoreNet, drop_prompts, resolved_kappas
 from sidflow.method.sid import fake_step_loss, generate, generator_step_loss, generator_step_terms
 from sidflow.method.vp import VP, sample_t
 from sidflow.train import checkpoint
 from sidflow.train.ema import ema_beta, update_ema
 from sidflow.train.result import DistillResult, total_images
 from sidflow.train.sharding import Placement, local
-
-ScoreNet = Callable[[Tensor, Tensor, Tensor], Tensor]  # net(x_t, t, c) -> ε̂
 
 
 @dataclass
