@@ -1,10 +1,11 @@
 """The distilled generator as a diffusers pipeline directory: export, load, and sample it.
 
-The export is a StableDiffusionPipeline whose scheduler is an EulerDiscreteScheduler over the teacher's betas
-truncated to t ≤ t_init with "trailing" spacing. With one inference step it starts from σ(t_init)·z, feeds
-a·σ·z = s_{t_init}·z to the UNet at t = t_init and returns σ(z − ε̂) = x0: exactly the one-step SiD generator
-(method.md §2), so `DiffusionPipeline.from_pretrained(dir)(prompt, num_inference_steps=1, guidance_scale=1)`
-reproduces `sidflow generate`.
+The export is a StableDiffusionPipeline. A one-step generator's scheduler is an EulerDiscreteScheduler over the
+teacher's betas truncated to t ≤ t_init with "trailing" spacing: with one inference step it starts from
+σ(t_init)·z, feeds a·σ·z = s_{t_init}·z to the UNet at t = t_init and returns σ(z − ε̂) = x0, exactly the one-step
+SiD generator (method.md §2), so `DiffusionPipeline.from_pretrained(dir)(prompt, num_inference_steps=1,
+guidance_scale=1)` reproduces `sidflow generate`. A K-step generator re-noises with fresh noise between steps, which
+no stock scheduler does: its export ships `multistep_scheduler.py` (loaded with trust_remote_code=True).
 """
 
 import json
@@ -22,24 +23,35 @@ INFO_FILE = "sidflow.json"
 
 def _model_card(info: dict) -> str:
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted(info["config"].items()))
+    k = info["steps"]
+    gan = "data" in info["config"]  # a finetune run: few-step SiD with the adversarial term on real pairs
+    title = (f"{k}-step generator fine-tuned with sidflow (SiD with the adversarial term)" if gan else
+             "One-step generator distilled with sidflow (SiD-LSG)" if k == 1 else
+             f"{k}-step generator distilled with sidflow (SiD)")
+    load = ('DiffusionPipeline.from_pretrained("<this directory>")' if k == 1 else
+            'DiffusionPipeline.from_pretrained("<this directory>", trust_remote_code=True)')
+    sampler = ("" if k == 1 else """
+Its scheduler (`scheduler/multistep_scheduler.py`, loaded with `trust_remote_code=True`) samples as in training:
+step j predicts x0 at t_j = floor(t_init·(K − j)/K) and re-noises it with fresh noise. Pass one
+`torch.Generator` per image for images that depend on their own seed only, as `sidflow generate` draws them.
+""")
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
-tags: [sidflow, score-identity-distillation, one-step]
+tags: [sidflow, score-identity-distillation, {'one-step' if k == 1 else 'few-step'}]
 ---
-# One-step generator distilled with sidflow (SiD-LSG)
+# {title}
 
 Teacher: `{info['teacher']}` (fingerprint `{info['teacher_fingerprint']}`).
 Generator images seen: {info['nimg']} ({info['nimg'] / 1000:.3f} kimg); weights: {info['weights']}.
 
 ```python
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained("<this directory>")
-image = pipe("a photo of a cat", num_inference_steps={info['steps']}, guidance_scale=1.0).images[0]
+pipe = {load}
+image = pipe("a photo of a cat", num_inference_steps={k}, guidance_scale=1.0).images[0]
 ```
-Guidance is distilled into the weights: always sample with `guidance_scale=1.0`. For steps > 1 use
-`sidflow generate`, which re-injects fresh noise at t_k = floor(t_init·(1 − k/K)) as in training.
-
+Guidance is distilled into the weights: always sample with `guidance_scale=1.0`.
+{sampler}
 ## Training configuration
 | parameter | value |
 |---|---|
@@ -62,8 +74,13 @@ def export_generator(unet: torch.nn.Module, teacher: Teacher, uri: str, info: di
 
     t_init = info["config"]["t_init"]
     betas = DDPMScheduler.from_config(teacher.scheduler_config).betas[: t_init + 1]
-    scheduler = EulerDiscreteScheduler(num_train_timesteps=t_init + 1, trained_betas=betas.tolist(),
-                                       timestep_spacing="trailing", prediction_type="epsilon", steps_offset=1)
+    if info["steps"] > 1:  # fresh noise at every step: no stock diffusers scheduler samples so
+        from sidflow.multistep_scheduler import SiDMultistepScheduler
+
+        scheduler = SiDMultistepScheduler(trained_betas=betas.tolist(), t_init=t_init, num_train_timesteps=t_init + 1)
+    else:
+        scheduler = EulerDiscreteScheduler(num_train_timesteps=t_init + 1, trained_betas=betas.tolist(),
+                                           timestep_spacing="trailing", prediction_type="epsilon", steps_offset=1)
     if teacher.is_sdxl:
         from diffusers import StableDiffusionXLPipeline
 
@@ -77,9 +94,25 @@ def export_generator(unet: torch.nn.Module, teacher: Teacher, uri: str, info: di
                                        feature_extractor=None, requires_safety_checker=False)
     with tempfile.TemporaryDirectory(prefix="sidflow-export-") as tmp:
         pipe.save_pretrained(tmp)
+        if info["steps"] > 1:
+            _ship_scheduler(Path(tmp))
         (Path(tmp) / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
         (Path(tmp) / "README.md").write_text(_model_card(info))
         return storage.publish_dir(tmp, uri)
+
+
+def _ship_scheduler(root: Path) -> None:
+    # The scheduler's source goes beside its config and model_index.json names that file, so diffusers loads it
+    # from the directory (trust_remote_code=True) where sidflow is not installed.
+    import shutil
+
+    from sidflow import multistep_scheduler
+
+    name = Path(multistep_scheduler.__file__).stem
+    shutil.copyfile(multistep_scheduler.__file__, root / "scheduler" / f"{name}.py")
+    index = json.loads((root / "model_index.json").read_text())
+    index["scheduler"] = [name, multistep_scheduler.SiDMultistepScheduler.__name__]
+    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def describe(uri: str, card_path: str) -> dict:

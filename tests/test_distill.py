@@ -88,6 +88,30 @@ def test_distill_exports_a_pipeline_that_diffusers_loads_and_matches_generate(ti
     assert np.abs(ours - theirs).max() <= 2 / 255
 
 
+def test_a_k_step_export_samples_in_diffusers_as_generate_does(tiny_teacher, prompts, tmp_path):
+    # K = 3: the shipped scheduler re-noises between steps as the loop's sampler does; with one generator per image
+    # the pipeline draws what `sidflow generate` draws for each seed, and an image does not depend on its batch.
+    from diffusers import DiffusionPipeline
+
+    from sidflow.generator import load_generator, sample
+
+    result = run(_cfg(tiny_teacher, prompts, tmp_path / "run", kimg=0.002, ema_halflife_kimg=0.0, steps=3))
+    assert "trust_remote_code=True" in (tmp_path / "run" / "model" / "README.md").read_text()
+    gen, info = load_generator(result.model_uri)
+    ours = sample(gen, info, ["a red cat", "a blue dog"], [7, 8]).astype(np.float32) / 255
+    assert np.array_equal(ours[1:], sample(gen, info, ["a blue dog"], [8]).astype(np.float32) / 255)
+    pipe = DiffusionPipeline.from_pretrained(result.model_uri, trust_remote_code=True)
+    assert type(pipe.scheduler).__name__ == "SiDMultistepScheduler"
+    seeds = [torch.Generator().manual_seed(s) for s in (7, 8)]
+    theirs = pipe(["a red cat", "a blue dog"], num_inference_steps=3, guidance_scale=1.0, generator=seeds,
+                  output_type="np").images
+    assert np.abs(ours - theirs).max() <= 2 / 255
+    # Not the same sampler without the fresh noise: the steps after the first matter.
+    one = pipe(["a red cat"], num_inference_steps=1, guidance_scale=1.0, generator=torch.Generator().manual_seed(7),
+               output_type="np").images
+    assert np.abs(ours[:1] - one).max() > 4 / 255
+
+
 def test_generate_cli_writes_png(tiny_teacher, prompts, tmp_path):
     from PIL import Image
 

@@ -56,10 +56,11 @@ class Sampler:
     def device(self) -> torch.device:
         return next(self.nets.unet.parameters()).device
 
-    def noise(self, seeds: list[int]) -> torch.Tensor:
-        """Return z [B, C, h, w], row i drawn on the CPU from seed seeds[i]."""
-        return torch.stack([torch.randn(self.nets.latent_shape, generator=torch.Generator().manual_seed(s))
-                            for s in seeds]).to(self.device)
+    def noise(self, seeds: list[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Return z [B, C, h, w], row i drawn on the CPU from seed seeds[i], and each row's generator, which then
+        draws that row's fresh noise of steps k > 0 (as a diffusers pipeline given one generator per image does)."""
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return torch.stack([torch.randn(self.nets.latent_shape, generator=g) for g in gens]).to(self.device), gens
 
     @torch.no_grad()
     def latents(self, captions: list[str], seeds: list[int]) -> torch.Tensor:
@@ -70,13 +71,12 @@ class Sampler:
         from sidflow.teacher import score_net
 
         nets, device = self.nets, self.device
-        c, z = nets.encode(captions).to(device), self.noise(seeds)  # [B, 77, D], [B, C, h, w]
+        (z, gens), c = self.noise(seeds), nets.encode(captions).to(device)  # [B, C, h, w], [B, 77, D]
         net = score_net(nets.unet)  # ε̂ in fp32
         with torch.autocast(device.type, DTYPES[self.unet_dtype], enabled=self.unet_dtype != "fp32"):
-            if self.t_init is not None:  # the generator (method.md §2); fresh noise of steps k > 0 as `sample`
-                g = torch.Generator(device).manual_seed(seeds[0])
+            if self.t_init is not None:  # the generator (method.md §2); step k > 0 re-noises from the row's seed
                 return generate(net, z, c, VP(nets.a, nets.s).to(device), t_init=self.t_init, K=self.steps,
-                                generator=g).float()
+                                generator=gens).float()
             sched = teacher_scheduler(nets.scheduler_config, self.teacher_sampler, self.steps)  # fresh state
             null, x = nets.null().to(device), z * sched.init_noise_sigma
             for t in sched.timesteps:

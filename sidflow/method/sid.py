@@ -73,21 +73,29 @@ def generator_step_terms(
 
 def generate(
     G: ScoreNet, z: Tensor, c: Tensor, vp: VP, *, t_init: int = 625, K: int = 1, k_stop: int | None = None,
-    grad_last: bool = False, generator: torch.Generator | None = None,
+    grad_last: bool = False, generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> Tensor:
     """Return the generator's sample D_k [B, ...] after k_stop of its K steps. method.md §2, §6.1, §9.
 
     D_0 = 0; step j feeds x = a_{t_j} D_j + s_{t_j} n_j (n_0 = z, fresh noise after) at t_j = ⌊t_init (1 − j/K)⌋
     and takes D_{j+1} = x0(G(x, t_j, c)). Only the last step may carry grad (stop-gradient between steps).
-    K = 1 gives x_g = (s z − s ε̂_θ(s z, t_init, c)) / a at t_init, the one-step generator.
+    K = 1 gives x_g = (s z − s ε̂_θ(s z, t_init, c)) / a at t_init, the one-step generator. The fresh noise comes
+    from `generator`, or row i's from generator[i] (sampling: an image then depends on its own seed only).
     """
     k_stop = K if k_stop is None else k_stop
     D = torch.zeros_like(z)
     for j, t_j in enumerate(step_times(t_init, K)[:k_stop]):
-        n = z if j == 0 else torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        n = z if j == 0 else _noise(z, generator)
         t = torch.full((z.shape[0],), t_j, device=z.device, dtype=torch.long)
         a_t, s_t = vp.at(t, z)
         x = add_noise(D, n, a_t, s_t)  # [B, ...]  D is detached: no backprop through the trajectory (§6.1)
         with torch.set_grad_enabled(grad_last and j == k_stop - 1 and torch.is_grad_enabled()):
             D = x0_from_eps(x, G(x, t, c), a_t, s_t)
     return D
+
+
+def _noise(z: Tensor, generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
+    if isinstance(generator, list):  # one stream per row, drawn where the generator lives
+        rows = [torch.randn(z.shape[1:], generator=g, device=g.device, dtype=z.dtype) for g in generator]
+        return torch.stack(rows).to(z.device)
+    return torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
