@@ -245,6 +245,35 @@ def score_net(unet: torch.nn.Module) -> ScoreNet:
     return net_xl
 
 
+def unet_logits(unet: torch.nn.Module) -> ScoreNet:
+    """Return disc(x_t, t, c) -> logits [B, 1, h, w] for a UNet2DConditionModel: the channel mean of its mid-block
+    output (method.md §6.2), so the fake score network is the discriminator with no new parameters. Only the
+    encoder runs (time embedding, down blocks, mid block): the up path would cost more than half a forward."""
+    config = unet.config
+    p = _pooled_dim(config) if config.get("addition_embed_type") == "text_time" else None
+
+    def disc(x_t: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        c = c.to(x_t.device)
+        added = None
+        if p is not None:  # SDXL's packed condition, unpacked as in score_net
+            c, added = c[:, :-1], {"text_embeds": c[:, -1, :p], "time_ids": c[:, -1, p : p + 6]}
+        emb = unet.time_embedding(unet.get_time_embed(sample=x_t, timestep=t), None)
+        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=c, added_cond_kwargs=added)
+        emb = emb + aug if aug is not None else emb
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        h = unet.conv_in(x_t)
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=c)
+            else:
+                h, _ = block(hidden_states=h, temb=emb)
+        h = unet.mid_block(h, emb, encoder_hidden_states=c)
+        return h.float().mean(dim=1, keepdim=True)  # [B, 1, h, w]
+
+    return disc
+
+
 def load_teacher(uri: str, device: str | torch.device = "cpu", cache_dir: str | None = None,
                  null: str = "auto", generator: bool = False) -> Teacher:
     """Load the teacher at `uri` (local path, file:// or s3://) in fp32, frozen, on `device`.
@@ -260,7 +289,9 @@ def load_teacher(uri: str, device: str | torch.device = "cpu", cache_dir: str | 
     path = materialize(uri, cache_dir)
     sched_cfg = check_teacher_dir(path, generator=generator)
     index = json.loads((Path(path) / "model_index.json").read_text())
-    scheduler = DDPMScheduler.from_config({**sched_cfg, "clip_sample": False})
+    # An exported K-step generator's scheduler also records t_init; the tables need the betas only.
+    scheduler = DDPMScheduler.from_config({**{k: v for k, v in sched_cfg.items() if k != "t_init"},
+                                           "clip_sample": False})
     fp32 = {"torch_dtype": torch.float32}  # fp16-saved weights too: training keeps fp32 master copies
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **fp32).to(device)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **fp32).to(device)
