@@ -29,6 +29,20 @@ def _distill(args) -> int:
     return 143 if result.interrupted else 0  # 128 + SIGTERM: the orchestrator retries and the run resumes
 
 
+def _finetune(args) -> int:
+    from sidflow.stages import distill, finetune
+
+    cfg = config.from_args(finetune.FinetuneConfig, args)
+    if args.dry_run:
+        finetune.validate(cfg, world_size=gpu_count(cfg.gpus))
+        print(config.to_json(cfg))
+        return 0
+    result = finetune.launch(cfg)
+    if prints_summary(cfg.gpus):
+        print(distill.summary(result))
+    return 143 if result.interrupted else 0
+
+
 def _distill_trainjob(args) -> int:
     import yaml
 
@@ -58,6 +72,18 @@ def _evaluate(args) -> int:
 def _data(args) -> int:
     from sidflow.evaluate import protocol
 
+    if args.data_command == "pack":
+        from sidflow import pairs
+
+        if (args.images is None) == (args.annotations is None) or (args.annotations and not args.coco_images):
+            raise ValueError("pass --images (a folder; captions from --captions or <name>.txt files) or "
+                             "--annotations with --coco-images (COCO captions_train2014.json and its image folder)")
+        rows = (pairs.folder_rows(args.images, args.captions) if args.images
+                else pairs.coco_rows(args.annotations, args.coco_images))
+        result = pairs.pack(rows, args.out, args.rows_per_shard)
+        print(json.dumps({"out": result.out, "pairs": result.rows, "shards": result.shards,
+                          "skipped": result.skipped}))
+        return 0
     if args.data_command == "ref-stats":
         import torch
 
@@ -247,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     p = _stage_parser(sub, "distill", DistillConfig, "one-step SiD-LSG distillation of a teacher")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and stop")
     p.set_defaults(fn=_distill)
+    from sidflow.stages.finetune import FinetuneConfig
+
+    p = _stage_parser(sub, "finetune", FinetuneConfig, "few-step SiD with the adversarial term on real text-image "
+                      "pairs, from a distill run or a teacher")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and stop")
+    p.set_defaults(fn=_finetune)
     from sidflow import trainjob
 
     p = _stage_parser(sub, "distill-trainjob", DistillConfig, "print the Kubeflow Trainer TrainJob (YAML) that runs "
@@ -307,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     p = _stage_parser(sub, "evaluate", EvaluateConfig, "FID and CLIP score under the zero-shot COCO protocol")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and stop")
     p.set_defaults(fn=_evaluate)
-    p = sub.add_parser("data", help="evaluation data: COCO prompt sets, reference statistics")
+    p = sub.add_parser("data", help="data: real text-image pairs, COCO prompt sets, reference statistics")
     p.set_defaults(fn=_data)
     data = p.add_subparsers(dest="data_command", required=True)
     p = data.add_parser("coco-prompts", help="write a prompt set parquet (caption, seed[, image_id])",
@@ -318,6 +350,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--annotations", help="URI of COCO's annotations/captions_val2014.json")
     p.add_argument("--n", type=int, help="with --annotations: draw this many images (10000 for the SDXL protocol)")
     p.add_argument("--seed", type=int, default=0, help="with --annotations: seed of the caption and image draws")
+    p = data.add_parser("pack", help="write real text-image pairs as parquet shards for `sidflow finetune --data`",
+                        description="From a folder of images with captions, or COCO's captions_train2014.json and its "
+                                    "images; images that do not decode are skipped and counted.")
+    p.add_argument("--out", required=True, help="URI of the shards' directory (published with a manifest)")
+    p.add_argument("--images", help="folder of .png/.jpg/.webp images")
+    p.add_argument("--captions", help="with --images: a .jsonl of {file, caption} or lines file<TAB>caption "
+                                      "(default: <name>.txt beside each image)")
+    p.add_argument("--annotations", help="URI of COCO's annotations/captions_train2014.json (first caption per image)")
+    p.add_argument("--coco-images", help="with --annotations: the folder of its images (train2014/)")
+    p.add_argument("--rows-per-shard", type=int, default=1000, help="pairs per parquet shard (default: %(default)s)")
     _stage_parser(data, "ref-stats", RefStatsConfig, "compute reference mu/sigma of real images once, store at a URI")
     from sidflow.stages.watch_teachers import WatchTeachersConfig
 

@@ -125,9 +125,11 @@ def from_args(cls, args: argparse.Namespace, base=None):
     return override(base if base is not None else cls(), given)
 
 
-def markdown_table(cls) -> str:
-    """Return the README's parameter table for a config class (the drift test compares it with README.md)."""
+def markdown_table(cls, own: bool = False) -> str:
+    """Return the README's parameter table for a config class (the drift test compares it with README.md); `own`:
+    only the fields the class itself declares, not those it inherits (FinetuneConfig's beside DistillConfig's)."""
     rows = ["| parameter | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(cls):
+    names = set(cls.__dict__.get("__annotations__", {})) if own else None
+    for f in (f for f in dataclasses.fields(cls) if names is None or f.name in names):
         rows.append(f"| `{f.name}` | `{default(f)!r}` | {f.metadata.get('help', '')} |")
     return "\n".join(rows)

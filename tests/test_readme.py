@@ -7,6 +7,7 @@ from sidflow.evaluate.reference import RefStatsConfig
 from sidflow.stages.distill import DistillConfig
 from sidflow.stages.download_teacher import DownloadTeacherConfig
 from sidflow.stages.evaluate import EvaluateConfig
+from sidflow.stages.finetune import FinetuneConfig
 from sidflow.stages.register import RegisterConfig
 from sidflow.toy.train_teacher import ToyTeacherConfig
 
@@ -21,3 +22,4 @@ def test_first_two_commands():
 def test_parameter_tables_match_the_configs():
     for cls in (DistillConfig, DownloadTeacherConfig, RegisterConfig, ToyTeacherConfig, EvaluateConfig, RefStatsConfig):
         assert markdown_table(cls) in README, f"README's {cls.__name__} table is stale: regenerate it"
+    assert markdown_table(FinetuneConfig, own=True) in README, "README's FinetuneConfig table is stale: regenerate it"

@@ -159,12 +159,12 @@ def identity(cfg: DistillConfig, teacher_fingerprint: str | None) -> dict:
     return {**fields, "teacher": teacher_fingerprint or cfg.teacher}
 
 
-def _recorded_identity(info: dict) -> dict:
+def _recorded_identity(info: dict, cls: type = DistillConfig) -> dict:
     # The identity of the run a checkpoint's run.json or a model's sidflow.json records ("unpublished": the loop's
-    # word for a teacher it could not fingerprint, which then counts by its URI).
-    fields = {k: v for k, v in info.get("config", {}).items() if k in DistillConfig.__dataclass_fields__}
+    # word for a teacher it could not fingerprint, which then counts by its URI), read as a `cls` config.
+    fields = {k: v for k, v in info.get("config", {}).items() if k in cls.__dataclass_fields__}
     trained_on = info.get("teacher_fingerprint")
-    return identity(override(DistillConfig(), fields), None if trained_on == "unpublished" else trained_on)
+    return identity(override(cls(), fields), None if trained_on == "unpublished" else trained_on)
 
 
 def check_resume(cfg: DistillConfig) -> None:
@@ -178,7 +178,7 @@ def check_resume(cfg: DistillConfig) -> None:
     if info is None:
         return
     ours = identity(cfg, fingerprint(cfg.teacher))
-    theirs = _recorded_identity(info)
+    theirs = _recorded_identity(info, type(cfg))
     changed = [f"{k}: {theirs[k]!r} -> {ours[k]!r}" for k in ours if ours[k] != theirs.get(k)]
     if changed:
         raise ValueError(f"output={cfg.output!r} holds a checkpoint of another run ({'; '.join(changed)}); use a new "
@@ -195,7 +195,7 @@ def finished(cfg: DistillConfig) -> DistillResult | None:
     if manifest is None or INFO_FILE not in {f["path"] for f in manifest["files"]}:
         return None
     info = json.loads(storage.read_text(storage.join(model_uri, INFO_FILE)))
-    same = _recorded_identity(info) == identity(cfg, fingerprint(cfg.teacher))
+    same = _recorded_identity(info, type(cfg)) == identity(cfg, fingerprint(cfg.teacher))
     if not same or info.get("nimg") != total_images(cfg):
         return None
     return DistillResult(model_uri=model_uri, kimg=info["nimg"] / 1000, iterations=info["nimg"] // cfg.batch,
@@ -222,9 +222,10 @@ def run(cfg: DistillConfig) -> DistillResult:
     return train(cfg, *networks(cfg, device()))
 
 
-def networks(cfg: DistillConfig, device):
+def networks(cfg: DistillConfig, device, teacher=None):
     """Return the loop's Networks and Conditions for cfg on `device`: G and the fake score network are full copies
-    of the frozen teacher UNet (method.md §2); the conditions are the training prompts' text embeddings."""
+    of the frozen teacher UNet (method.md §2); the conditions are the training prompts' text embeddings. `teacher`:
+    the teacher already loaded on `device` (else it is loaded here)."""
     import copy
 
     import torch
@@ -235,7 +236,7 @@ def networks(cfg: DistillConfig, device):
     from sidflow.teacher import fingerprint, load_teacher, score_net
     from sidflow.train.loop import Conditions, Networks
 
-    teacher = load_teacher(cfg.teacher, device, null=cfg.null_prompt)
+    teacher = teacher or load_teacher(cfg.teacher, device, null=cfg.null_prompt)
     prompts = read_prompts(cfg.prompts)
     if device.type == "cuda":  # NHWC convolutions run on the tensor cores without layout transposes
         teacher.unet.to(memory_format=torch.channels_last)
@@ -268,23 +269,24 @@ def launch(cfg: DistillConfig) -> DistillResult:
                    finished=lambda rc, result: rc == 0 or result["interrupted"])
 
 
-def launch_with_retries(cfg: DistillConfig, retries: int) -> DistillResult:
+def launch_with_retries(cfg: DistillConfig, retries: int, command: str = "distill", check=None) -> DistillResult:
     """Validate here, then run the stage as child processes (one per GPU), starting them again up to `retries` times
     after a crash (a killed or failed process): each attempt resumes from the newest checkpoint. User errors are
-    found by the validation and never retried; an interrupted run (SIGTERM: the pod is going away) is returned."""
+    found by the validation and never retried; an interrupted run (SIGTERM: the pod is going away) is returned.
+    `command` and `check`: the finetune stage's, which trains through the same loop."""
     import sys
 
     from sidflow.launch import gpu_count, run_per_gpu
 
     n = gpu_count(cfg.gpus)
-    check(cfg, n)
+    (check or globals()["check"])(cfg, n)
     for attempt in range(retries + 1):
-        rc, result = run_per_gpu("distill", cfg, n)
+        rc, result = run_per_gpu(command, cfg, n)
         if result is not None and (rc == 0 or result["interrupted"]):
             return DistillResult(**result)
-        print(f"distill: attempt {attempt + 1} of {retries + 1} ended with exit code {rc}"
+        print(f"{command}: attempt {attempt + 1} of {retries + 1} ended with exit code {rc}"
               + ("; starting again from the newest checkpoint" if attempt < retries else ""), file=sys.stderr)
-    raise RuntimeError(f"distill failed {retries + 1} times (last exit code {rc}); the lines above say why")
+    raise RuntimeError(f"{command} failed {retries + 1} times (last exit code {rc}); the lines above say why")
 
 
 def world_size() -> int:

@@ -69,7 +69,29 @@ class GAN:
     adv_weight: float  # λ_adv: the generator's loss is ½ L_SiD + ½ λ_adv L_adv while the term is on
     disc_weight: float  # λ_D: the fake step's loss is the score loss + λ_D L_D while the term is on
     start_kimg: float = 0.0  # both terms are on from this many kimg (the fake first fits the generator)
+    rampup_kimg: float = 0.0  # λ_adv rises linearly from 0 over this many kimg after start_kimg
     clip: float = 1.0  # gradient value clip of the fake step while the terms are on (§6.2)
+
+    def adv_weight_at(self, nimg: int) -> float:
+        """λ_adv after `nimg` generator images (0 before start_kimg, then the linear ramp-up)."""
+        if nimg < self.start_kimg * 1000:
+            return 0.0
+        if self.rampup_kimg <= 0:
+            return self.adv_weight
+        return self.adv_weight * min(1.0, (nimg - self.start_kimg * 1000) / (self.rampup_kimg * 1000))
+
+    def indices(self, seed: int, it: int, batch: int) -> Tensor:
+        """The real pairs iteration `it` draws [batch]: the next `batch` of a walk through one permutation of the
+        pairs per epoch, so every pair is seen once an epoch, whatever the number of GPUs (the caller splits them
+        by rank), and a resumed run draws what an uninterrupted one would."""
+        pos = torch.arange(it * batch, (it + 1) * batch)
+        epochs = pos // self.size
+        out = torch.empty(batch, dtype=torch.long)
+        for e in epochs.unique().tolist():
+            perm = torch.randperm(self.size, generator=_gen(seed, e, 3, 0, "cpu"))
+            sel = epochs == e
+            out[sel] = perm[pos[sel] % self.size]
+        return out
 
 
 def device() -> torch.device:
@@ -189,7 +211,8 @@ def train(cfg, nets: Networks, data: Conditions, gan: GAN | None = None) -> Dist
         k_step = int(torch.randint(1, cfg.steps + 1, (1,), generator=g_shared))  # one k per iteration (§6.1)
         gan_on = gan is not None and nimg >= gan.start_kimg * 1000
         if gan_on:  # real pairs: a global draw as for the prompts
-            idx_real = torch.randint(gan.size, (world, rounds, cfg.micro_batch), generator=g_shared)
+            idx_real = gan.indices(cfg.seed, it, cfg.batch).reshape(world, rounds, cfg.micro_batch)
+            adv_weight = gan.adv_weight_at(nimg)
         sums = torch.zeros(7, device=device)  # loss_fake, loss_g, nan_fake, nan_g, stop requests, loss_d, loss_adv
         phases = _Phases(cfg.profile, device)
 
@@ -227,7 +250,7 @@ def train(cfg, nets: Networks, data: Conditions, gan: GAN | None = None) -> Dist
                     loss_sid, w, x_t = generator_step_terms(net_t, net_f, x_g, c, null, t, eps, vp, **kw)
                     loss_adv = generator_adv_loss(disc, x_t, t, c, w)
                     sums[6] += loss_adv.detach().nan_to_num().sum()
-                    loss = 0.5 * loss_sid + 0.5 * gan.adv_weight * loss_adv
+                    loss = 0.5 * loss_sid + 0.5 * adv_weight * loss_adv
                 else:
                     loss = generator_step_loss(net_t, net_f, x_g, c, null, t, eps, vp, **kw)
                 loss, nan = _drop_nan(loss)
