@@ -61,9 +61,10 @@ def _nodes(spec) -> dict[str, dict]:
             for holder, comp in holders.items() for key, t in comp["dag"]["tasks"].items()}
 
 
-def _branches(nodes) -> dict:
-    """The compiler's wrapper task around the one-pod / multi-node branches (it has no display name of its own)."""
-    (task,) = [t for t in nodes.values() if t["comp"] == nodes["one-pod"]["dag"]]
+def _branches(nodes, branch: str = "one-pod") -> dict:
+    """The compiler's wrapper task around the one-pod / multi-node branches, or around the finetune / no-finetune
+    ones (branch="finetune"); it has no display name of its own."""
+    (task,) = [t for t in nodes.values() if t["comp"] == nodes[branch]["dag"]]
     return task
 
 
@@ -88,9 +89,10 @@ def test_dag_tasks_display_names_and_parallel_for(ir):
     loop = n["new-teachers"]
     assert loop["parameterIterator"]["items"] == {
         "inputParameter": f"pipelinechannel--{n['Find new teachers']['key']}-Output"}
-    branches = _branches(n)
-    assert branches["dag"] == loop["comp"]
-    assert {name for name, t in n.items() if t["dag"] == loop["comp"]} - {branches["taskInfo"]["name"]} == {
+    branches, tuning = _branches(n), _branches(n, "finetune")
+    assert branches["dag"] == tuning["dag"] == loop["comp"]
+    assert {name for name, t in n.items() if t["dag"] == loop["comp"]} - {
+        branches["taskInfo"]["name"], tuning["taskInfo"]["name"]} == {
         "Download teacher", "Evaluate (FID, CLIP score)", "Check the registration gate", "passed-gate"}
     fetch = n["Download teacher"]
     assert branches["dependentTasks"] == [fetch["key"]]
@@ -101,20 +103,56 @@ def test_dag_tasks_display_names_and_parallel_for(ir):
     assert branches["inputs"]["parameters"][channel] == {
         "taskOutputParameter": {"producerTask": fetch["key"], "outputParameterKey": "uri"}}
     assert fetch["inputs"]["parameters"]["dest"]["parameterExpressionSelector"] == 'parseJson(string_value)["dest"]'
-    assert set(_tasks(spec)) == {  # every container task; finetune has not landed
+    assert set(_tasks(spec)) == {  # every container task
         "Find new teachers", "Download teacher", "Distill one-step generator", "Distill on several nodes (TrainJob)",
-        "Evaluate (FID, CLIP score)", "Check the registration gate", "Register (promote if better)",
-        "Report per teacher"}
+        "Fine-tune few-step generator (adversarial)", "Keep the distilled generator", "Evaluate (FID, CLIP score)",
+        "Check the registration gate", "Register (promote if better)", "Report per teacher"}
+
+
+def _oneof(wrapper: dict) -> dict:
+    # The input a task reads a dsl.OneOf through: the wrapper task's one output.
+    return {"taskOutputParameter": {"outputParameterKey": f"pipelinechannel--{wrapper['key']}-oneof-1",
+                                    "producerTask": wrapper["key"]}}
+
+
+def test_finetune_runs_under_its_switch_on_the_distilled_model(ir):
+    spec, platform = ir
+    n = _nodes(spec)
+    on, off = n["finetune"], n["no-finetune"]
+    assert on["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--finetune'] == true"
+    assert off["triggerPolicy"]["condition"] == "!(inputs.parameter_values['pipelinechannel--finetune'] == true)"
+    tune, keep = n["Fine-tune few-step generator (adversarial)"], n["Keep the distilled generator"]
+    assert (tune["dag"], keep["dag"]) == (on["comp"], off["comp"])
+    distill_branches = _branches(n)
+    distilled = _oneof(distill_branches)  # dsl.OneOf(one-pod distill, TrainJob), handed into both branches
+    channel = f"pipelinechannel--{distill_branches['key']}-{distilled['taskOutputParameter']['outputParameterKey']}"
+    assert _branches(n, "finetune")["inputs"]["parameters"][channel] == distilled
+    assert tune["inputs"]["parameters"]["init"] == {"componentInputParameter": channel}
+    assert keep["inputs"]["parameters"]["model"] == {"componentInputParameter": channel}
+    # Its own K, length, guidance and data; distill's hyperparameters otherwise.
+    params = tune["inputs"]["parameters"]
+    for field in ("data", "steps", "kimg", "guidance", "kappa"):
+        assert params[field] == {"componentInputParameter": f"pipelinechannel--finetune_{field}"}
+    for field in ("adv_weight", "disc_weight", "gan_start_kimg", "adv_rampup_kimg", "gan_clip", "lr_g", "batch"):
+        assert params[field] == {"componentInputParameter": f"pipelinechannel--{field}"}
+    root = spec["root"]["inputDefinitions"]["parameters"]
+    assert root["finetune"]["defaultValue"] is False and root["finetune_steps"]["defaultValue"] == 4
+    # A GPU pod like distill's: resources from run parameters, retries, /dev/shm, the S3 secret.
+    executor = "exec-finetune"
+    resources = spec["deploymentSpec"]["executors"][executor]["container"]["resources"]
+    assert resources["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
+    assert tune["retryPolicy"]["maxRetryCount"] == pipeline_module.DISTILL_RETRIES
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][executor]
+    assert k8s["emptyDirMounts"][0]["mountPath"] == "/dev/shm" and k8s["secretAsEnv"]
 
 
 def test_evaluate_takes_either_branchs_model_and_gates_register(ir):
     spec = ir[0]
     n = _nodes(spec)
     evaluate_task, check, gate = n["Evaluate (FID, CLIP score)"], n["Check the registration gate"], n["passed-gate"]
-    branches = _branches(n)
-    oneof = {"taskOutputParameter": {"outputParameterKey": f"pipelinechannel--{branches['key']}-oneof-1",
-                                     "producerTask": branches["key"]}}
-    assert evaluate_task["inputs"]["parameters"]["model"] == oneof  # dsl.OneOf(one-pod distill, TrainJob)
+    branches = _branches(n, "finetune")
+    oneof = _oneof(branches)
+    assert evaluate_task["inputs"]["parameters"]["model"] == oneof  # dsl.OneOf(finetune, the distilled model kept)
     assert sorted(evaluate_task["dependentTasks"]) == sorted([branches["key"], n["Download teacher"]["key"]])
     assert check["inputs"]["parameters"] == {
         "overrides": {"componentInputParameter": "pipelinechannel--overrides"},
@@ -177,9 +215,10 @@ def test_pod_settings_caching_and_retries(ir):
         assert not task["cachingOptions"].get("enableCache", False), task["taskInfo"]["name"]  # proto3 omits false
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(executors) == {"exec-watch-teachers", "exec-download-teacher", "exec-distill", "exec-distill-trainjob",
-                              "exec-evaluate", "exec-passes-gate", "exec-register", "exec-report"}
+                              "exec-finetune", "exec-keep-model", "exec-evaluate", "exec-passes-gate",
+                              "exec-register", "exec-report"}
     for name, ex in executors.items():
-        long = {"exec-distill": pipeline_module.DISTILL_TIMEOUT_S,
+        long = {"exec-distill": pipeline_module.DISTILL_TIMEOUT_S, "exec-finetune": pipeline_module.DISTILL_TIMEOUT_S,
                 "exec-distill-trainjob": pipeline_module.DISTILL_TIMEOUT_S,
                 "exec-evaluate": pipeline_module.EVAL_TIMEOUT_S}
         want = long.get(name, pipeline_module.CPU_TIMEOUT_S)
@@ -188,7 +227,8 @@ def test_pod_settings_caching_and_retries(ir):
         assert secret["secretName"] == "sidflow-s3"
         assert {(m["secretKey"], m["envVar"]) for m in secret["keyToEnv"]} == {
             (k, k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION")}
-    assert executors["exec-evaluate"]["nodeSelector"] == executors["exec-distill"]["nodeSelector"]
+    assert executors["exec-evaluate"]["nodeSelector"] == executors["exec-distill"]["nodeSelector"] == (
+        executors["exec-finetune"]["nodeSelector"])
     assert executors["exec-distill"]["emptyDirMounts"] == [
         {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": pipeline_module.DISTILL_SHM, "volumeName": "dshm"}]
 
@@ -306,7 +346,9 @@ def test_run_local_end_to_end_on_s3_registers_once_then_skips(s3_bucket, sidflow
     from sidflow.cli import main
     from sidflow.demo import TOY_TEACHER
     from sidflow.generator import load_generator, sample
+    from sidflow.pairs import pack
     from sidflow.toy.metrics import toy_eval_set
+    from sidflow.toy.shapes import write_parquet
 
     monkeypatch.setenv("SIDFLOW_NO_BAR", "1")
     monkeypatch.chdir(tmp_path)
@@ -315,9 +357,13 @@ def test_run_local_end_to_end_on_s3_registers_once_then_skips(s3_bucket, sidflow
     evaluator = str(TOY_TEACHER / "evaluator")
     eval_set = toy_eval_set(f"{s3_bucket}/eval", evaluator, n=8, reference_images=64)
     reg, art = f"{s3_bucket}/registry", f"{s3_bucket}/art"
+    write_parquet(str(tmp_path / "shapes.parquet"), 6, seed=0)  # real pairs for finetune, packed onto the S3
+    table = storage.parquet_table((tmp_path / "shapes.parquet").read_bytes())
+    pack(zip(table.column("image").to_pylist(), table.column("caption").to_pylist()), f"{s3_bucket}/pairs")
     args = ["pipeline", "run-local", "--pipeline-root", str(tmp_path / "root"), "--teachers", str(TOY_TEACHER),
             "--registry", reg, "--artifact-root", art, "--prompts", str(prompts)]
     for kv in ("batch=2", "micro_batch=2", "kimg=0.004", "precision=fp32", "checkpoints=false",
+               "finetune=true", f"finetune_data={s3_bucket}/pairs", "finetune_steps=2", "finetune_kimg=0.002",
                "model_name=toy", f"eval_prompts={eval_set['prompts']}", f"eval_reference={eval_set['reference']}",
                "eval_protocol=native", f"eval_features=toy:{evaluator}", f"eval_scorer=toy:{evaluator}", "eval_grid=4"):
         args += ["--set", kv]
@@ -327,21 +373,25 @@ def test_run_local_end_to_end_on_s3_registers_once_then_skips(s3_bucket, sidflow
     digest = "sha256:" + storage.manifest_digest(storage.build_manifest(str(TOY_TEACHER)))
     assert version.teacher_fingerprint == digest
     (run_id,) = storage.listdir(f"{art}/runs")
-    prefix = version.model_uri.removesuffix("/model")
-    assert "{{" not in run_id and storage.listdir(f"{art}/runs/{run_id}") == [prefix.rsplit("/", 1)[1]]
-    assert storage.exists(storage.join(prefix, "eval", "metrics.json"))  # evaluate wrote beside its distill
+    (run,) = storage.listdir(f"{art}/runs/{run_id}")
+    prefix = f"{art}/runs/{run_id}/{run}"
+    assert "{{" not in run_id and version.model_uri == f"{prefix}/finetune/model"  # the fine-tuned one registered
+    assert storage.exists(storage.join(prefix, "eval", "metrics.json"))  # evaluate wrote in its run's directory
     assert version.metrics["images"] == 8 and 0 <= version.metrics["clip"] <= 1 and version.metrics["fid"] > 0
     assert version.metrics["model"] == version.model_uri  # the evaluation scored the registered model
     gen, info = load_generator(version.model_uri)
     assert sample(gen, info, ["a red circle on a white background, center"], [0]).shape == (1, 32, 32, 3)
-    assert info["config"]["kimg"] == 0.004 and info["teacher_fingerprint"] == digest
+    assert info["config"]["kimg"] == 0.002 and info["config"]["steps"] == 2 and info["teacher_fingerprint"] == digest
+    assert info["config"]["init"] == f"{prefix}/model" and info["config"]["batch"] == 2  # distill's, and its batch
     (report_out,) = glob.glob(str(tmp_path / "root" / "*" / "report" / "executor_output.json"))
     rows = json.loads(Path(report_out).read_text())["parameterValues"]["Output"]
     assert [r["status"] for r in rows] == ["registered"]
-    cards = [json.loads(Path(out).read_text())["artifacts"]["model"]["artifacts"][0]  # the KFP Model artifacts
-             for out in glob.glob(str(tmp_path / "root" / "*" / "*" / "distill" / "executor_output.json"))]
-    assert [(c["metadata"]["uri"], c["metadata"]["teacher_fingerprint"]) for c in cards] == [
+    cards = {task: [json.loads(Path(out).read_text())["artifacts"]["model"]["artifacts"][0]  # KFP Model artifacts
+                    for out in glob.glob(str(tmp_path / "root" / "*" / "*" / task / "executor_output.json"))]
+             for task in ("distill", "finetune")}
+    assert [(c["metadata"]["uri"], c["metadata"]["teacher_fingerprint"]) for c in cards["finetune"]] == [
         (version.model_uri, digest)]
+    assert [c["metadata"]["uri"] for c in cards["distill"]] == [f"{prefix}/model"]
 
     assert main(args) == 0  # same teachers, same fingerprints: watch_teachers finds nothing new
     assert [v.version for v in registry.list_versions(reg, "toy")] == [1]
@@ -483,7 +533,7 @@ def test_report_names_where_each_teacher_ended(tmp_path):
     from sidflow.kfp.report import markdown, teacher_status
 
     art, reg = str(tmp_path / "art"), str(tmp_path / "reg")
-    teachers = [{"source": f"hf://org/{n}", "dest": f"{art}/teachers/{n}"} for n in ("a", "b", "c", "d")]
+    teachers = [{"source": f"hf://org/{n}", "dest": f"{art}/teachers/{n}"} for n in ("a", "b", "c", "d", "e", "f")]
     runs = [run_output(art, "run-1", t["dest"]) for t in teachers]
     from sidflow.train import checkpoint
 
@@ -498,10 +548,17 @@ def test_report_names_where_each_teacher_ended(tmp_path):
 
     registry.register(reg, "m", storage.join(runs[3], "model"), {"fid": 9.0, "clip": 0.3}, "fp", "run-1")
     registry.promote(reg, "m", 1)
+    # e: distilled, its finetune stopped after a checkpoint; f: fine-tuned, and the fine-tuned model registered.
+    storage.write_text(storage.join(runs[4], "finetune", "config.json"), "{}")
+    checkpoint.save(storage.join(runs[4], "finetune"), 1024, {"nimg": 1024}, {"nimg": 1024})
+    storage.publish_dir(str(src), storage.join(runs[5], "finetune", "model"))
+    registry.register(reg, "m", storage.join(runs[5], "finetune", "model"), {"fid": 19.0, "clip": 0.3}, "fp", "run-1")
     rows = [teacher_status(art, "run-1", t, reg, "m") for t in teachers]
-    assert [r["status"] for r in rows] == ["not-started", "distill-failed", "gated", "registered"]
+    assert [r["status"] for r in rows] == ["not-started", "distill-failed", "gated", "registered", "finetune-failed",
+                                           "registered"]
     assert rows[1]["detail"] == "stopped at 2.048 kimg" and rows[3]["detail"] == "m v1 (champion)"
-    assert markdown(rows).count("\n") == 6
+    assert rows[4]["detail"] == "distilled; finetune stopped at 1.024 kimg" and rows[5]["detail"] == "m v2"
+    assert markdown(rows).count("\n") == 8
 
 
 # What a platform team reuses without installing sidflow: the IR and each component's spec. ------------------------

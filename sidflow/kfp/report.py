@@ -12,8 +12,8 @@ from sidflow.train import checkpoint
 
 
 def teacher_status(artifact_root: str, run_id: str, teacher: dict, registry_uri: str, model_name: str) -> dict:
-    """Return {"source", "run", "status", "detail"}: status is registered, gated, evaluate-failed, distill-failed or
-    not-started, read from what the run published under its prefix and from the registry."""
+    """Return {"source", "run", "status", "detail"}: status is registered, gated, evaluate-failed, finetune-failed,
+    distill-failed or not-started, read from what the run published under its prefix and from the registry."""
     run = run_output(artifact_root, run_id, teacher["dest"])
     model = storage.join(run, "model")
     out = {"source": teacher["source"], "run": run}
@@ -23,6 +23,13 @@ def teacher_status(artifact_root: str, run_id: str, teacher: dict, registry_uri:
             return {**out, "status": "not-started", "detail": "no checkpoint: download or distill failed early"}
         info = checkpoint.run_info(last) or {}
         return {**out, "status": "distill-failed", "detail": f"stopped at {info.get('nimg', 0) / 1000:.3f} kimg"}
+    tuned = storage.join(run, "finetune")  # written only when the run's finetune switch was on
+    if storage.read_manifest(storage.join(tuned, "model")) is not None:
+        model = storage.join(tuned, "model")  # the model evaluate and register took
+    elif storage.exists(storage.join(tuned, "config.json")):
+        last = checkpoint.latest(tuned)
+        done = (checkpoint.run_info(last) or {}).get("nimg", 0) / 1000 if last else 0.0
+        return {**out, "status": "finetune-failed", "detail": f"distilled; finetune stopped at {done:.3f} kimg"}
     versions = [v for v in registry.list_versions(registry_uri, model_name) if v.model_uri == model]
     if versions:
         held = registry.champion(registry_uri, model_name)

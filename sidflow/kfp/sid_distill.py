@@ -1,12 +1,15 @@
-"""The `sid-distill` pipeline: watch teachers -> for each new one: download_teacher -> distill -> evaluate -> register.
+"""The `sid-distill` pipeline: watch teachers -> for each new one: download_teacher -> distill [-> finetune] -> evaluate
+-> register.
 
 Distill runs in one pod (`distill_nodes` = 1, the default) or, for more nodes, as a Kubeflow Trainer v2 TrainJob
 that a CPU task creates and waits for (`dsl.If`/`dsl.Else` inside the loop); either branch returns the model URI,
 so evaluate takes `dsl.OneOf(train.output, job.output)`; a small gate task reads its metrics, and register runs under
 `dsl.If` on the gate. Both GPU tasks request their GPU count at run time (`gpus`, `eval_gpus`) and run one process
 per GPU. Each run writes under <artifact_root>/runs/<run id>/<teacher>-<hash>/, joined inside the components
-(sidflow/kfp/paths.py). Finetune is not in the DAG: that stage has not landed. The pipeline function is generated
-from the stage dataclasses (PARAMS): every run parameter is a field declared once, with its type, default and help.
+(sidflow/kfp/paths.py). With `finetune` on, a finetune task (one pod) trains the distilled generator further on real
+pairs under `dsl.If`, and evaluate and register take its model (`dsl.OneOf` with a CPU no-op on the other branch).
+The pipeline function is generated from the stage dataclasses (PARAMS): every run parameter is a field declared
+once, with its type, default and help.
 """
 
 import dataclasses
@@ -19,12 +22,14 @@ from sidflow.kfp.components.distill import distill
 from sidflow.kfp.components.distill_trainjob import distill_trainjob
 from sidflow.kfp.components.download_teacher import download_teacher
 from sidflow.kfp.components.evaluate import evaluate, passes_gate
+from sidflow.kfp.components.finetune import finetune, keep_model
 from sidflow.kfp.components.register import register
 from sidflow.kfp.components.report import report
 from sidflow.kfp.components.watch_teachers import watch_teachers
-from sidflow.kfp.tasks import EVAL_NAMES, Gate
+from sidflow.kfp.tasks import EVAL_NAMES, FINETUNE_NAMES, Finetune, Gate
 from sidflow.stages.distill import DistillConfig
 from sidflow.stages.evaluate import EvaluateConfig
+from sidflow.stages.finetune import FinetuneConfig
 from sidflow.stages.register import RegisterConfig
 from sidflow.stages.watch_teachers import WatchTeachersConfig
 from sidflow.trainjob import S3_KEYS, S3_SECRET, PlacementConfig  # S3: the secret every stage reads its settings from
@@ -47,7 +52,14 @@ EVAL_SKIP = ("model", "output", "sampler", "teacher_steps", "kappa", "save_image
 WATCH, PLACEMENT = declare.params(WatchTeachersConfig), declare.params(PlacementConfig)
 DISTILL = declare.params(DistillConfig, skip=("teacher", "output", *declare.none_fields(DistillConfig)))
 EVALUATE = declare.params(EvaluateConfig, skip=(*EVAL_SKIP, *declare.none_fields(EvaluateConfig)))
-PARAMS = (WATCH + DISTILL + PLACEMENT + [dataclasses.replace(p, name=EVAL_NAMES.get(p.name, p.name)) for p in EVALUATE]
+# Finetune's own fields, and the distill fields it sets apart from distill (its K, length and guidance); the rest of
+# its hyperparameters (batch, learning rates, precision...) are distill's.
+TUNED = (*FINETUNE_NAMES, "adv_weight", "disc_weight", "gan_start_kimg", "adv_rampup_kimg", "gan_clip")
+FINETUNE = declare.params(Finetune) + declare.params(
+    FinetuneConfig, skip=tuple(f.name for f in dataclasses.fields(FinetuneConfig) if f.name not in TUNED),
+    rename=FINETUNE_NAMES)
+PARAMS = (WATCH + DISTILL + PLACEMENT + FINETUNE
+          + [dataclasses.replace(p, name=EVAL_NAMES.get(p.name, p.name)) for p in EVALUATE]
           + declare.params(RegisterConfig, skip=("registry", "model_name", "model", "metrics", "teacher_fingerprint",
                                                  "run_id", *declare.none_fields(RegisterConfig))))
 # overrides key -> (dataclass, field): every None-default field of the stages in the DAG
@@ -131,7 +143,20 @@ def _dag(args: dict) -> None:
             job.set_display_name("Distill on several nodes (TrainJob)")
             job.set_retry(num_retries=DISTILL_RETRIES, backoff_duration="60s", backoff_factor=2.0)
             _s3_env(job, DISTILL_TIMEOUT_S)  # reads the exported model's sidflow.json
-        model = dsl.OneOf(train.outputs["Output"], job.outputs["Output"])
+        distilled = dsl.OneOf(train.outputs["Output"], job.outputs["Output"])
+        with dsl.If(a["finetune"] == True, name="finetune"):  # noqa: E712 (a KFP condition, not a bool)
+            tuned = {**hyper, **{name: a[FINETUNE_NAMES.get(name, name)] for name in TUNED}}
+            tune = finetune(init=distilled, **ident, **tuned, overrides=overrides)
+            tune.set_display_name("Fine-tune few-step generator (adversarial)")
+            _gpu_pod(tune, a["gpu_resource"], a["gpus"], DISTILL_RETRIES, a["gpu_node_selector"], a["gpu_tolerations"],
+                     DISTILL_TIMEOUT_S, a["distill_cpu"], a["distill_memory"])
+            kubernetes.empty_dir_mount(tune, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                       size_limit=DISTILL_SHM)
+        with dsl.Else(name="no-finetune"):  # a parameter OneOf needs a task on each branch: this one is a CPU no-op
+            keep = keep_model(model=distilled)
+            keep.set_display_name("Keep the distilled generator")
+            _s3_env(keep)
+        model = dsl.OneOf(tune.outputs["Output"], keep.output)
         score = evaluate(model=model, teacher=fetch.outputs["uri"], **where, **scoring, overrides=overrides)
         score.set_display_name("Evaluate (FID, CLIP score)")
         _gpu_pod(score, a["gpu_resource"], a["eval_gpus"], EVAL_RETRIES, a["gpu_node_selector"], a["gpu_tolerations"],

@@ -74,6 +74,46 @@ def distill(metrics, model, artifact_root: str, run_id: str, teacher_fingerprint
     return result.model_uri
 
 
+@dataclass(frozen=True)
+class Finetune:
+    """The pipeline's switch for the finetune stage between distill and evaluate."""
+
+    finetune: bool = param(False, "fine-tune the distilled generator with the adversarial term on real text-image "
+                                  "pairs (finetune_data) before it is evaluated and registered")
+
+
+# Pipeline name of a FinetuneConfig field the pipeline also has for distill, or that needs the stage's name to read.
+FINETUNE_NAMES = {k: f"finetune_{k}" for k in ("data", "steps", "kimg", "guidance", "kappa")}
+
+
+def finetune(metrics, model, artifact_root: str, run_id: str, teacher_fingerprint: str, retries: int,
+             overrides: dict, **fields) -> str:
+    """Fine-tune the distilled generator at `init` in this pod (one process per GPU, re-launched after a crash);
+    return the exported model's URI. An empty output is finetune/ of the run directory."""
+    from sidflow.generator import describe
+    from sidflow.kfp.paths import run_output
+    from sidflow.stages import distill as distill_stage
+    from sidflow.stages import finetune as stage
+
+    fields = {**fields, **optional_values(stage.FinetuneConfig, overrides)}
+    fields["output"] = fields["output"] or storage.join(run_output(artifact_root, run_id, fields["teacher"]),
+                                                        "finetune")
+    cfg = override(stage.FinetuneConfig(), fields)
+    result = distill_stage.launch_with_retries(cfg, retries, "finetune", stage.check)
+    print(distill_stage.summary(result))
+    _log(metrics, {"kimg": result.kimg, "iterations": result.iterations, **result.metrics})
+    if result.interrupted:
+        raise RuntimeError(f"finetune of {cfg.init} was interrupted at {result.kimg:.3f} kimg; a retry resumes it")
+    model.metadata.update(describe(result.model_uri, model.path))
+    return result.model_uri
+
+
+def keep_model(model: str) -> str:
+    """Return the distilled model's URI unchanged: the model evaluate and register take when finetune is off."""
+    print(f"no finetune: evaluating {model}")
+    return model
+
+
 def _distill_config(fields: dict, artifact_root: str, run_id: str, given: dict):
     from sidflow.kfp.paths import run_output
     from sidflow.stages.distill import DistillConfig
