@@ -21,6 +21,15 @@ def test_throughput_script_writes_its_record(tmp_path):
     assert abs(sum(m["phase_split"].values()) - 1) < 0.01
 
 
+def test_fewstep_adv_script_measures_both_runs_in_one_command(tmp_path):
+    subprocess.run([sys.executable, "benchmarks/fewstep_adv.py", "--model", "tiny", "--micro-batch", "1", "--rounds",
+                    "1", "--iters", "1", "--warmup", "0", "--pairs", "4", "--steps", "2", "--out", str(tmp_path)],
+                   check=True, cwd=ROOT, capture_output=True)
+    m = json.loads((tmp_path / "fewstep_adv_tiny_cpu.json").read_text())["metrics"]
+    assert m["one_step_lsg"]["images_per_s_per_gpu"] > 0 and m["k2_adv"]["loss_disc"] > 0
+    assert m["cost_ratio"] == round(m["one_step_lsg"]["images_per_s_per_gpu"] / m["k2_adv"]["images_per_s_per_gpu"], 3)
+
+
 def test_eval_throughput_script_writes_its_record(tmp_path):
     subprocess.run([sys.executable, "benchmarks/eval_throughput.py", "--smoke", "--vae-sweep", "--workers-sweep", "1,1",
                     "--out", str(tmp_path)], check=True, cwd=ROOT, capture_output=True)
