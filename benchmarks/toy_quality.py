@@ -1,9 +1,15 @@
-"""The toy quality table: real data, the toy teacher with DDIM at several steps and CFG scales, SiD-LSG one-step.
+"""The toy quality table: real data, the toy teacher with DDIM at several steps and CFG scales, SiD rows.
 
-Same evaluator, prompts and seeds for every row. shapes-FID is the Fréchet distance of evaluator features against
+Same evaluators, prompts and seeds for every row. shapes-FID is the Fréchet distance of evaluator features against
 fresh real renders of the seen caption combinations; prompt accuracy is measured on seen and held-out combinations.
+One small classifier's FID moves with its training seed, so every row is scored by each evaluator shipped with the
+teacher (`<teacher>/evaluator*`): shapes_fid is their mean, shapes_fid_spread half their range, and a row beats
+another only when its FID is lower under every evaluator (`beats_teacher_25`: against the 25-step teacher row at
+the same κ). A row with `stage=finetune` runs the finetune stage: few-step SiD with the adversarial term on real
+shapes pairs (`--real-pairs` renders of the training split, packed and encoded as a user's data would be).
 
-  python benchmarks/toy_quality.py --teacher examples/toy-teacher --rows real,teacher,sid --sid-kappas 1.5,2
+  python benchmarks/toy_quality.py --teacher examples/toy-teacher --rows real,teacher,sid \
+      --sid-runs "sid-lsg:kappa=2;sid-adv:stage=finetune,steps=4,kappa=2"
 """
 
 import argparse
@@ -29,19 +35,44 @@ def eval_set(n: int) -> tuple[dict, np.ndarray, list[int]]:
     return prompts, shapes.sample(n * 5, 777, "train")[0], list(range(n))
 
 
-def evaluate(model, make_images, prompts: dict, reference: np.ndarray) -> dict:
-    """Return shapes-FID (seen prompts) and prompt accuracy (seen, held-out) of a sampler."""
+def evaluate(models: list, make_images, prompts: dict, reference: np.ndarray) -> dict:
+    """Return shapes-FID (seen prompts) and prompt accuracy (seen, held-out) of a sampler under each evaluator:
+    the mean, the spread (half the range) and the value under each."""
     seen = make_images(prompts["seen"])
     held = make_images(prompts["heldout"])
-    return {"shapes_fid": round(evaluator.shapes_fid(model, seen, reference), 3),
-            "prompt_acc_seen": round(evaluator.prompt_accuracy(model, seen, prompts["seen"]), 4),
-            "prompt_acc_heldout": round(evaluator.prompt_accuracy(model, held, prompts["heldout"]), 4)}, seen
+    fid = [evaluator.shapes_fid(m, seen, reference) for m in models]
+    acc = [evaluator.prompt_accuracy(m, seen, prompts["seen"]) for m in models]
+    held_acc = [evaluator.prompt_accuracy(m, held, prompts["heldout"]) for m in models]
+    return {"shapes_fid": round(float(np.mean(fid)), 3), "shapes_fid_spread": round((max(fid) - min(fid)) / 2, 3),
+            "prompt_acc_seen": round(float(np.mean(acc)), 4), "prompt_acc_heldout": round(float(np.mean(held_acc)), 4),
+            "shapes_fid_by_evaluator": [round(f, 3) for f in fid],
+            "prompt_acc_seen_by_evaluator": [round(a, 4) for a in acc]}, seen
+
+
+def beats(row: dict, other: dict) -> bool:
+    """True when `row` has the lower shapes-FID under every evaluator both were scored by."""
+    a, b = row.get("shapes_fid_by_evaluator"), other.get("shapes_fid_by_evaluator")
+    return bool(a and b and len(a) == len(b) and all(x < y for x, y in zip(a, b)))
+
+
+def compare(rows: list[dict]) -> None:
+    """Mark each SiD row against the 25-step teacher row at the same κ: beats_teacher_25 (lower FID under every
+    evaluator), fid_vs_teacher_25 (ratio of the means) and acc_vs_teacher_25 (seen prompt accuracy difference)."""
+    teachers = {r.get("kappa"): r for r in rows if r["row"] == "teacher" and r["steps"] == 25}
+    for r in rows:
+        t = teachers.get(r.get("kappa"))
+        if r["row"].startswith("sid") and t is not None and r.get("kappa") is not None:
+            r["beats_teacher_25"] = beats(r, t)
+            r["fid_vs_teacher_25"] = round(r["shapes_fid"] / t["shapes_fid"], 3)
+            r["acc_vs_teacher_25"] = round(r["prompt_acc_seen"] - t["prompt_acc_seen"], 4)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="examples/toy-teacher")
-    p.add_argument("--evaluator", default=None, help="default: <teacher>/evaluator")
+    p.add_argument("--evaluators", default=None, help="comma-separated evaluator directories (default: every "
+                   "<teacher>/evaluator* directory)")
+    p.add_argument("--real-pairs", type=int, default=20_000, help="real shapes pairs for stage=finetune rows")
     p.add_argument("--n", type=int, default=2000, help="images per row and split")
     p.add_argument("--rows", default="real,teacher,sid")
     p.add_argument("--teacher-steps", default="1,2,4,25")
@@ -62,17 +93,21 @@ def main() -> None:
         return merge(args)
 
     from sidflow.generator import image_grid, load_generator, sample
-    from sidflow.stages.distill import DistillConfig, run
+    from sidflow.stages import distill, finetune
     from sidflow.teacher import load_teacher
     from sidflow.toy.train_teacher import sample_teacher
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = evaluator.load(args.evaluator or Path(args.teacher) / "evaluator", device)
+    paths = (args.evaluators.split(",") if args.evaluators
+             else sorted(str(p) for p in Path(args.teacher).glob("evaluator*") if p.is_dir()))
+    model = [evaluator.load(path, device) for path in paths]
+    config_paths = {"evaluators": paths}
     prompts, reference, seeds = eval_set(args.n)
     rows, grids = [], {}
-    config = {k: v for k, v in vars(args).items() if k != "out"}
+    config = {k: v for k, v in vars(args).items() if k != "out"} | config_paths
 
     def save(final=False):  # after every row, so a run cut short still leaves its rows
+        compare(rows)
         record("toy_quality", args.file, 1 if device == "cuda" else 0, {"rows": rows},
                config | {"grid_rows": list(grids)}, Path(args.out), final=final)
 
@@ -98,12 +133,18 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="sidflow-toy-"))
         (work / "prompts.txt").write_text("\n".join(sorted({shapes.caption(*c) for c in shapes.combos("train")})))
         for i, (row, overrides) in enumerate(parse_runs(args.sid_runs)):
-            cfg = override(DistillConfig(teacher=args.teacher, prompts=str(work / "prompts.txt"),
-                                         output=str(work / f"run{i}"), lr_g=args.lr, lr_fake=args.lr,
-                                         batch=args.batch, micro_batch=args.micro_batch, kimg=args.kimg,
-                                         ema_halflife_kimg=args.ema, checkpoints=False), overrides)
+            overrides = dict(overrides)
+            stage = finetune if overrides.pop("stage", "distill") == "finetune" else distill
+            base = dict(teacher=args.teacher, prompts=str(work / "prompts.txt"), output=str(work / f"run{i}"),
+                        lr_g=args.lr, lr_fake=args.lr, batch=args.batch, micro_batch=args.micro_batch, kimg=args.kimg,
+                        ema_halflife_kimg=args.ema, checkpoints=False)
+            if stage is finetune:
+                base["data"] = real_pairs(work / "pairs", args.real_pairs)
+                cfg = override(finetune.FinetuneConfig(**base), overrides)
+            else:
+                cfg = override(distill.DistillConfig(**base), overrides)
             start = time.time()
-            result = run(cfg)
+            result = stage.run(cfg)
             if result.interrupted:  # SIGTERM: the model at result.model_uri is not this run's end
                 raise SystemExit(f"{row} was interrupted at {result.kimg:.1f} kimg; its row is not recorded")
             minutes = (time.time() - start) / 60
@@ -111,7 +152,7 @@ def main() -> None:
             metrics, imgs = evaluate(model, lambda caps: sample(gen, info, caps, seeds, batch=512), prompts, reference)
             rows.append({"row": row, "steps": cfg.steps, "kappa": cfg.kappa, **metrics,
                          "images_seen": int(result.kimg * 1000), "gpu_minutes": round(minutes, 2),
-                         "config": overrides})
+                         "config": overrides | ({"stage": "finetune"} if stage is finetune else {})})
             grids[f"{row}-{cfg.steps}-{cfg.kappa}"] = imgs[:16]
             print(json.dumps(rows[-1]), flush=True)
             save()
@@ -121,6 +162,27 @@ def main() -> None:
         strip = np.concatenate([image_grid(v, cols=16) for v in grids.values()])
         Image.fromarray(strip).resize((strip.shape[1] * 3, strip.shape[0] * 3), Image.NEAREST).save(args.grid)
     save(final=True)
+
+
+def real_pairs(out: Path, n: int) -> str:
+    """Pack n fresh renders of the training split (captions as the teacher saw them) as real pairs, once."""
+    import io
+
+    from PIL import Image
+
+    from sidflow.pairs import pack
+
+    if not (out / "manifest.json").exists():
+        images, captions = shapes.sample(n, 4_242, "train")
+
+        def rows():
+            for im, c in zip(images, captions):
+                buf = io.BytesIO()
+                Image.fromarray(im).save(buf, format="PNG")
+                yield buf.getvalue(), c
+
+        pack(rows(), str(out))
+    return str(out)
 
 
 def parse_runs(text: str) -> list[tuple[str, dict[str, str]]]:
@@ -142,6 +204,7 @@ def merge(args) -> None:
         configs += [{"git_sha": part["git_sha"], **c} for c in part["config"].get("parts", [part["config"]])]
         notes += [part["config"]["note"]] if "note" in part["config"] else part["config"].get("notes", [])
     first = parts[0]
+    compare(rows)
     result = {**first, "command": " && ".join(part["command"] for part in parts),
               "metrics": {"rows": rows}, "config": {"parts": configs, "notes": notes}}
     Path(args.out, args.file).write_text(json.dumps(result, indent=2) + "\n")
