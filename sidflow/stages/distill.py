@@ -242,7 +242,12 @@ def networks(cfg: DistillConfig, device, teacher=None):
         teacher.unet.to(memory_format=torch.channels_last)
     G, fake = copy.deepcopy(teacher.unet), copy.deepcopy(teacher.unet)
     if cfg.precision == "bf16":  # frozen, so no master copy: autocast would cast it to bf16 at every forward
-        teacher.unet.to(torch.bfloat16)
+        # The norms keep their fp32 weights, as the fake's are at every forward (autocast casts the weights of
+        # convolutions and matmuls only), so that at step 0 teacher and fake compute the same function.
+        for m in teacher.unet.modules():
+            if not isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                for p in m.parameters(recurse=False):
+                    p.data = p.data.to(torch.bfloat16)
     if cfg.grad_checkpointing:  # diffusers checkpoints only modules in train mode; the teacher has no dropout
         for m in (G, fake, teacher.unet):
             m.enable_gradient_checkpointing()
