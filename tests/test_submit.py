@@ -140,6 +140,8 @@ def test_bad_overrides_stop_before_any_request(kfp_api, capsys):
     assert "has 5 fields" in capsys.readouterr().err
     assert main(["pipeline", "submit", "--host", api.url, *REQUIRED[1:]]) == 2
     assert capsys.readouterr().err.strip() == "sidflow pipeline: error: teachers is empty: pass teachers=<URI>"
+    assert main(["pipeline", "submit", "--host", api.url, *REQUIRED, "finetune=true"]) == 2
+    assert "finetune_data is empty" in capsys.readouterr().err
     assert api.requests == []
 
 

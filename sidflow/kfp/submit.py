@@ -103,6 +103,9 @@ def check_required(arguments: dict, params: dict[str, tuple[type, typing.Any]]) 
     if value("eval_features") == "inception" and "inception_weights" in params and not value("inception_weights"):
         raise ValueError("inception_weights is empty: pass inception_weights=<URI of inception-2015-12-05.pt> (FID "
                          "features; or eval_features=toy:<evaluator URI>)")
+    if value("finetune") and "finetune_data" in params and not value("finetune_data"):
+        raise ValueError("finetune_data is empty: finetune=true needs finetune_data=<URI of text-image pairs> "
+                         "(sidflow data pack writes them)")
 
 
 def check_cron(cron: str) -> None:
