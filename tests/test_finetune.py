@@ -189,3 +189,41 @@ def test_bad_inputs_are_one_line_errors_before_any_training(tiny_teacher, prompt
         with pytest.raises(ValueError, match=message):
             validate(FinetuneConfig(**{**good.__dict__, **change}))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_gan_on(tiny_teacher, prompts, data, tmp_path, sharding):
+    # The discriminator runs on the fake module itself, outside the DDP wrapper, inside the same backward as the score
+    # loss: its gradient must reach the reduction (and the FSDP shards) as one process's does. Rank 0 encodes the
+    # pairs; the other waits and reads them. A large Adam ε as in the distill test keeps rounding from flipping signs.
+    from sidflow.stages.finetune import launch
+
+    one = _cfg(tiny_teacher, prompts, data, tmp_path / "one", kimg=0.008, checkpoint_kimg=0.008, batch=4,
+               adam_eps=1e-2, steps=2)
+    two = FinetuneConfig(**{**one.__dict__, "output": str(tmp_path / "two"), "gpus": "2", "sharding": sharding})
+    alone = run(one)
+    result = launch(two)
+    assert (result.iterations, result.interrupted) == (2, False) and result.metrics["loss_disc"] > 0
+    # The losses summed over ranks are one process's. (At the start the logits barely depend on the input, so this
+    # would not show a rank scoring another rank's pairs; test_real_pairs_walk_one_permutation_per_epoch checks the
+    # draw itself.)
+    for key in ("loss_disc", "loss_adv", "loss_fake"):
+        assert result.metrics[key] == pytest.approx(alone.metrics[key], rel=1e-4), key
+    end = checkpoint.name_for(8)
+    a, b = (checkpoint.load(str(tmp_path / name / "checkpoints" / end)) for name in ("one", "two"))
+    for net in ("G", "fake", "ema"):
+        worst = max(float((a[net]["model"][k].float() - v.float()).abs().max()) for k, v in b[net]["model"].items())
+        assert worst <= 1e-5, (net, worst)
+
+
+def test_real_pairs_walk_one_permutation_per_epoch():
+    from sidflow.train.loop import GAN
+
+    gan = GAN(real=None, size=10, adv_weight=1.0, disc_weight=1.0, start_kimg=4.0, rampup_kimg=4.0)
+    walk = torch.cat([gan.indices(seed=3, it=i, batch=4) for i in range(5)])  # 20 draws: two epochs of 10
+    assert sorted(walk[:10].tolist()) == sorted(walk[10:].tolist()) == list(range(10))
+    assert walk[:10].tolist() != walk[10:].tolist()  # a new order each epoch
+    assert torch.equal(gan.indices(seed=3, it=3, batch=4), walk[12:16])  # iteration 3 alone: what a resume draws
+    assert not torch.equal(gan.indices(seed=4, it=0, batch=4), walk[:4])
+    # λ_adv: 0 before the start, then a linear rise over rampup_kimg.
+    assert [gan.adv_weight_at(n) for n in (0, 3999, 4000, 6000, 8000, 9000)] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
