@@ -18,29 +18,28 @@ def _stage_parser(sub, name: str, cls, help: str) -> argparse.ArgumentParser:
 def _distill(args) -> int:
     from sidflow.stages import distill
 
-    cfg = config.from_args(distill.DistillConfig, args)
-    if args.dry_run:
-        distill.validate(cfg, world_size=gpu_count(cfg.gpus))
-        print(config.to_json(cfg))
-        return 0
-    result = distill.launch(cfg)  # several GPUs: one child process each
-    if prints_summary(cfg.gpus):
-        print(distill.summary(result))
-    return 143 if result.interrupted else 0  # 128 + SIGTERM: the orchestrator retries and the run resumes
+    return _train(args, distill.DistillConfig, distill.validate, distill.launch)
 
 
 def _finetune(args) -> int:
-    from sidflow.stages import distill, finetune
+    from sidflow.stages import finetune
 
-    cfg = config.from_args(finetune.FinetuneConfig, args)
+    return _train(args, finetune.FinetuneConfig, finetune.validate, finetune.launch)
+
+
+def _train(args, cls, validate, launch) -> int:
+    # distill and finetune: --dry-run validates and prints the config; else one child process per GPU.
+    from sidflow.stages.distill import summary
+
+    cfg = config.from_args(cls, args)
     if args.dry_run:
-        finetune.validate(cfg, world_size=gpu_count(cfg.gpus))
+        validate(cfg, world_size=gpu_count(cfg.gpus))
         print(config.to_json(cfg))
         return 0
-    result = finetune.launch(cfg)
+    result = launch(cfg)
     if prints_summary(cfg.gpus):
-        print(distill.summary(result))
-    return 143 if result.interrupted else 0
+        print(summary(result))
+    return 143 if result.interrupted else 0  # 128 + SIGTERM: the orchestrator retries and the run resumes
 
 
 def _distill_trainjob(args) -> int:

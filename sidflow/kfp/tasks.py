@@ -61,15 +61,22 @@ def _log(metrics, values: dict) -> None:
 def distill(metrics, model, artifact_root: str, run_id: str, teacher_fingerprint: str, retries: int,
             overrides: dict, **fields) -> str:
     """Distill in this pod: one process per GPU, re-launched after a crash; return the exported model's URI."""
-    from sidflow.generator import describe
     from sidflow.stages import distill as stage
 
     cfg = _distill_config(fields, artifact_root, run_id, overrides)
-    result = stage.launch_with_retries(cfg, retries)
-    print(stage.summary(result))
+    return _trained(metrics, model, stage.launch_with_retries(cfg, retries), f"distill of {cfg.teacher}")
+
+
+def _trained(metrics, model, result, what: str) -> str:
+    # What the distill and finetune tasks do with their result: log it, fail an interrupted run (so that the task's
+    # retry resumes it), describe the exported model on the KFP Model artifact.
+    from sidflow.generator import describe
+    from sidflow.stages.distill import summary
+
+    print(summary(result))
     _log(metrics, {"kimg": result.kimg, "iterations": result.iterations, **result.metrics})
     if result.interrupted:
-        raise RuntimeError(f"distill of {cfg.teacher} was interrupted at {result.kimg:.3f} kimg; a retry resumes it")
+        raise RuntimeError(f"{what} was interrupted at {result.kimg:.3f} kimg; a retry resumes it")
     model.metadata.update(describe(result.model_uri, model.path))
     return result.model_uri
 
@@ -90,7 +97,6 @@ def finetune(metrics, model, artifact_root: str, run_id: str, teacher_fingerprin
              overrides: dict, **fields) -> str:
     """Fine-tune the distilled generator at `init` in this pod (one process per GPU, re-launched after a crash);
     return the exported model's URI. An empty output is finetune/ of the run directory."""
-    from sidflow.generator import describe
     from sidflow.kfp.paths import run_output
     from sidflow.stages import distill as distill_stage
     from sidflow.stages import finetune as stage
@@ -100,12 +106,7 @@ def finetune(metrics, model, artifact_root: str, run_id: str, teacher_fingerprin
                                                         "finetune")
     cfg = override(stage.FinetuneConfig(), fields)
     result = distill_stage.launch_with_retries(cfg, retries, "finetune", stage.check)
-    print(distill_stage.summary(result))
-    _log(metrics, {"kimg": result.kimg, "iterations": result.iterations, **result.metrics})
-    if result.interrupted:
-        raise RuntimeError(f"finetune of {cfg.init} was interrupted at {result.kimg:.3f} kimg; a retry resumes it")
-    model.metadata.update(describe(result.model_uri, model.path))
-    return result.model_uri
+    return _trained(metrics, model, result, f"finetune of {cfg.init}")
 
 
 def keep_model(model: str) -> str:

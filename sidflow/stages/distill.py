@@ -274,17 +274,17 @@ def launch(cfg: DistillConfig) -> DistillResult:
                    finished=lambda rc, result: rc == 0 or result["interrupted"])
 
 
-def launch_with_retries(cfg: DistillConfig, retries: int, command: str = "distill", check=None) -> DistillResult:
+def launch_with_retries(cfg: DistillConfig, retries: int, command: str = "distill", checker=None) -> DistillResult:
     """Validate here, then run the stage as child processes (one per GPU), starting them again up to `retries` times
     after a crash (a killed or failed process): each attempt resumes from the newest checkpoint. User errors are
     found by the validation and never retried; an interrupted run (SIGTERM: the pod is going away) is returned.
-    `command` and `check`: the finetune stage's, which trains through the same loop."""
+    `command` and `checker`: the finetune stage's (default: this stage's `check`), through the same loop."""
     import sys
 
     from sidflow.launch import gpu_count, run_per_gpu
 
     n = gpu_count(cfg.gpus)
-    (check or globals()["check"])(cfg, n)
+    (checker or check)(cfg, n)
     for attempt in range(retries + 1):
         rc, result = run_per_gpu(command, cfg, n)
         if result is not None and (rc == 0 or result["interrupted"]):

@@ -58,25 +58,27 @@ def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
 
 def init_run(init: str) -> str:
     """Return the distill run URI `init` names: the run itself, or its model/ (what the distill task returns)."""
+    return init.rstrip("/").rsplit("/", 1)[0] if _export_info(init) is not None else init
+
+
+def _export_info(model: str) -> dict | None:
+    # The sidflow.json of the generator published at `model`, or None where there is none.
     from sidflow.generator import INFO_FILE
 
-    manifest = storage.read_manifest(init)
-    if manifest is not None and INFO_FILE in {f["path"] for f in manifest["files"]}:
-        return init.rstrip("/").rsplit("/", 1)[0]
-    return init
+    manifest = storage.read_manifest(model)
+    if manifest is None or INFO_FILE not in {f["path"] for f in manifest["files"]}:
+        return None
+    return json.loads(storage.read_text(storage.join(model, INFO_FILE)))
 
 
 def _check_init(cfg: FinetuneConfig) -> None:
     # The distill run must have finished its export, from the same teacher.
-    from sidflow.generator import INFO_FILE
     from sidflow.teacher import fingerprint
 
-    model = storage.join(init_run(cfg.init), "model")
-    manifest = storage.read_manifest(model)
-    if manifest is None or INFO_FILE not in {f["path"] for f in manifest["files"]}:
+    info = _export_info(storage.join(init_run(cfg.init), "model"))
+    if info is None:
         raise ValueError(f"init={cfg.init!r} holds no exported generator (model/ with its manifest): pass the output "
                          "of a finished distill run")
-    info = json.loads(storage.read_text(storage.join(model, INFO_FILE)))
     ours, theirs = fingerprint(cfg.teacher), info.get("teacher_fingerprint")
     # Teachers count by content where both were published, else by URI (the loop's rule for a resume).
     same = ours == theirs if ours and theirs != "unpublished" else info.get("teacher") == cfg.teacher
