@@ -282,10 +282,11 @@ def test_teacher_needs_a_teacher_sampler_and_cli_errors_are_one_line(assets, tin
 
 
 def test_dpm_solver_teacher_rows_sample_from_the_same_seeds(tiny_teacher):
-    from sidflow.stages.evaluate import load_sampler
+    from sidflow.stages.evaluate import EvaluateConfig, load_sampler
 
-    ddim, about = load_sampler(tiny_teacher, "cpu", "ddim", steps=2, kappa=2.0)
-    dpm, _ = load_sampler(tiny_teacher, "cpu", "dpm_solver", steps=2, kappa=2.0)
+    teacher = EvaluateConfig(model=tiny_teacher, sampler="ddim", teacher_steps=2, kappa=2.0)
+    ddim, about = load_sampler(teacher, "cpu")
+    dpm, _ = load_sampler(dataclasses.replace(teacher, sampler="dpm_solver"), "cpu")
     assert about["kind"] == "teacher" and about["vae_dtype"] == "fp32"
     a, b = ddim(CAPTIONS[:2], [0, 1]), dpm(CAPTIONS[:2], [0, 1])
     assert a.shape == b.shape == (2, 16, 16, 3) and a.dtype == np.uint8 and not np.array_equal(a, b)
@@ -294,9 +295,9 @@ def test_dpm_solver_teacher_rows_sample_from_the_same_seeds(tiny_teacher):
 
 def test_a_padded_decode_gives_each_image_as_alone_and_the_vae_precision_follows_the_vae(tiny_teacher):
     from sidflow.evaluate.sampling import vae_auto_dtype
-    from sidflow.stages.evaluate import load_sampler
+    from sidflow.stages.evaluate import EvaluateConfig, load_sampler
 
-    sampler, _ = load_sampler(tiny_teacher, "cpu", "ddim", steps=2)
+    sampler, _ = load_sampler(EvaluateConfig(model=tiny_teacher, sampler="ddim", teacher_steps=2), "cpu")
     latents = sampler.latents(CAPTIONS[:3], [0, 1, 2])
     plain = sampler.decode(latents)
     sampler.decode_batch = 5  # what compile_decode sets: short batches are padded to the compiled shape
@@ -425,7 +426,7 @@ def test_toy_evaluator_gives_shapes_fid_and_prompt_accuracy(tmp_path, s3_bucket,
     assert metrics["sampler"] == {"kind": "teacher", "sampler": "ddim", "steps": 3, "kappa": 2.0,
                                   "compile_vae": False, "unet_dtype": "fp32", "vae_dtype": "fp32"}
     # The same numbers from the toy domain's own functions, on sample_teacher's images.
-    images = sample_teacher(load_teacher(str(TOY)), captions, list(range(8)), steps=3, guidance=2.0)
+    images = sample_teacher(load_teacher(str(TOY)), captions, list(range(8)), steps=3, kappa=2.0)
     model = evaluator.load(TOY / "evaluator")
     real = shapes.read_parquet(f"{s3_bucket}/toy/real.parquet")[0]
     assert result.fid == pytest.approx(evaluator.shapes_fid(model, images, real), rel=1e-4)

@@ -219,7 +219,7 @@ def test_two_processes_match_one_with_the_gan_on(tiny_teacher, prompts, data, tm
 def test_real_pairs_walk_one_permutation_per_epoch():
     from sidflow.train.loop import GAN
 
-    gan = GAN(real=None, size=10, adv_weight=1.0, disc_weight=1.0, start_kimg=4.0, rampup_kimg=4.0)
+    gan = GAN(real=None, size=10, adv_weight=1.0, disc_weight=1.0, gan_start_kimg=4.0, adv_rampup_kimg=4.0)
     walk = torch.cat([gan.indices(seed=3, it=i, batch=4) for i in range(5)])  # 20 draws: two epochs of 10
     assert sorted(walk[:10].tolist()) == sorted(walk[10:].tolist()) == list(range(10))
     assert walk[:10].tolist() != walk[10:].tolist()  # a new order each epoch

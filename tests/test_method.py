@@ -30,8 +30,8 @@ def test_schedule_values_match_method_md():
     assert A[625] ** 2 == pytest.approx(0.13777, abs=1e-5)
     assert (A[625], S[625]) == (pytest.approx(0.3712, abs=1e-4), pytest.approx(0.9286, abs=1e-4))
     assert (S / A)[[20, 625, 979]].tolist() == pytest.approx([0.138, 2.5017, 12.97], rel=1e-3)
-    assert step_times(625, 4) == [625, 468, 312, 156]
-    assert step_times(625, 2) == [625, 312] and step_times(625, 1) == [625]
+    assert step_times(t_init=625, K=4) == [625, 468, 312, 156]
+    assert step_times(t_init=625, K=2) == [625, 312] and step_times(t_init=625, K=1) == [625]
 
 
 def test_t_is_uniform_on_20_to_979():
@@ -52,17 +52,17 @@ def test_generator_loss_equals_expanded_form(alpha):
     d = y_r - y_f
     w = (x_g - y_r).abs().mean(dim=(1, 2, 3)).clamp(min=1e-5)
     expected = ((1 - alpha) * d.square().sum((1, 2, 3)) + (d * (y_f - x_g)).sum((1, 2, 3))) / w
-    loss = sid.sid_generator_loss(x_g, y_r, y_f, alpha)
+    loss = sid.sid_generator_loss(x_g, y_r, y_f, alpha=alpha)
     assert loss.shape == (4,)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     # A flipped α sign gives a different loss (unless d = 0): the check above catches it.
-    assert not torch.allclose(sid.sid_generator_loss(x_g, y_r, y_f, -alpha), expected)
+    assert not torch.allclose(sid.sid_generator_loss(x_g, y_r, y_f, alpha=-alpha), expected)
 
 
 def test_normaliser_is_the_only_detached_term():
     # ∂L/∂x_g with w held constant, computed independently; an attached w would add a term.
     x_g, y_r, y_f = (v.requires_grad_() for v in _inputs(1))
-    sid.sid_generator_loss(x_g, y_r, y_f, 1.0).sum().backward()
+    sid.sid_generator_loss(x_g, y_r, y_f, alpha=1.0).sum().backward()
     w = (x_g - y_r).abs().mean(dim=(1, 2, 3)).clamp(min=1e-5).detach().reshape(-1, 1, 1, 1)
     torch.testing.assert_close(x_g.grad, -(y_r - y_f).detach() / w)
     torch.testing.assert_close(y_r.grad, ((y_r - x_g) - 2 * (y_r - y_f) + (y_r - y_f)).detach() / w)  # α = 1
@@ -91,7 +91,7 @@ def test_generator_step_uses_teacher_with_kappa4_and_fake_with_kappa2():
     nulls = null.expand_as(c)
     y_r = x0_from_eps(x_t, teacher(x_t, t, nulls) + 2.0 * (teacher(x_t, t, c) - teacher(x_t, t, nulls)), a_t, s_t)
     y_f = x0_from_eps(x_t, fake(x_t, t, nulls) + 1.5 * (fake(x_t, t, c) - fake(x_t, t, nulls)), a_t, s_t)
-    expected = sid.sid_generator_loss(x_g, y_r, y_f, 1.0)
+    expected = sid.sid_generator_loss(x_g, y_r, y_f, alpha=1.0)
     got = sid.generator_step_loss(teacher, fake, x_g, c, null, t, eps, VP(A, S), kappa_2=1.5, kappa_4=2.0)
     torch.testing.assert_close(got, expected)
     swapped = sid.generator_step_loss(fake, teacher, x_g, c, null, t, eps, VP(A, S), kappa_2=1.5, kappa_4=2.0)
@@ -105,9 +105,9 @@ def test_guided_eps_branches():
     x, t = torch.randn(8, 2, generator=g), sample_t(8, generator=g)
     c, null = torch.eye(3)[torch.arange(8) % 3], torch.zeros(1, 3)
     e_c, e_0 = net(x, t, c), net(x, t, null.expand_as(c))
-    torch.testing.assert_close(guided_eps(net, x, t, c, null, 1.0), e_c)
-    torch.testing.assert_close(guided_eps(net, x, t, c, null, 0.0), e_0)
-    torch.testing.assert_close(guided_eps(net, x, t, c, null, 2.5), e_0 + 2.5 * (e_c - e_0))
+    torch.testing.assert_close(guided_eps(net, x, t, c, null, kappa=1.0), e_c)
+    torch.testing.assert_close(guided_eps(net, x, t, c, null, kappa=0.0), e_0)
+    torch.testing.assert_close(guided_eps(net, x, t, c, null, kappa=2.5), e_0 + 2.5 * (e_c - e_0))
 
 
 def test_dropout_rate_and_determinism():
@@ -119,11 +119,11 @@ def test_dropout_rate_and_determinism():
 
 
 def test_kappa_presets():
-    assert kappas("lsg", 2.0) == {"kappa_1": 2.0, "kappa_2": 2.0, "kappa_4": 2.0}
-    assert kappas("long", 2.0) == {"kappa_1": 1.0, "kappa_2": 1.0, "kappa_4": 2.0}
-    assert kappas("zero_cfg", 2.0) == {"kappa_1": 0.0, "kappa_2": 0.0, "kappa_4": 1.0}
+    assert kappas("lsg", kappa=2.0) == {"kappa_1": 2.0, "kappa_2": 2.0, "kappa_4": 2.0}
+    assert kappas("long", kappa=2.0) == {"kappa_1": 1.0, "kappa_2": 1.0, "kappa_4": 2.0}
+    assert kappas("zero_cfg", kappa=2.0) == {"kappa_1": 0.0, "kappa_2": 0.0, "kappa_4": 1.0}
     with pytest.raises(ValueError, match="guidance mode"):
-        kappas("strong", 2.0)
+        kappas("strong", kappa=2.0)
 
 
 @pytest.mark.parametrize("K", [1, 2, 4])
@@ -139,12 +139,12 @@ def test_generator_sampler_one_step_formula_and_stop_gradient(K):
     if K == 1:
         torch.testing.assert_close(out, (S[625] * z - S[625] * 0.3 * S[625] * z) / A[625])
     out.sum().backward()
-    t_last = step_times(625, K)[-1]
+    t_last = step_times(t_init=625, K=K)[-1]
     # d out / d w = −s_t x / a_t at the last step only, its input x detached.
     assert w.grad is not None
     again = sid.generate(G, z, c, VP(A, S), t_init=625, K=K, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out.detach(), again)  # same generator ⇒ same sample
-    assert t_last == step_times(625, K)[K - 1]
+    assert t_last == step_times(t_init=625, K=K)[K - 1]
 
 
 def test_method_imports_only_torch():
@@ -264,7 +264,7 @@ def test_generator_gradient_flows_through_teacher_and_fake(kappa_2, kappa_4):
     def y(net, kappa, xg):
         a_t, s_t = at(a, t, xg), at(s, t, xg)
         x_t = add_noise(xg, eps, a_t, s_t)
-        return x0_from_eps(x_t, guided_eps(net, x_t, t, c, null, kappa), a_t, s_t)
+        return x0_from_eps(x_t, guided_eps(net, x_t, t, c, null, kappa=kappa), a_t, s_t)
 
     w = (x_g - y(teacher, kappa_4, x_g)).abs().mean(1)  # held fixed below
 
@@ -299,7 +299,7 @@ def test_few_step_gradient_stops_between_steps(K):
         # draws the noise of steps 1..K−2
         D = sid.generate(G, z, c, VP(a, s), t_init=625, K=K, k_stop=K - 1, generator=gen)
     n = torch.randn(z.shape, generator=gen, dtype=z.dtype)  # the last step's fresh noise
-    t_last = step_times(625, K)[-1]
+    t_last = step_times(t_init=625, K=K)[-1]
     x_last = a[t_last] * D + s[t_last] * n
     torch.testing.assert_close(w.grad, (-s[t_last] * x_last / a[t_last]).sum())
 

@@ -206,14 +206,14 @@ def test_cfg_on_eps_equals_cfg_on_x0(shared_teacher, unet_inputs, kappa):
     x_t, t, c, null = unet_inputs
     net = score_net(teacher.unet)
     with torch.no_grad():
-        eps_k = guided_eps(net, x_t, t, c, null, kappa)
+        eps_k = guided_eps(net, x_t, t, c, null, kappa=kappa)
         eps_c = teacher.unet(x_t, t, encoder_hidden_states=c).sample
         eps_n = teacher.unet(x_t, t, encoder_hidden_states=null.expand(2, -1, -1)).sample
     x0_c, x0_n = teacher.x0(eps_c, x_t, t), teacher.x0(eps_n, x_t, t)
     assert (x0_c - x0_n).abs().max() > 1e-3  # the prompt matters, so the identity below is not trivial
     # method.md §1: ε → x0 is affine for fixed x_t, so CFG on ε equals CFG on x0.
     torch.testing.assert_close(teacher.x0(eps_k, x_t, t), x0_n + kappa * (x0_c - x0_n), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(teacher.x0(cfg(eps_n, eps_c, kappa), x_t, t), x0_n + kappa * (x0_c - x0_n),
+    torch.testing.assert_close(teacher.x0(cfg(eps_n, eps_c, kappa=kappa), x_t, t), x0_n + kappa * (x0_c - x0_n),
                                rtol=1e-4, atol=1e-4)
 
 
@@ -224,8 +224,8 @@ def test_guided_eps_kappa_one_and_zero_are_single_forwards(shared_teacher, unet_
     with torch.no_grad():
         cond = teacher.unet(x_t, t, encoder_hidden_states=c).sample
         uncond = teacher.unet(x_t, t, encoder_hidden_states=torch.cat([null, null])).sample
-        torch.testing.assert_close(guided_eps(net, x_t, t, c, null, 1.0), cond, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(guided_eps(net, x_t, t, c, null, 0.0), uncond, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(guided_eps(net, x_t, t, c, null, kappa=1.0), cond, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(guided_eps(net, x_t, t, c, null, kappa=0.0), uncond, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(cond, uncond, atol=1e-4)
 
 

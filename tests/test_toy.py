@@ -65,7 +65,7 @@ def test_bundled_teacher_loads_and_follows_prompts():
 
     teacher = load_teacher(str(TOY))
     captions = shapes.sample(64, 99, "train")[1]
-    images = sample_teacher(teacher, captions, list(range(64)), steps=10, guidance=2.0)
+    images = sample_teacher(teacher, captions, list(range(64)), steps=10, kappa=2.0)
     model = evaluator.load(TOY / "evaluator")
     # Colour and background are what even a short-trained teacher gets right; positions are harder.
     y, out = evaluator.labels(captions), model(evaluator.to_input(images))

@@ -47,7 +47,7 @@ class Sampler:
     steps: int  # generator steps K, or teacher sampler steps
     t_init: int | None  # generator start time; None for a teacher
     teacher_sampler: TeacherSampler | None = None
-    guidance: float = 1.0
+    kappa: float = 1.0  # CFG scale of the teacher sampler
     unet_dtype: str = "fp32"
     vae_dtype: str = "fp32"
     decode_batch: int | None = None  # set by compile_decode: shorter batches are padded to it
@@ -81,7 +81,7 @@ class Sampler:
             null, x = nets.null().to(device), z * sched.init_noise_sigma
             for t in sched.timesteps:
                 tt = torch.full((len(x),), int(t), device=device)
-                x = sched.step(guided_eps(net, x, tt, c, null, self.guidance), t, x).prev_sample
+                x = sched.step(guided_eps(net, x, tt, c, null, kappa=self.kappa), t, x).prev_sample
             return x.float()
 
     @torch.no_grad()

@@ -22,12 +22,12 @@ def _bce(logits: Tensor, target: float) -> Tensor:
                                               reduction="none").flatten(1).mean(1)
 
 
-def discriminator_loss(logits_real: Tensor, logits_fake: Tensor, scale: float) -> Tensor:
+def discriminator_loss(logits_real: Tensor, logits_fake: Tensor, *, scale: float) -> Tensor:
     """Return L_D per sample [B]: ½ (BCE(ℓ_real, 1) + BCE(ℓ_fake, 0)) · scale (λ_D is applied by the loop)."""
     return 0.5 * (_bce(logits_real, 1.0) + _bce(logits_fake, 0.0)) * scale
 
 
-def adversarial_loss(logits_g: Tensor, w: Tensor, scale: float) -> Tensor:
+def adversarial_loss(logits_g: Tensor, w: Tensor, *, scale: float) -> Tensor:
     """Return L_adv per sample [B]: BCE(ℓ_g, 1) · scale / w, w the SiD normaliser (detached; λ_adv by the loop)."""
     return _bce(logits_g, 1.0) * scale / w
 

@@ -12,12 +12,12 @@ from torch import Tensor
 ScoreNet = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
-def cfg(eps_null: Tensor, eps_cond: Tensor, kappa: float) -> Tensor:
+def cfg(eps_null: Tensor, eps_cond: Tensor, *, kappa: float) -> Tensor:
     """Return ε^κ = ε(∅) + κ (ε(c) − ε(∅)), shape of the inputs. method.md §3 (CFG formula)."""
     return eps_null + kappa * (eps_cond - eps_null)
 
 
-def guided_eps(net: ScoreNet, x_t: Tensor, t: Tensor, c: Tensor, null: Tensor, kappa: float) -> Tensor:
+def guided_eps(net: ScoreNet, x_t: Tensor, t: Tensor, c: Tensor, null: Tensor, *, kappa: float) -> Tensor:
     """Return ε̂^κ(x_t, t, c), shape of x_t. method.md §3.
 
     κ = 1 is one conditional forward and κ = 0 one forward on ∅ (Zero-CFG's unconditional fake, §6.3);
@@ -28,7 +28,7 @@ def guided_eps(net: ScoreNet, x_t: Tensor, t: Tensor, c: Tensor, null: Tensor, k
     if kappa == 0:
         return net(x_t, t, null.expand_as(c))
     eps_null, eps_cond = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null.expand_as(c), c])).chunk(2)
-    return cfg(eps_null, eps_cond, kappa)
+    return cfg(eps_null, eps_cond, kappa=kappa)
 
 
 def drop_prompts(c: Tensor, null: Tensor, p: float, *, generator: torch.Generator) -> Tensor:
@@ -43,14 +43,14 @@ def drop_prompts(c: Tensor, null: Tensor, p: float, *, generator: torch.Generato
 def resolved_kappas(cfg) -> dict[str, float]:
     """Return κ1, κ2 (= κ3), κ4 of a config (guidance, kappa, kappa_1, kappa_2, kappa_4): the preset's values with
     any explicit override applied."""
-    out = kappas(cfg.guidance, cfg.kappa)
+    out = kappas(cfg.guidance, kappa=cfg.kappa)
     for k in out:
         if getattr(cfg, k) is not None:
             out[k] = getattr(cfg, k)
     return out
 
 
-def kappas(mode: str, kappa: float) -> dict[str, float]:
+def kappas(mode: str, *, kappa: float) -> dict[str, float]:
     """Return {kappa_1, kappa_2, kappa_4} for a guidance preset. method.md §3 (issue #6) and §6.3.
 
     κ3 of the method is κ2: the reference code ties the two, so it has no name of its own here.

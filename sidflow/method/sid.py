@@ -14,7 +14,7 @@ def _pix(x: Tensor) -> tuple[int, ...]:
     return tuple(range(1, x.ndim))  # every dim but batch: latents [B, C, H, W] or toy points [B, 2]
 
 
-def sid_generator_loss(x_g: Tensor, y_r: Tensor, y_f: Tensor, alpha: float = 1.0) -> Tensor:
+def sid_generator_loss(x_g: Tensor, y_r: Tensor, y_f: Tensor, *, alpha: float = 1.0) -> Tensor:
     """Return the per-sample SiD generator loss [B]. method.md §4; pseudocode §9 (α = 1.0 for SD).
 
     Σ_pix (y_r − y_f) ⊙ [(y_r − x_g) − α (y_r − y_f)] / w, with w = max(1e-5, mean |x_g − y_r|).
@@ -43,7 +43,7 @@ def fake_step_loss(
     """
     a_t, s_t = vp.at(t, x_g)
     x_t = add_noise(x_g.detach(), eps, a_t, s_t)  # [B, ...]  x_g is data here: no grad to G (§3 step 2)
-    return fake_score_loss(guided_eps(fake, x_t, t, c, null, kappa_1), eps)
+    return fake_score_loss(guided_eps(fake, x_t, t, c, null, kappa=kappa_1), eps)
 
 
 def generator_step_loss(
@@ -66,9 +66,9 @@ def generator_step_terms(
     adversarial term (method.md §6.2) is divided by the same w and scores the same x_t."""
     a_t, s_t = vp.at(t, x_g)
     x_t = add_noise(x_g, eps, a_t, s_t)  # [B, ...]  keeps the graph to x_g
-    y_r = x0_from_eps(x_t, guided_eps(teacher, x_t, t, c, null, kappa_4), a_t, s_t)  # teacher x0, CFG κ4
-    y_f = x0_from_eps(x_t, guided_eps(fake, x_t, t, c, null, kappa_2), a_t, s_t)  # fake x0, CFG κ2 (= κ3)
-    return sid_generator_loss(x_g, y_r, y_f, alpha), sid_normaliser(x_g, y_r), x_t
+    y_r = x0_from_eps(x_t, guided_eps(teacher, x_t, t, c, null, kappa=kappa_4), a_t, s_t)  # teacher x0, CFG κ4
+    y_f = x0_from_eps(x_t, guided_eps(fake, x_t, t, c, null, kappa=kappa_2), a_t, s_t)  # fake x0, CFG κ2 (= κ3)
+    return sid_generator_loss(x_g, y_r, y_f, alpha=alpha), sid_normaliser(x_g, y_r), x_t
 
 
 def generate(
@@ -84,7 +84,7 @@ def generate(
     """
     k_stop = K if k_stop is None else k_stop
     D = torch.zeros_like(z)
-    for j, t_j in enumerate(step_times(t_init, K)[:k_stop]):
+    for j, t_j in enumerate(step_times(t_init=t_init, K=K)[:k_stop]):
         n = z if j == 0 else _noise(z, generator)
         t = torch.full((z.shape[0],), t_j, device=z.device, dtype=torch.long)
         a_t, s_t = vp.at(t, z)

@@ -57,11 +57,11 @@ def eps_from_x0(x_t: Tensor, x0: Tensor, a_t: Tensor, s_t: Tensor) -> Tensor:
     return (x_t - a_t * x0) / s_t
 
 
-def sample_t(batch: int, t_min: int = 20, t_max: int = 980, *, generator: torch.Generator) -> Tensor:
+def sample_t(batch: int, *, t_min: int = 20, t_max: int = 980, generator: torch.Generator) -> Tensor:
     """Return t [B] ~ UniformInt[t_min, t_max), i.e. {20..979} by default, drawn per sample. method.md §1."""
     return torch.randint(t_min, t_max, (batch,), generator=generator, device=generator.device)
 
 
-def step_times(t_init: int, K: int) -> list[int]:
+def step_times(*, t_init: int, K: int) -> list[int]:
     """Return [t_0, ..., t_{K-1}] with t_k = floor(t_init (1 - k/K)): 625 → [625] (K=1), [625, 312] (K=2). §1."""
     return [int(t_init * (K - k) // K) for k in range(K)]

@@ -127,19 +127,18 @@ def _check_model(cfg: EvaluateConfig) -> None:
     check_teacher_dir(path, generator=cfg.sampler == "generator")
     if cfg.sampler == "generator" and not os.path.isfile(os.path.join(path, INFO_FILE)):
         raise ValueError(f"model={cfg.model!r} has no {INFO_FILE}: not an exported sidflow generator; to evaluate "
-                         "a teacher pass --sampler ddim (or dpm_solver) with --teacher-steps and --guidance")
+                         "a teacher pass --sampler ddim (or dpm_solver) with --teacher-steps and --kappa")
     if cfg.sampler == "generator" and not storage.is_s3(cfg.model):
         storage.verify_published(cfg.model)  # a local generator without a manifest does not exist to readers
 
 
-def load_sampler(uri: str, device, sampler: str = "generator", steps: int = 25, kappa: float = 1.0,
-                 unet_dtype: str = "fp16", vae_dtype: str = "auto", compile_vae: bool = False,
-                 batch: int = 32) -> tuple["Sampler", dict]:  # noqa: F821  (sidflow.evaluate.sampling)
-    """Return (sampler, description) for the model at `uri`; description goes into metrics.json.
+def load_sampler(cfg: EvaluateConfig, device) -> tuple["Sampler", dict]:  # noqa: F821  (sidflow.evaluate.sampling)
+    """Return (sampler, description) for cfg.model, as cfg.sampler, teacher_steps, kappa, the dtypes and compile_vae
+    say; description goes into metrics.json.
 
     vae_dtype "auto" is `vae_auto_dtype`. On the CPU every network runs in fp32 whatever the dtypes say, and nothing
-    is compiled (recorded as such).
-    `batch` is the largest batch the sampler will be called with (the compiled decode's shape).
+    is compiled (recorded as such). cfg.batch is the largest batch the sampler will be called with (the compiled
+    decode's shape).
     """
     import torch
 
@@ -147,6 +146,8 @@ def load_sampler(uri: str, device, sampler: str = "generator", steps: int = 25, 
     from sidflow.generator import load_generator
     from sidflow.teacher import load_teacher
 
+    uri, sampler, steps, kappa = cfg.model, cfg.sampler, cfg.teacher_steps, cfg.kappa
+    unet_dtype, vae_dtype, compile_vae = cfg.unet_dtype, cfg.vae_dtype, cfg.compile_vae
     device = torch.device(device)
     if device.type == "cpu":
         unet_dtype, vae_dtype, compile_vae = "fp32", "fp32", False
@@ -160,7 +161,7 @@ def load_sampler(uri: str, device, sampler: str = "generator", steps: int = 25, 
         about = {"kind": "teacher", "sampler": sampler, "steps": steps, "kappa": kappa}
     set_precision(out, unet_dtype, vae_auto_dtype(nets) if vae_dtype == "auto" else vae_dtype)
     if compile_vae:
-        compile_decode(out, batch)
+        compile_decode(out, cfg.batch)
     return out, {**about, "unet_dtype": unet_dtype, "vae_dtype": out.vae_dtype, "compile_vae": compile_vae,
                  "fingerprint": model_fingerprint(uri)}
 
@@ -211,8 +212,7 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
         from sidflow.toy.metrics import toy_scorer
 
         scorer = toy_scorer(cfg.scorer[len("toy:"):], device)
-    sampler, about = load_sampler(cfg.model, device, cfg.sampler, cfg.teacher_steps, cfg.kappa,
-                                  cfg.unet_dtype, cfg.vae_dtype, cfg.compile_vae, cfg.batch)
+    sampler, about = load_sampler(cfg, device)
     protocol = PROTOCOLS[cfg.protocol]
     n = min(len(prompts), cfg.limit or len(prompts))
     key = _run_key(prompts.fingerprint, n, protocol.name, extractor.fingerprint, scorer.fingerprint, about,

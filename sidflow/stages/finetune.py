@@ -119,7 +119,7 @@ def run(cfg: FinetuneConfig) -> DistillResult:
         _load_init(cfg, nets)
     nets.disc = unet_logits
     gan = GAN(real=pairs.real, size=pairs.size, adv_weight=cfg.adv_weight, disc_weight=cfg.disc_weight,
-              start_kimg=cfg.gan_start_kimg, rampup_kimg=cfg.adv_rampup_kimg, clip=cfg.gan_clip)
+              gan_start_kimg=cfg.gan_start_kimg, adv_rampup_kimg=cfg.adv_rampup_kimg, gan_clip=cfg.gan_clip)
     return train(cfg, nets, conditions, gan)
 
 

@@ -131,7 +131,7 @@ def distill(gmm: GMM, cfg, real: GMM | None = None, adv_weight: float = 1.0, dis
         labels = torch.randint(real.n_classes, (n_real,), generator=g)
         points = torch.stack([real.sample(1, int(y), g)[0] for y in labels])  # [n_real, 2]
         gan = GAN(real=lambda idx: (points[idx], onehot[labels[idx]]), size=n_real, adv_weight=adv_weight,
-                  disc_weight=disc_weight, start_kimg=start_kimg)
+                  disc_weight=disc_weight, gan_start_kimg=start_kimg)
     output = tempfile.mkdtemp(prefix="sidflow-gmm-")  # the loop writes its logs there
     try:
         train(dataclasses.replace(cfg, output=output), nets, classes, gan)

@@ -25,8 +25,8 @@ def normaliser_attached(teacher, fake, x_g, c, null, t, eps, vp, *, kappa_2, kap
     """The per-sample normaliser w left attached to the graph."""
     a_t, s_t = vp.at(t, x_g)
     x_t = add_noise(x_g, eps, a_t, s_t)
-    y_r = x0_from_eps(x_t, guided_eps(teacher, x_t, t, c, null, kappa_4), a_t, s_t)
-    y_f = x0_from_eps(x_t, guided_eps(fake, x_t, t, c, null, kappa_2), a_t, s_t)
+    y_r = x0_from_eps(x_t, guided_eps(teacher, x_t, t, c, null, kappa=kappa_4), a_t, s_t)
+    y_f = x0_from_eps(x_t, guided_eps(fake, x_t, t, c, null, kappa=kappa_2), a_t, s_t)
     w = (x_g - y_r).abs().flatten(1).mean(1).clamp(min=1e-5)  # the mutation: no .detach()
     d = y_r - y_f
     return (d * ((y_r - x_g) - alpha * d)).flatten(1).sum(1) / w

@@ -160,10 +160,10 @@ def train_teacher(cfg: ToyTeacherConfig, device=None, log=print) -> dict:
     return metrics
 
 
-def sample_teacher(teacher, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+def sample_teacher(teacher, prompts: list[str], seeds: list[int], steps: int, kappa: float,
                    batch: int = 256) -> np.ndarray:
     """Return uint8 images [N, H, W, 3] from the teacher with DDIM (η = 0) and CFG on ε, image i from seed i."""
     from sidflow.evaluate.sampling import Sampler
 
-    run = Sampler(teacher, steps, None, "ddim", guidance)
+    run = Sampler(teacher, steps, None, "ddim", kappa)
     return np.concatenate([run(prompts[i : i + batch], seeds[i : i + batch]) for i in range(0, len(prompts), batch)])

@@ -68,17 +68,17 @@ class GAN:
     size: int  # real pairs to draw from
     adv_weight: float  # λ_adv: the generator's loss is ½ L_SiD + ½ λ_adv L_adv while the term is on
     disc_weight: float  # λ_D: the fake step's loss is the score loss + λ_D L_D while the term is on
-    start_kimg: float = 0.0  # both terms are on from this many kimg (the fake first fits the generator)
-    rampup_kimg: float = 0.0  # λ_adv rises linearly from 0 over this many kimg after start_kimg
-    clip: float = 1.0  # gradient value clip of the fake step while the terms are on (§6.2)
+    gan_start_kimg: float = 0.0  # both terms are on from this many kimg (the fake first fits the generator)
+    adv_rampup_kimg: float = 0.0  # λ_adv rises linearly from 0 over this many kimg after gan_start_kimg
+    gan_clip: float = 1.0  # gradient value clip of the fake step while the terms are on (§6.2)
 
     def adv_weight_at(self, nimg: int) -> float:
-        """λ_adv after `nimg` generator images (0 before start_kimg, then the linear ramp-up)."""
-        if nimg < self.start_kimg * 1000:
+        """λ_adv after `nimg` generator images (0 before gan_start_kimg, then the linear ramp-up)."""
+        if nimg < self.gan_start_kimg * 1000:
             return 0.0
-        if self.rampup_kimg <= 0:
+        if self.adv_rampup_kimg <= 0:
             return self.adv_weight
-        return self.adv_weight * min(1.0, (nimg - self.start_kimg * 1000) / (self.rampup_kimg * 1000))
+        return self.adv_weight * min(1.0, (nimg - self.gan_start_kimg * 1000) / (self.adv_rampup_kimg * 1000))
 
     def indices(self, seed: int, it: int, batch: int) -> Tensor:
         """The real pairs iteration `it` draws [batch]: the next `batch` of a walk through one permutation of the
@@ -199,7 +199,7 @@ def train(cfg, nets: Networks, data: Conditions, gan: GAN | None = None) -> Dist
             c = drop_prompts(c, null, dropout, generator=g_cpu)
         z = torch.randn((cfg.micro_batch, *shape), generator=g_dev, device=device)  # [b, C, H, W]
         eps = torch.randn((cfg.micro_batch, *shape), generator=g_dev, device=device)
-        t = sample_t(cfg.micro_batch, cfg.t_min, cfg.t_max, generator=g_cpu).to(device)
+        t = sample_t(cfg.micro_batch, t_min=cfg.t_min, t_max=cfg.t_max, generator=g_cpu).to(device)
         return c, z, eps, t, g_dev, c_text
 
     while nimg < total:
@@ -209,7 +209,7 @@ def train(cfg, nets: Networks, data: Conditions, gan: GAN | None = None) -> Dist
         g_shared = _gen(cfg.seed, it, 2, 0, "cpu")  # the same on every rank
         idx = torch.randint(data.size, (2, world, rounds, cfg.micro_batch), generator=g_shared)
         k_step = int(torch.randint(1, cfg.steps + 1, (1,), generator=g_shared))  # one k per iteration (§6.1)
-        gan_on = gan is not None and nimg >= gan.start_kimg * 1000
+        gan_on = gan is not None and nimg >= gan.gan_start_kimg * 1000
         if gan_on:  # real pairs: a global draw as for the prompts
             idx_real = gan.indices(cfg.seed, it, cfg.batch).reshape(world, rounds, cfg.micro_batch)
             adv_weight = gan.adv_weight_at(nimg)
@@ -233,7 +233,7 @@ def train(cfg, nets: Networks, data: Conditions, gan: GAN | None = None) -> Dist
             sums[0] += loss.detach().sum()
             sums[2] += nan
         phases.mark("fake_step")
-        _finite_grads(fake.parameters(), gan.clip if gan_on else cfg.clip_grad_value)
+        _finite_grads(fake.parameters(), gan.gan_clip if gan_on else cfg.clip_grad_value)
         opt_f.step()
         opt_f.zero_grad(set_to_none=True)
         phases.mark("fake_optimizer")
