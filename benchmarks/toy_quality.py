@@ -6,7 +6,9 @@ One small classifier's FID moves with its training seed, so every row is scored 
 teacher (`<teacher>/evaluator*`): shapes_fid is their mean, shapes_fid_spread half their range, and a row beats
 another only when its FID is lower under every evaluator (`beats_teacher_25`: against the 25-step teacher row at
 the same κ). A row with `stage=finetune` runs the finetune stage: few-step SiD with the adversarial term on real
-shapes pairs (`--real-pairs` renders of the training split, packed and encoded as a user's data would be).
+shapes pairs (`--real-pairs` renders of the training split, packed and encoded as a user's data would be);
+`init=run<i>` starts it from the i-th run of the same command (give that run `checkpoints=true` so its fake
+network is kept too).
 
   python benchmarks/toy_quality.py --teacher examples/toy-teacher --rows real,teacher,sid \
       --sid-runs "sid-lsg:kappa=2;sid-adv:stage=finetune,steps=4,kappa=2"
@@ -133,13 +135,15 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="sidflow-toy-"))
         (work / "prompts.txt").write_text("\n".join(sorted({shapes.caption(*c) for c in shapes.combos("train")})))
         for i, (row, overrides) in enumerate(parse_runs(args.sid_runs)):
-            overrides = dict(overrides)
+            given, overrides = dict(overrides), dict(overrides)
             stage = finetune if overrides.pop("stage", "distill") == "finetune" else distill
             base = dict(teacher=args.teacher, prompts=str(work / "prompts.txt"), output=str(work / f"run{i}"),
                         lr_g=args.lr, lr_fake=args.lr, batch=args.batch, micro_batch=args.micro_batch, kimg=args.kimg,
                         ema_halflife_kimg=args.ema, checkpoints=False)
             if stage is finetune:
                 base["data"] = real_pairs(work / "pairs", args.real_pairs)
+                if overrides.get("init", "").startswith("run"):  # init=run<i>: the i-th run of this command
+                    overrides["init"] = str(work / overrides["init"])
                 cfg = override(finetune.FinetuneConfig(**base), overrides)
             else:
                 cfg = override(distill.DistillConfig(**base), overrides)
@@ -152,7 +156,7 @@ def main() -> None:
             metrics, imgs = evaluate(model, lambda caps: sample(gen, info, caps, seeds, batch=512), prompts, reference)
             rows.append({"row": row, "steps": cfg.steps, "kappa": cfg.kappa, **metrics,
                          "images_seen": int(result.kimg * 1000), "gpu_minutes": round(minutes, 2),
-                         "config": overrides | ({"stage": "finetune"} if stage is finetune else {})})
+                         "config": given | ({"stage": "finetune"} if stage is finetune else {})})
             grids[f"{row}-{cfg.steps}-{cfg.kappa}"] = imgs[:16]
             print(json.dumps(rows[-1]), flush=True)
             save()

@@ -131,8 +131,8 @@ def test_the_gan_branch_keeps_the_text_in_every_guidance_mode(guidance, kappa, m
     monkeypatch.setattr(loop, "disc_step_loss", spy_disc)
     monkeypatch.setattr(loop, "generator_adv_loss", spy_adv)
     mix = gmm.six_point_gmm(0.3)
-    cfg = DistillConfig(**{**gmm.TOY_RUN, "batch": 64, "micro_batch": 32}, kimg=0.064 * 3, guidance=guidance,
-                        kappa=kappa)
+    cfg = DistillConfig(**{**gmm.TOY_RUN, "batch": 64, "micro_batch": 32, "kappa": kappa}, kimg=0.064 * 3,
+                        guidance=guidance)
     gmm.distill(mix, cfg, real=mix, n_real=256)
     assert len(seen) == 3 * 2 * 2 and all(text and real_text for _, text, real_text in seen), seen
 

@@ -175,7 +175,7 @@ BOUND = 0.8
 
 
 def _run(gmm, iters=ITERS, **kw):
-    return distill(gmm, DistillConfig(**TOY_RUN, kimg=iters * 0.256, **kw))
+    return distill(gmm, DistillConfig(**{**TOY_RUN, "kimg": iters * 0.256, **kw}))
 
 
 def _energy(G):
