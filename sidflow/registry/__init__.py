@@ -19,6 +19,10 @@ from sidflow.registry.rule import RegistryError, Version, beats, check_metrics, 
 __all__ = ["RegistryError", "Version", "beats", "champion", "check", "check_metrics", "check_name", "fingerprints",
            "get", "list_versions", "promote", "register"]
 
+# The optional Kubernetes secret the pipeline's registry tasks read credentials from, and its keys: each server's
+# own variables (mlflow.py, kubeflow_mr.py). Absent secret or key: the variable is simply unset.
+SECRET = "sidflow-registry"
+SECRET_KEYS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MODEL_REGISTRY_TOKEN")
 SCHEMES = ("s3://", "file://", "a path", "mlflow+http(s)://", "kubeflow-mr+http(s)://")
 
 
