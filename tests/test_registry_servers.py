@@ -122,6 +122,10 @@ def test_register_and_read_back(server):
     assert registry.champion(uri, name) is None
     with pytest.raises(FileNotFoundError, match="no version 3"):
         registry.get(uri, name, 3)
+    if uri.startswith("mlflow"):  # the server takes no local source outside its runs: refused before any write
+        with pytest.raises(ValueError, match="remote model URI"):
+            registry.register(uri, name + "-local", "/tmp/model", {"fid": 1.0}, "fp", "r")
+        assert registry.list_versions(uri, name + "-local") == []
 
 
 def test_promotion_gate(server):

@@ -62,18 +62,28 @@ def _context() -> ssl.SSLContext | None:
     return None
 
 
+class _Transient(RegistryError):
+    """A 5xx, 429 or no answer at all: the request may be tried again (a create may have landed)."""
+
+
 def _call(registry_uri: str, method: str, path: str, body: dict | None = None, query: dict | None = None,
-          ok_codes: tuple[str, ...] = ()) -> dict:
+          ok_codes: tuple[str, ...] = (), retries: int = 5) -> dict:
     """One REST call; returns the body, or {"error_code": ...} for an error code in ok_codes; raises otherwise."""
-    for attempt in range(6):
-        status, out = http.call(method, _base(registry_uri) + path, body, _headers(), _context(), query)
-        if status < 300:
+    for attempt in range(retries + 1):
+        try:
+            status, out = http.call(method, _base(registry_uri) + path, body, _headers(), _context(), query)
+        except RegistryError as exc:
+            status, out = None, {"message": str(exc)}
+        if status is not None and status < 300:
             return out
         if out.get("error_code") in ok_codes:
             return out
-        if status in _TRANSIENT and attempt < 5:
-            time.sleep(0.2 * 2 ** attempt)
-            continue
+        if status is None or status in _TRANSIENT:
+            if attempt < retries:
+                time.sleep(0.2 * 2 ** attempt)
+                continue
+            raise _Transient(out["message"] if status is None else
+                             f"{registry_uri}: {method} {path}: {status} {str(out.get('message', ''))[:300]}")
         if status in (401, 403):
             raise RegistryError(f"{registry_uri}: {status} credentials refused; set MLFLOW_TRACKING_TOKEN or "
                                 "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD")
@@ -82,9 +92,25 @@ def _call(registry_uri: str, method: str, path: str, body: dict | None = None, q
     raise AssertionError("unreachable")
 
 
+def _create_version(registry_uri: str, body: dict, token: str) -> dict:
+    """Create a model version once: a create whose answer was lost (no answer, a 5xx) may have landed, so before
+    trying again look for the version carrying `token`."""
+    for attempt in range(6):
+        try:
+            return _call(registry_uri, "POST", "/model-versions/create", body, retries=0)["model_version"]
+        except _Transient:
+            mine = [mv for mv in _versions(registry_uri, body["name"]) if _tags(mv).get("sidflow.token") == token]
+            if mine:
+                return mine[0]
+            if attempt == 5:
+                raise
+            time.sleep(0.2 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
 def check(registry_uri: str) -> None:
     """Raise a one-line error unless the server answers the registry API with these credentials."""
-    _call(registry_uri, "GET", "/registered-models/search", query={"max_results": 1})
+    _call(registry_uri, "GET", "/registered-models/search", query={"max_results": 1}, retries=1)
 
 
 def _ensure_model(registry_uri: str, name: str, description: str) -> None:
@@ -166,22 +192,14 @@ def register(registry_uri: str, name: str, model_uri: str, metrics: dict, teache
         raise ValueError(f"model={model_uri!r}: MLflow takes a remote model URI (s3://...) as a version's source, "
                          "not a local path")
     _ensure_model(registry_uri, name, "a generator distilled by sidflow; the champion alias is its promoted version")
-    token = uuid.uuid4().hex  # tells our version from a rival's if a retried create's first answer was lost
+    token = uuid.uuid4().hex  # finds our version again if a create's answer is lost (_create_version)
     tags = {"sidflow.metrics": json.dumps(metrics), "sidflow.teacher_fingerprint": teacher_fingerprint,
             "sidflow.run_id": run_id, "sidflow.created": datetime.now(timezone.utc).isoformat(),
             "sidflow.token": token, **({"sidflow.config": json.dumps(config)} if config is not None else {}),
             **{k: repr(float(v)) for k, v in metrics.items() if k in ("fid", "clip")}}
     body = {"name": name, "source": model_uri, "description": model_card,
             "tags": [{"key": k, "value": v} for k, v in tags.items()]}
-    try:
-        out = _call(registry_uri, "POST", "/model-versions/create", body)
-    except RegistryError:
-        # A create that failed after its retries may still have landed once: find it by its token.
-        mine = [mv for mv in _versions(registry_uri, name) if _tags(mv).get("sidflow.token") == token]
-        if not mine:
-            raise
-        out = {"model_version": mine[0]}
-    return _record(out["model_version"])
+    return _record(_create_version(registry_uri, body, token))
 
 
 def _sync_alias(registry_uri: str, name: str) -> None:
@@ -213,13 +231,10 @@ def promote(registry_uri: str, name: str, version: int, require_better: bool = F
             "sidflow.require_better": "true" if require_better else "false",
             "sidflow.clip_floor": "" if clip_floor is None else repr(float(clip_floor)),
             "sidflow.promoted": datetime.now(timezone.utc).isoformat(), "sidflow.token": uuid.uuid4().hex}
-    entry = _call(registry_uri, "POST", "/model-versions/create",
-                  {"name": ledger, "source": f"models:/{name}/{version}",
-                   "tags": [{"key": k, "value": v} for k, v in tags.items()]})["model_version"]
+    entry = _create_version(registry_uri, {"name": ledger, "source": f"models:/{name}/{version}",
+                                           "tags": [{"key": k, "value": v} for k, v in tags.items()]},
+                            tags["sidflow.token"])
     mine = int(entry["version"])
-    # A retried append may have landed twice (its first answer lost): the copies share the token, and the later
-    # one cannot win again (a tie keeps the champion), so "crowned" asks whether any copy took the crown.
-    entries = [e for e in _versions(registry_uri, ledger) if int(e["version"]) <= mine]
-    _, crowned = _fold(entries)
+    _, crowned = _fold([e for e in _versions(registry_uri, ledger) if int(e["version"]) <= mine])
     _sync_alias(registry_uri, name)
-    return any(int(e["version"]) in crowned for e in entries if _tags(e).get("sidflow.token") == tags["sidflow.token"])
+    return mine in crowned
