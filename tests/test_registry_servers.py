@@ -243,3 +243,45 @@ def test_kubeflow_objects_as_the_spec_has_them(kubeflow_stub):
     claim = artifacts[f"sidflow:{model['id']}:champion:000001"]
     assert claim["_parent"] is None and claim["customProperties"]["version"]["int_value"] == "1"
     assert model["customProperties"]["champion"]["string_value"] == "1"
+
+
+def test_kubeflow_promoter_with_a_stale_champion_decides_again(kubeflow_stub, monkeypatch):
+    """Promoter A read the champion before B's promotion landed: its claim of the same epoch is refused (409), it
+    reads again, and its worse model stays out (the interleaving forced by handing A a stale first read)."""
+    from sidflow.registry import kubeflow_mr
+
+    base, state = kubeflow_stub
+    uri = f"kubeflow-mr+{base}"
+    good = registry.register(uri, "gen", "s3://b/good", {"fid": 10.0, "clip": 0.3}, "fp", "r1")
+    worse = registry.register(uri, "gen", "s3://b/worse", {"fid": 20.0, "clip": 0.3}, "fp", "r2")
+    assert registry.promote(uri, "gen", good.version, require_better=True)  # B: epoch 1
+    real_head, calls = kubeflow_mr._head, []
+
+    def stale_first(registry_uri, model, start=None):
+        calls.append(start)
+        return (0, None) if len(calls) == 1 else real_head(registry_uri, model, start)  # A's read from before B
+
+    monkeypatch.setattr(kubeflow_mr, "_head", stale_first)
+    assert not registry.promote(uri, "gen", worse.version, require_better=True)
+    assert len(calls) == 2  # the 409 on epoch 1 sent A back to read
+    monkeypatch.undo()
+    assert registry.champion(uri, "gen").version == good.version
+    assert [a["externalId"] for a in state.artifacts.values() if a.get("externalId")] == \
+        [f"sidflow:{next(iter(state.models))}:champion:000001"]
+
+
+def test_mlflow_champion_is_the_ledger_not_a_stale_alias(mlflow_server):
+    """A slow promoter's stale alias write (simulated over REST) never changes what `champion` answers, and the
+    next promotion's mirror puts the alias back on the fold's champion."""
+    uri, name = f"mlflow+{mlflow_server}", f"gen-{uuid.uuid4().hex[:8]}"
+    good = registry.register(uri, name, "s3://b/good", {"fid": 10.0, "clip": 0.3}, "fp", "r1")
+    worse = registry.register(uri, name, "s3://b/worse", {"fid": 20.0, "clip": 0.3}, "fp", "r2")
+    assert registry.promote(uri, name, good.version, require_better=True)
+    request = urllib.request.Request(f"{mlflow_server}/api/2.0/mlflow/registered-models/alias", method="POST",
+                                     data=json.dumps({"name": name, "alias": "champion", "version": "2"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=10).close()
+    assert _mlflow_alias(mlflow_server, name) == worse.version  # the stale write landed
+    assert registry.champion(uri, name).version == good.version
+    assert not registry.promote(uri, name, worse.version, require_better=True)  # its mirror repairs the alias
+    assert _mlflow_alias(mlflow_server, name) == good.version
