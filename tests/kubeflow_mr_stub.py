@@ -9,6 +9,7 @@ What it enforces, because the real server does and sidflow relies on it or could
   of its type; `externalId` is unique in the whole database (UNIQUE (external_id)). A duplicate is 409 Conflict.
 - Every custom property is a MetadataValue: an object whose `metadataType` names one of the six types and which
   carries that type's field with the spec's JSON type (`int_value` is an int64 *string*); anything else is 400.
+- A name "a:b" is read back as "b" (internal/converter MapNameFromOwned, meant for "<parent id>:<name>").
 - An artifact posted to a version carries the `artifactType` discriminator; PATCH replaces customProperties
   whole when given (and keeps them when absent, internal/core/model_version.go); errors are {"code", "message"}.
 - With a token set, a request without `Authorization: Bearer <token>` is 401.
@@ -101,8 +102,10 @@ class Registry:
         if version_id is not None and version_id not in self.versions:
             raise Refused(404, f"no model version found for id {version_id}")
         name = body.get("name") or f"generated-{self.next_id}"
-        names = {("ma", a.get("_parent"), a["name"]) for a in self.artifacts.values()}
-        return 201, self._new({**body, "name": name, "_parent": version_id}, "model artifact",
+        names = {("ma", a.get("_parent"), a["_stored"]) for a in self.artifacts.values()}
+        # The server stores the name as given and reads "a:b" back as "b" (MapNameFromOwned).
+        shown = name.split(":", 1)[1] if ":" in name else name
+        return 201, self._new({**body, "name": shown, "_stored": name, "_parent": version_id}, "model artifact",
                               ("ma", version_id, name), self.artifacts, names)
 
     def patch_model(self, model_id, body):

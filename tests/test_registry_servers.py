@@ -126,6 +126,10 @@ def test_register_and_read_back(server):
         with pytest.raises(ValueError, match="remote model URI"):
             registry.register(uri, name + "-local", "/tmp/model", {"fid": 1.0}, "fp", "r")
         assert registry.list_versions(uri, name + "-local") == []
+        long = registry.register(uri, name, "s3://b/long", {"fid": 1.0}, "fp", "r", model_card="x" * 6000,
+                                 config={"k": "y" * 6000})
+        assert len(long.model_card) == 5000 and long.model_card.endswith("README.md of the model]")
+        assert long.config is None  # a config over MLflow's 5000 characters is left out, not cut into bad JSON
 
 
 def test_promotion_gate(server):
@@ -240,7 +244,7 @@ def test_kubeflow_objects_as_the_spec_has_them(kubeflow_stub):
     art = artifacts["gen"]
     assert (art["_parent"], art["uri"], art["modelFormatName"], art["modelSourceId"]) == \
         (version["id"], "s3://bucket/run-9/model", "diffusers", "run-9")
-    claim = artifacts[f"sidflow:{model['id']}:champion:000001"]
+    claim = artifacts[f"sidflow.champion.{model['id']}.000001"]
     assert claim["_parent"] is None and claim["customProperties"]["version"]["int_value"] == "1"
     assert model["customProperties"]["champion"]["string_value"] == "1"
 
@@ -267,7 +271,7 @@ def test_kubeflow_promoter_with_a_stale_champion_decides_again(kubeflow_stub, mo
     monkeypatch.undo()
     assert registry.champion(uri, "gen").version == good.version
     assert [a["externalId"] for a in state.artifacts.values() if a.get("externalId")] == \
-        [f"sidflow:{next(iter(state.models))}:champion:000001"]
+        [f"sidflow.champion.{next(iter(state.models))}.000001"]
 
 
 def test_mlflow_champion_is_the_ledger_not_a_stale_alias(mlflow_server):

@@ -12,7 +12,7 @@ UNIQUE (type_id, name) and UNIQUE (external_id), internal/datastore/embedmd/*/mi
 - Version numbers: a ModelVersion name is unique within its RegisteredModel. A registration creates "n" with n the
   highest listed + 1; on 409 it lists again and tries the next free number, so no version is lost or overwritten.
 - The champion: the API has no conditional update, so promotions claim epochs. Epoch e is a top-level ModelArtifact
-  whose externalId `sidflow:<model id>:champion:<e>` is unique in the whole database; it names the version crowned
+  whose externalId `sidflow.champion.<model id>.<e>` is unique in the whole database; it names the version crowned
   at e. A promoter reads the newest epoch e (probing e+1, e+2, ... until 404), decides with `beats` against e's
   champion and creates epoch e+1; a 409 means another promotion landed first, so it reads again and decides anew:
   compare-and-swap on the epoch. Readers take the newest epoch.
@@ -164,7 +164,8 @@ def list_versions(registry_uri: str, name: str, reindex: bool = False) -> list[V
 
 
 def _claim_id(model: dict, epoch: int) -> str:
-    return f"sidflow:{model['id']}:champion:{epoch:06d}"
+    # No ':' in it: the server reads a name "a:b" back as "b" (MapNameFromOwned, internal/converter).
+    return f"sidflow.champion.{model['id']}.{epoch:06d}"
 
 
 def _head(registry_uri: str, model: dict, start: int | None = None) -> tuple[int, dict | None]:

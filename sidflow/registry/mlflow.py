@@ -1,8 +1,9 @@
 """The MLflow backend: `mlflow+http(s)://host:port` names an MLflow tracking server's Model Registry.
 
 A version is an MLflow model version of registered model <name>: its source is the model URI, its description the
-model card, its tags the record (`fid`, `clip` for the UI; `sidflow.metrics`, `sidflow.teacher_fingerprint`,
-`sidflow.run_id`, `sidflow.created`, `sidflow.config` as JSON or text). The champion is the MLflow alias `champion`.
+model card (cut at 5000 characters), its tags the record (`fid`, `clip` for the UI; `sidflow.metrics`,
+`sidflow.teacher_fingerprint`, `sidflow.run_id`, `sidflow.created`, `sidflow.config`: JSON or text; a config over
+5000 characters of JSON is left out). The champion is the MLflow alias `champion`.
 
 Concurrency, through what the server makes atomic:
 - Version numbers: the server's SqlAlchemyStore.create_model_version computes max(version) + 1 inside one
@@ -39,6 +40,10 @@ ALIAS, LEDGER = "champion", ".sidflow-promotions"
 _TRIES = 1000  # each lost round means another promoter made progress; this only bounds a livelock
 _TRANSIENT = (429, 500, 502, 503, 504)  # MLflow answers a lost insert race or a busy sqlite with a 5xx: retry
 _PAGE = 1000
+# A version's description is a String(5000) column (mlflow/store/model_registry/dbmodels/models.py), and servers
+# whose schema predates the 2025-06 migration bda7b8c39065 store tag values as String(5000) too: longer text is cut
+# (the card) or left out (the config).
+_LIMIT = 5000
 
 
 def _base(registry_uri: str) -> str:
@@ -193,11 +198,16 @@ def register(registry_uri: str, name: str, model_uri: str, metrics: dict, teache
                          "not a local path")
     _ensure_model(registry_uri, name, "a generator distilled by sidflow; the champion alias is its promoted version")
     token = uuid.uuid4().hex  # finds our version again if a create's answer is lost (_create_version)
+    config_json = json.dumps(config) if config is not None else None
     tags = {"sidflow.metrics": json.dumps(metrics), "sidflow.teacher_fingerprint": teacher_fingerprint,
             "sidflow.run_id": run_id, "sidflow.created": datetime.now(timezone.utc).isoformat(),
-            "sidflow.token": token, **({"sidflow.config": json.dumps(config)} if config is not None else {}),
-            **{k: repr(float(v)) for k, v in metrics.items() if k in ("fid", "clip")}}
-    body = {"name": name, "source": model_uri, "description": model_card,
+            "sidflow.token": token, **{k: repr(float(v)) for k, v in metrics.items() if k in ("fid", "clip")},
+            **({"sidflow.config": config_json} if config_json and len(config_json) <= _LIMIT else {})}
+    if len(tags["sidflow.metrics"]) > _LIMIT:
+        raise ValueError(f"metrics: {len(tags['sidflow.metrics'])} characters of JSON; MLflow keeps {_LIMIT}")
+    note = "\n\n[cut: the whole card is README.md of the model]"
+    card = model_card if len(model_card) <= _LIMIT else model_card[:_LIMIT - len(note)] + note
+    body = {"name": name, "source": model_uri, "description": card,
             "tags": [{"key": k, "value": v} for k, v in tags.items()]}
     return _record(_create_version(registry_uri, body, token))
 
