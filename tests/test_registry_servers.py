@@ -289,3 +289,17 @@ def test_mlflow_champion_is_the_ledger_not_a_stale_alias(mlflow_server):
     assert registry.champion(uri, name).version == good.version
     assert not registry.promote(uri, name, worse.version, require_better=True)  # its mirror repairs the alias
     assert _mlflow_alias(mlflow_server, name) == good.version
+
+
+def test_cli_lists_shows_and_promotes_on_a_server(kubeflow_stub, capsys):
+    base, _ = kubeflow_stub
+    uri = f"kubeflow-mr+{base}"
+    for i, fid in enumerate((12.0, 9.0)):
+        registry.register(uri, "gen", f"s3://b/{i}", {"fid": fid, "clip": 0.3}, f"fp-{i}", f"r{i}")
+    assert main(["registry", "promote", "--registry", uri, "--name", "gen", "--version", "1"]) == 0
+    capsys.readouterr()
+    assert main(["registry", "list", "--registry", uri, "--name", "gen", "--reindex"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(v["version"], v["champion"], v["run_id"]) for v in listed] == [(1, True, "r0"), (2, False, "r1")]
+    assert main(["registry", "show", "--registry", uri, "--name", "gen"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_uri"] == "s3://b/0"
