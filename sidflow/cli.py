@@ -326,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("promote", "make a version the champion, no gate"),
                        ("reindex", "rebuild index.json from versions/")]:
         p = reg.add_parser(name, help=help, description=help)
-        p.add_argument("--registry", required=True, help="registry root URI (s3://bucket/prefix or a local path)")
+        p.add_argument("--registry", required=True, help="registry URI: s3://bucket/prefix, a path, "
+                       "mlflow+http(s)://host:port or kubeflow-mr+http(s)://host:port")
         p.add_argument("--name", default="sid-generator", help="registered model name")
         if name in ("show", "promote"):
             p.add_argument("--version", type=int, required=name == "promote", help="version number")

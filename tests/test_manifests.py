@@ -49,7 +49,7 @@ def test_every_document_validates():
         except kubernetes_validate.utils.ValidationError as e:
             pytest.fail(f"{path.relative_to(ROOT)}: {doc['kind']}: {e.message}")
     assert skipped == EXPECTED_SKIPPED_KINDS
-    assert validated == 5  # ConfigMap, Secret, Role, RoleBinding, PVC
+    assert validated == 6  # ConfigMap, Secret, Role, RoleBinding, PVC; the registry Secret example
 
 
 def test_validator_rejects_bad_objects():
@@ -119,3 +119,11 @@ def test_pipeline_mounts_the_secret_the_manifests_define():
 
     secret = next(d for d in _docs(ROOT / "manifests" / "base" / "s3-credentials-secret.yaml") if d["kind"] == "Secret")
     assert secret["metadata"]["name"] == S3_SECRET
+
+
+def test_registry_secret_example_is_the_one_the_pipeline_reads():
+    from sidflow import registry
+
+    secret = _find("Secret", registry.SECRET)
+    assert set(secret["stringData"]) <= set(registry.SECRET_KEYS)
+    assert all("REPLACE_ME" in v for v in secret["stringData"].values())  # a template, never real credentials

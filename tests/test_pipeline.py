@@ -223,10 +223,18 @@ def test_pod_settings_caching_and_retries(ir):
                 "exec-evaluate": pipeline_module.EVAL_TIMEOUT_S}
         want = long.get(name, pipeline_module.CPU_TIMEOUT_S)
         assert int(ex["activeDeadlineSeconds"]) == want, name  # no task runs forever
-        (secret,) = ex["secretAsEnv"]
+        secret, *more = ex["secretAsEnv"]
         assert secret["secretName"] == "sidflow-s3"
         assert {(m["secretKey"], m["envVar"]) for m in secret["keyToEnv"]} == {
             (k, k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION")}
+        # The tasks that talk to the registry also get its credentials, from a secret that may be absent.
+        if name in ("exec-watch-teachers", "exec-register", "exec-report"):
+            (creds,) = more
+            assert (creds["secretName"], creds["optional"]) == ("sidflow-registry", True)
+            assert [m["envVar"] for m in creds["keyToEnv"]] == ["MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
+                                                                "MLFLOW_TRACKING_PASSWORD", "MODEL_REGISTRY_TOKEN"]
+        else:
+            assert more == [], name
     assert executors["exec-evaluate"]["nodeSelector"] == executors["exec-distill"]["nodeSelector"] == (
         executors["exec-finetune"]["nodeSelector"])
     assert executors["exec-distill"]["emptyDirMounts"] == [

@@ -16,6 +16,7 @@ import dataclasses
 
 from kfp import dsl, kubernetes
 
+from sidflow import registry as registries
 from sidflow.kfp import declare
 from sidflow.kfp.components.distill import BASE_IMAGE as TRAINER_IMAGE
 from sidflow.kfp.components.distill import distill
@@ -99,6 +100,13 @@ def _s3_env(task: dsl.PipelineTask, timeout_s: int = CPU_TIMEOUT_S) -> dsl.Pipel
     return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_KEYS})
 
 
+def _registry_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    # The tasks that talk to the registry: its credentials as optional env (backend 2.17 sets `optional` on each
+    # secretKeyRef, backend/src/v2/driver/k8s.go), so an S3 or path registry needs no such secret at all.
+    return kubernetes.use_secret_as_env(task, secret_name=registries.SECRET,
+                                        secret_key_to_env={k: k for k in registries.SECRET_KEYS}, optional=True)
+
+
 def _gpu_pod(task: dsl.PipelineTask, resource, gpus, retries: int, node_selector, tolerations, timeout_s: int,
              cpu=DISTILL_CPU, memory=DISTILL_MEMORY) -> dsl.PipelineTask:
     """GPU resource and count, CPU and memory (constants or run-time parameters: the driver resolves each, backend
@@ -123,7 +131,7 @@ def _dag(args: dict) -> None:
     overrides, artifact_root, registry, model_name = a["overrides"], a["artifact_root"], a["registry"], a["model_name"]
     watch = watch_teachers(**watched)
     watch.set_display_name("Find new teachers")
-    _s3_env(watch)
+    _registry_env(_s3_env(watch))
     with dsl.ParallelFor(watch.output, name="new-teachers", parallelism=_BUILD["max_parallel"]) as teacher:
         fetch = download_teacher(source=teacher.source, dest=teacher.dest)
         fetch.set_display_name("Download teacher")
@@ -169,13 +177,13 @@ def _dag(args: dict) -> None:
                              metrics=score.outputs["Output"], run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                              promote=a["promote"], overrides=overrides)
             entry.set_display_name("Register (promote if better)")
-            _s3_env(entry)
+            _registry_env(_s3_env(entry))
     # Runs after every teacher's tasks, failed ones included (a task outside the loop: ExitHandler around a
     # ParallelFor is broken upstream, kubeflow/pipelines #12390), and says which teacher ended where.
     done = report(teachers=watch.output, artifact_root=artifact_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                   registry=registry, model_name=model_name)
     done.set_display_name("Report per teacher").after(score).ignore_upstream_failure()
-    _s3_env(done)
+    _registry_env(_s3_env(done))
 
 
 def build(max_parallel: int = MAX_PARALLEL):

@@ -20,7 +20,8 @@ MODEL_CARD, MODEL_INFO = "README.md", "sidflow.json"  # written by sidflow.gener
 class RegisterConfig:
     """Where to register which model, with which metrics, and how to decide its promotion."""
 
-    registry: str = param("", "registry root URI (s3://bucket/prefix or a local path); versions go under <model_name>/")
+    registry: str = param("", "registry URI: s3://bucket/prefix or a path (sidflow's own), mlflow+http(s)://host:port "
+                              "(MLflow), kubeflow-mr+http(s)://host:port (Kubeflow Model Registry)")
     model_name: str = param("sid-generator", "registered model name: one path segment (letters, digits, . _ -)")
     model: str = param("", "URI of the published model directory (has manifest.json), e.g. the distill output's model/")
     metrics: str = param("", "URI of the evaluation metrics.json: a JSON object with at least 'fid' (and 'clip')")
@@ -71,6 +72,7 @@ def validate(cfg: RegisterConfig) -> None:
     if cfg.promote == "auto" and not isinstance(metrics.get("fid"), (int, float)):
         raise ValueError(f"metrics={cfg.metrics!r} has no numeric 'fid' (keys: {sorted(metrics)}); "
                          "promote='auto' compares FID: give it, or use promote='always' or 'never'")
+    registry.check(cfg.registry)  # last: it asks the server (reachable, credentials accepted)
 
 
 def run(cfg: RegisterConfig) -> RegisterResult:

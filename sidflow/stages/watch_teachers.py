@@ -21,7 +21,8 @@ from sidflow.teacher import INFO_FILE, fingerprint
 @dataclass(frozen=True)
 class WatchTeachersConfig:
     teachers: str = param("", "comma-separated teacher sources: hf://org/name@rev, s3://..., or local paths")
-    registry: str = param("", "registry root URI (s3://bucket/prefix or a local path) holding <model_name>/")
+    registry: str = param("", "registry URI holding <model_name>: s3://bucket/prefix or a path, mlflow+http(s)://"
+                              "host:port, kubeflow-mr+http(s)://host:port")
     model_name: str = param("sid-generator", "registered model name whose teacher fingerprints are skipped")
     artifact_root: str = param("", "artifact root URI; a new teacher is published to <artifact_root>/teachers/<slug>")
 

@@ -1,4 +1,5 @@
-"""The model registry: numbered, immutable versions of a model under a registry URI, and a `champion` alias.
+"""The embedded registry backend: numbered, immutable versions of a model under an S3 or path URI, and a
+`champion` alias.
 
 Layout (S3 by default; a local path works the same):
 
@@ -15,66 +16,20 @@ The index is only a cache: readers check it against the listing of versions/ and
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import re
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from sidflow import storage
+from sidflow.registry.rule import Version, beats, check_metrics, check_name, from_record
 
 INDEX, CHAMPION, RECORD = "index.json", "champion.json", "version.json"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _TRIES = 1000  # each lost race means another writer made progress; this only bounds a livelock
 
 
-@dataclass(frozen=True)
-class Version:
-    """One registered model version: the content of versions/<n>/version.json."""
-
-    version: int
-    model_uri: str
-    metrics: dict
-    teacher_fingerprint: str
-    run_id: str
-    created: str
-    model_card: str = ""
-    config: dict | None = None
-
-    def to_dict(self) -> dict:
-        """Return the record as a JSON-ready dict."""
-        return dataclasses.asdict(self)
-
-
-def _from_record(record: dict) -> Version:
-    # Unknown keys (the claim token, fields of a newer sidflow) are ignored, so old readers keep working.
-    return Version(**{f.name: record[f.name] for f in dataclasses.fields(Version) if f.name in record})
-
-
-def check_name(name: str) -> None:
-    """Raise a one-line ValueError unless `name` can be a registered model name (one path segment)."""
-    if not _NAME.fullmatch(name or ""):
-        raise ValueError(f"model name {name!r} must be one path segment of letters, digits, '.', '_', '-'")
-
-
-# What a metric can be: FID is a squared distance (≥ 0); CLIP score is a cosine and prompt accuracy a fraction.
-_BOUNDS = {"fid": (0.0, math.inf), "clip": (-1.0, 1.0)}
-
-
-def check_metrics(metrics: dict) -> None:
-    """Raise a one-line ValueError if a metric is not a finite number, or outside what it can be (FID < 0, CLIP
-    outside [-1, 1]): such a record would be crowned, or could never be replaced."""
-    for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if key in _BOUNDS:
-                raise ValueError(f"metric {key}={value!r} is not a number")
-            continue
-        lo, hi = _BOUNDS.get(key, (-math.inf, math.inf))
-        if not math.isfinite(value) or not lo <= value <= hi:
-            allowed = "a finite number" if key not in _BOUNDS else f"finite and within [{lo}, {hi}]"
-            raise ValueError(f"metric {key}={value!r} is refused: it must be {allowed}")
+def check(registry_uri: str) -> None:
+    """Raise a one-line error unless the store honours conditional writes, which versions and the alias rely on."""
+    storage.check_conditional_writes(registry_uri)
 
 
 def _uri(registry_uri: str, name: str, *parts: str) -> str:
@@ -110,7 +65,7 @@ def get(registry_uri: str, name: str, version: int) -> Version:
     """Return version `version` of model `name`."""
     uri = _record_uri(registry_uri, name, int(version))
     try:
-        return _from_record(_read_json(uri, "version record"))
+        return from_record(_read_json(uri, "version record"))
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{name} has no version {version} in {registry_uri} ({exc})") from None
 
@@ -131,10 +86,10 @@ def _collect(registry_uri: str, name: str, cached: dict[int, dict]) -> list[Vers
     out = []
     for n in _listed(registry_uri, name):
         if n in cached:
-            out.append(_from_record(cached[n]))
+            out.append(from_record(cached[n]))
             continue
         try:
-            out.append(_from_record(_read_json(_record_uri(registry_uri, name, n), "version record")))
+            out.append(from_record(_read_json(_record_uri(registry_uri, name, n), "version record")))
         except FileNotFoundError:  # a number claimed by a writer that died before its record landed
             continue
     return out
@@ -160,11 +115,6 @@ def champion(registry_uri: str, name: str) -> Version | None:
     if not storage.exists(uri):
         return None
     return get(registry_uri, name, _read_json(uri, "champion alias")["version"])
-
-
-def fingerprints(registry_uri: str, name: str) -> set[str]:
-    """Return the teacher fingerprints already registered for model `name` (watch_teachers skips these)."""
-    return {v.teacher_fingerprint for v in list_versions(registry_uri, name) if v.teacher_fingerprint}
 
 
 # Writing ---------------------------------------------------------------------------------------------------------
@@ -195,24 +145,7 @@ def register(registry_uri: str, name: str, model_uri: str, metrics: dict, teache
     except ValueError:  # a corrupted cache is simply rebuilt whole
         cached = {}
     _write_index(registry_uri, name, _collect(registry_uri, name, cached))
-    return _from_record(record)
-
-
-def beats(challenger: dict, champion: dict | None, fid_key: str = "fid", clip_key: str = "clip",
-          clip_floor: float | None = None) -> bool:
-    """True if metrics `challenger` should replace `champion`: CLIP at least clip_floor (if set), then lower FID."""
-    if not isinstance(challenger.get(fid_key), (int, float)):
-        raise ValueError(f"challenger metrics have no numeric {fid_key!r} (keys: {sorted(challenger)})")
-    check_metrics(challenger)
-    if clip_floor is not None:
-        clip = challenger.get(clip_key)
-        if not isinstance(clip, (int, float)) or not clip >= clip_floor:  # absolute: it holds for a first model too
-            return False
-    held = champion.get(fid_key) if champion else None
-    # A champion crowned with an impossible FID (NaN, negative: before sidflow refused them) never blocks a real one.
-    if not isinstance(held, (int, float)) or not math.isfinite(held) or held < 0:
-        return True
-    return challenger[fid_key] < champion[fid_key]  # a tie keeps the champion
+    return from_record(record)
 
 
 def promote(registry_uri: str, name: str, version: int, require_better: bool = False,
