@@ -1,6 +1,7 @@
 """The `sidflow` command line: every stage runs here exactly as it runs inside a Kubeflow component."""
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -202,7 +203,8 @@ def _registry(args) -> int:
 def _watch_teachers(args) -> int:
     from sidflow.stages import watch_teachers
 
-    print(json.dumps(watch_teachers.run(config.from_args(watch_teachers.WatchTeachersConfig, args)).new, indent=1))
+    result = watch_teachers.run(config.from_args(watch_teachers.WatchTeachersConfig, args))
+    print(json.dumps(dataclasses.asdict(result), indent=1))
     return 0
 
 

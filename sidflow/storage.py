@@ -338,6 +338,21 @@ def list_files(uri: str) -> list[str]:
     return sorted(k[len(prefix) :] for k in keys if not k.endswith("/"))
 
 
+def list_stats(uri: str) -> list[dict]:
+    """Sorted {"path", "size", "etag"} of every file below a URI (one listing, nothing read); [] if there are none.
+
+    On S3 the ETag is the server's, quotes stripped (an MD5 for a plain upload, "<md5>-<parts>" for a multipart one);
+    a local file has no ETag (None), so a digest over local rows sees sizes only.
+    """
+    if not is_s3(uri):
+        root = _local(uri)
+        return [{"path": rel, "size": (root / rel).stat().st_size, "etag": None} for rel in list_files(uri)]
+    prefix = _dir_key(_split(uri)[1])
+    rows = [{"path": o["Key"][len(prefix) :], "size": o["Size"], "etag": o.get("ETag", "").strip('"')}
+            for page in _s3_list(uri) for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+    return sorted(rows, key=lambda r: r["path"])
+
+
 def _parallel(fn, items) -> list:
     """Run fn over items in a thread pool, results in order; the first error cancels what has not started."""
     with ThreadPoolExecutor(_WORKERS) as pool:
