@@ -13,6 +13,7 @@ A destination that already holds that fingerprint makes the stage a no-op.
 
 import hashlib
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,7 @@ def run(cfg: DownloadTeacherConfig) -> DownloadTeacherResult:
             src = Path(tmp) / "teacher"
             snapshot_download(parse_hf(cfg.source)[0], revision=sha, local_dir=src, allow_patterns=HF_ALLOW,
                               ignore_patterns=HF_IGNORE)
+            shutil.rmtree(src / ".cache", ignore_errors=True)  # huggingface_hub's locks and metadata, not the teacher's
             _write_info(src, cfg.source, fp, commit=sha)
         elif storage.is_s3(cfg.source):
             manifest = storage.read_manifest(cfg.source)
