@@ -223,10 +223,18 @@ def test_pod_settings_caching_and_retries(ir):
                 "exec-evaluate": pipeline_module.EVAL_TIMEOUT_S}
         want = long.get(name, pipeline_module.CPU_TIMEOUT_S)
         assert int(ex["activeDeadlineSeconds"]) == want, name  # no task runs forever
-        (secret,) = ex["secretAsEnv"]
-        assert secret["secretName"] == "sidflow-s3"
-        assert {(m["secretKey"], m["envVar"]) for m in secret["keyToEnv"]} == {
+        secrets = {s["secretName"]: s for s in ex["secretAsEnv"]}
+        # The hub's secret on the tasks that read the hub (hf:// teachers, CLIP weights by tag), and only there.
+        hub = name in ("exec-watch-teachers", "exec-download-teacher", "exec-evaluate")
+        assert set(secrets) == {"sidflow-s3", *["sidflow-hf"] * hub}, name
+        assert {(m["secretKey"], m["envVar"]) for m in secrets["sidflow-s3"]["keyToEnv"]} == {
             (k, k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION")}
+        if hub:
+            assert {(m["secretKey"], m["envVar"]) for m in secrets["sidflow-hf"]["keyToEnv"]} == {
+                ("HF_TOKEN", "HF_TOKEN"), ("HF_ENDPOINT", "HF_ENDPOINT")}
+        # optional: the driver (backend >= 2.15, driver/k8s.go) sets secretKeyRef.optional, so a cluster without the
+        # secret (no hub token; workload identity instead of S3 keys) still starts the pod
+        assert all(s["optional"] is True for s in secrets.values()), name
     assert executors["exec-evaluate"]["nodeSelector"] == executors["exec-distill"]["nodeSelector"] == (
         executors["exec-finetune"]["nodeSelector"])
     assert executors["exec-distill"]["emptyDirMounts"] == [
@@ -330,7 +338,7 @@ def test_committed_yaml_is_up_to_date(ir):
     assert committed == ir, "sidflow/kfp/sid_distill.yaml is stale: run `python -m sidflow.kfp.compile`"
 
 
-def test_watch_component_drops_unknown_fingerprints(tiny_teacher, tmp_path):
+def test_watch_component_items_carry_their_fingerprints(tiny_teacher, tmp_path):
     out = watch_teachers.python_func(teachers=tiny_teacher, registry=str(tmp_path / "r"),
                                      artifact_root=str(tmp_path / "a"))
     digest = "sha256:" + storage.manifest_digest(storage.build_manifest(tiny_teacher))
