@@ -84,6 +84,11 @@ def _data(args) -> int:
         print(json.dumps({"out": result.out, "pairs": result.rows, "shards": result.shards,
                           "skipped": result.skipped}))
         return 0
+    if args.data_command == "stage-weights":
+        from sidflow.evaluate import weights
+
+        print(weights.summary(weights.stage(config.from_args(weights.StageWeightsConfig, args))))
+        return 0
     if args.data_command == "ref-stats":
         import torch
 
@@ -362,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coco-images", help="with --annotations: the folder of its images (train2014/)")
     p.add_argument("--rows-per-shard", type=int, default=1000, help="pairs per parquet shard (default: %(default)s)")
     _stage_parser(data, "ref-stats", RefStatsConfig, "compute reference mu/sigma of real images once, store at a URI")
+    from sidflow.evaluate.weights import StageWeightsConfig
+
+    _stage_parser(data, "stage-weights", StageWeightsConfig, "copy evaluate's OpenCLIP and Inception weights to a URI "
+                  "once (from a machine with internet), for clusters without it")
     from sidflow.stages.watch_teachers import WatchTeachersConfig
 
     p = _stage_parser(sub, "watch-teachers", WatchTeachersConfig, "list teachers with no registered distillation yet")
