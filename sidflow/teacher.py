@@ -119,8 +119,9 @@ def fingerprint(uri: str) -> str | None:
 
 def listing_fingerprint(rows: list[dict]) -> str:
     """Return the fingerprint of a directory without a manifest from its listing (storage.list_stats rows): sha256
-    over the sorted (path, size, ETag) rows. No byte is read, and any re-upload of a file changes its ETag."""
-    table = sorted((r["path"], r["size"], r["etag"]) for r in rows)
+    over the sorted (path, size, ETag) rows, where a server without ETags gives the object's LastModified instead.
+    No byte is read; an upload that changes a file's bytes changes its ETag (and any upload its LastModified)."""
+    table = sorted((r["path"], r["size"], r["etag"] or r["modified"]) for r in rows)
     return "s3-listing:sha256:" + hashlib.sha256(json.dumps(table).encode("utf-8")).hexdigest()
 
 
