@@ -394,6 +394,9 @@ def test_run_local_end_to_end_on_s3_registers_once_then_skips(s3_bucket, sidflow
     (report_out,) = glob.glob(str(tmp_path / "root" / "*" / "report" / "executor_output.json"))
     rows = json.loads(Path(report_out).read_text())["parameterValues"]["Output"]
     assert [r["status"] for r in rows] == ["registered"]
+    (attempt,) = storage.list_files(f"{art}/teacher-attempts")  # the report recorded the teacher's outcome
+    record = json.loads(storage.read_text(f"{art}/teacher-attempts/{attempt}"))
+    assert (record["status"], record["fingerprint"], record["run_id"]) == ("registered", digest, run_id)
     cards = {task: [json.loads(Path(out).read_text())["artifacts"]["model"]["artifacts"][0]  # KFP Model artifacts
                     for out in glob.glob(str(tmp_path / "root" / "*" / "*" / task / "executor_output.json"))]
              for task in ("distill", "finetune")}
