@@ -233,3 +233,16 @@ def test_a_tried_fingerprint_waits_for_a_change_unless_retry_failed(tiny_teacher
     sched.write_text(json.dumps({**json.loads(sched.read_text()), "steps_offset": 0}))
     (changed,) = run(cfg).new  # a new version of the teacher is tried again
     assert changed["fingerprint"] != item["fingerprint"] and changed["dest"] == item["dest"]
+
+
+def test_watch_component_logs_failed_sources_and_returns_the_rest(hub, tiny_teacher, tmp_path, capsys):
+    from sidflow.kfp.components.watch_teachers import watch_teachers
+
+    hub.fail = 429
+    out = watch_teachers.python_func(teachers=f"hf://org/tiny,{tiny_teacher}", registry=str(tmp_path / "r"),
+                                     artifact_root=str(tmp_path / "a"))
+    assert [t["source"] for t in out] == [tiny_teacher]
+    log = capsys.readouterr().out.splitlines()
+    assert log[0] == f"1 new teacher(s): [{tiny_teacher!r}]"
+    (failed,) = [line for line in log if line.startswith("FAILED ")]  # one line per failed source
+    assert failed.startswith("FAILED hf://org/tiny: HfHubHTTPError (HTTP 429)")
