@@ -1,6 +1,7 @@
 """The `sidflow` command line: every stage runs here exactly as it runs inside a Kubeflow component."""
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -82,6 +83,11 @@ def _data(args) -> int:
         result = pairs.pack(rows, args.out, args.rows_per_shard)
         print(json.dumps({"out": result.out, "pairs": result.rows, "shards": result.shards,
                           "skipped": result.skipped}))
+        return 0
+    if args.data_command == "stage-weights":
+        from sidflow.evaluate import weights
+
+        print(weights.summary(weights.stage(config.from_args(weights.StageWeightsConfig, args))))
         return 0
     if args.data_command == "ref-stats":
         import torch
@@ -202,7 +208,8 @@ def _registry(args) -> int:
 def _watch_teachers(args) -> int:
     from sidflow.stages import watch_teachers
 
-    print(json.dumps(watch_teachers.run(config.from_args(watch_teachers.WatchTeachersConfig, args)).new, indent=1))
+    result = watch_teachers.run(config.from_args(watch_teachers.WatchTeachersConfig, args))
+    print(json.dumps(dataclasses.asdict(result), indent=1))
     return 0
 
 
@@ -361,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coco-images", help="with --annotations: the folder of its images (train2014/)")
     p.add_argument("--rows-per-shard", type=int, default=1000, help="pairs per parquet shard (default: %(default)s)")
     _stage_parser(data, "ref-stats", RefStatsConfig, "compute reference mu/sigma of real images once, store at a URI")
+    from sidflow.evaluate.weights import StageWeightsConfig
+
+    _stage_parser(data, "stage-weights", StageWeightsConfig, "copy evaluate's OpenCLIP and Inception weights to a URI "
+                  "once (from a machine with internet), for clusters without it")
     from sidflow.stages.watch_teachers import WatchTeachersConfig
 
     p = _stage_parser(sub, "watch-teachers", WatchTeachersConfig, "list teachers with no registered distillation yet")

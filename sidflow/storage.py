@@ -338,6 +338,28 @@ def list_files(uri: str) -> list[str]:
     return sorted(k[len(prefix) :] for k in keys if not k.endswith("/"))
 
 
+def list_stats(uri: str) -> list[dict]:
+    """Sorted {"path", "size", "etag", "modified"} of every file below a URI (one listing, nothing read); [] if none.
+
+    On S3 the ETag is the server's, quotes stripped (an MD5 for a plain upload, "<md5>-<parts>" for a multipart one),
+    "" from a server that keeps none (the JuiceFS gateway lists and HEADs objects without one); "modified" is the
+    object's LastModified (ISO 8601), which every upload renews. A local file has no ETag (None) and its mtime.
+    """
+    if not is_s3(uri):
+        root = _local(uri)
+        rows = []
+        for rel in list_files(uri):
+            st = (root / rel).stat()
+            rows.append({"path": rel, "size": st.st_size, "etag": None,
+                         "modified": datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat()})
+        return rows
+    prefix = _dir_key(_split(uri)[1])
+    rows = [{"path": o["Key"][len(prefix) :], "size": o["Size"], "etag": o.get("ETag", "").strip('"'),
+             "modified": o["LastModified"].astimezone(timezone.utc).isoformat()}
+            for page in _s3_list(uri) for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+    return sorted(rows, key=lambda r: r["path"])
+
+
 def _parallel(fn, items) -> list:
     """Run fn over items in a thread pool, results in order; the first error cancels what has not started."""
     with ThreadPoolExecutor(_WORKERS) as pool:

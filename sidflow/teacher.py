@@ -11,6 +11,7 @@ Guidance, prompt dropout, the prompt cache and the sampler then treat SD and SDX
 unpacks it into the UNet's `added_cond_kwargs`.
 """
 
+import hashlib
 import json
 import os
 from collections import OrderedDict
@@ -24,7 +25,9 @@ from sidflow import storage
 from sidflow.method.guidance import ScoreNet
 from sidflow.method.vp import at, vp_tables, x0_from_eps
 
-INFO_FILE = "sidflow-teacher.json"  # {"source", "fingerprint"} of a hub teacher, published inside the directory
+# {"source", "fingerprint"[, "commit"]} of a hub teacher or of an S3 upload without a manifest, published inside the
+# directory, so that fingerprint() of the copy is what watch_teachers computes from the source without a download.
+INFO_FILE = "sidflow-teacher.json"
 SD_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae")
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 NULL_MODES = ("auto", "empty", "zeros")  # the unconditional prompt ∅: auto follows the teacher (method.md §6.4)
@@ -112,6 +115,14 @@ def fingerprint(uri: str) -> str | None:
     if any(f["path"] == INFO_FILE for f in manifest["files"]):
         return json.loads(storage.read_text(storage.join(uri, INFO_FILE)))["fingerprint"]
     return "sha256:" + storage.manifest_digest(manifest)
+
+
+def listing_fingerprint(rows: list[dict]) -> str:
+    """Return the fingerprint of a directory without a manifest from its listing (storage.list_stats rows): sha256
+    over the sorted (path, size, ETag) rows, where a server without ETags gives the object's LastModified instead.
+    No byte is read; an upload that changes a file's bytes changes its ETag (and any upload its LastModified)."""
+    table = sorted((r["path"], r["size"], r["etag"] or r["modified"]) for r in rows)
+    return "s3-listing:sha256:" + hashlib.sha256(json.dumps(table).encode("utf-8")).hexdigest()
 
 
 def materialize(uri: str, cache_dir: str | None = None) -> str:

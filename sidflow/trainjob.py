@@ -96,7 +96,8 @@ def manifest(cfg, placement: PlacementConfig, image: str) -> dict:
     gpus = check(cfg, placement)
     resources = {"cpu": str(CPU_PER_GPU * gpus), "memory": f"{MEMORY_G_PER_GPU * gpus}G",
                  placement.gpu_resource: str(gpus)}
-    env = [{"name": k, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": k}}} for k in S3_KEYS]
+    # optional, as on the pipeline's tasks: with workload identity the secret holds no keys, or does not exist
+    env = [{"name": k, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": k, "optional": True}}} for k in S3_KEYS]
     pod = {  # what the runtime's pod template does not have: /dev/shm for NCCL, and the GPU placement
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{SHM_GI_PER_GPU * gpus}Gi"}}],
         "containers": [{"name": NODE, "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}],

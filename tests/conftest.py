@@ -162,3 +162,25 @@ def sidflow_cache(tmp_path, monkeypatch):
     cache = tmp_path / "sidflow-cache"
     monkeypatch.setenv("SIDFLOW_CACHE", str(cache))
     return cache
+
+
+# Hugging Face Hub: a stand-in on loopback (tests/loopback.py HubStub), never the real hub. ----------------------------
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A HubStub reached the way a pod reaches a mirror: HF_ENDPOINT. huggingface_hub reads HF_ENDPOINT once, at
+    import (constants.py: ENDPOINT and HUGGINGFACE_CO_URL_TEMPLATE), so both are set here as that import would."""
+    from huggingface_hub import constants
+
+    from tests.loopback import HubStub
+
+    stub = HubStub()
+    monkeypatch.setenv("HF_ENDPOINT", stub.url)
+    monkeypatch.setattr(constants, "ENDPOINT", stub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", stub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no developer's token or cache
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    yield stub
+    stub.close()

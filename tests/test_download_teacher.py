@@ -2,6 +2,7 @@
 
 import dataclasses
 import filecmp
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from sidflow import storage
 from sidflow.cli import main
 from sidflow.stages.download_teacher import DownloadTeacherConfig, parse_hf, run, validate
-from sidflow.teacher import INFO_FILE, TeacherError, load_teacher
+from sidflow.teacher import INFO_FILE, TeacherError, fingerprint, load_teacher
 
 
 def digest_of_dir(path) -> str:
@@ -110,14 +111,27 @@ def test_s3_bare_upload_to_local(tiny_teacher, s3_bucket, tmp_path):
     storage.upload_dir(tiny_teacher, src)  # `aws s3 sync`-style upload: no manifest
     assert storage.read_manifest(src) is None
     first = run(DownloadTeacherConfig(source=src, dest=dest))
-    assert first.skipped is False and first.fingerprint == digest_of_dir(tiny_teacher)
-    assert same_tree(tiny_teacher, dest)
+    # Without a manifest the fingerprint is the listing's: (path, size, ETag) per object, read without a download.
+    listing = sorted((rel, (Path(tiny_teacher) / rel).stat().st_size, hashlib.md5((Path(tiny_teacher) / rel)
+                      .read_bytes()).hexdigest()) for rel in storage.list_files(tiny_teacher))  # single-part ETag
+    expected = "s3-listing:sha256:" + hashlib.sha256(json.dumps([list(r) for r in listing]).encode()).hexdigest()
+    assert (first.skipped, first.fingerprint) == (False, expected)
+    assert fingerprint(dest) == expected  # the copy carries it in sidflow-teacher.json
+    assert [f for f in storage.list_files(dest) if f not in (INFO_FILE, storage.MANIFEST)] == \
+        storage.list_files(tiny_teacher)
     assert_same_unet(dest, tiny_teacher)
-    # Without a manifest the source's fingerprint is only known after copying, so the rerun copies again,
-    # and lands on the same content.
-    second = run(DownloadTeacherConfig(source=src, dest=dest))
-    assert second.fingerprint == first.fingerprint
-    assert same_tree(tiny_teacher, dest)
+    created = storage.read_manifest(dest)["created"]
+    second = run(DownloadTeacherConfig(source=src, dest=dest))  # same listing: nothing copied
+    assert (second.skipped, second.fingerprint) == (True, expected)
+    assert storage.read_manifest(dest)["created"] == created
+
+    sched = Path(shutil.copytree(tiny_teacher, tmp_path / "changed")) / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "steps_offset": 0}))
+    storage.upload_file(str(sched), src + "/scheduler/scheduler_config.json")  # a re-upload of one file
+    third = run(DownloadTeacherConfig(source=src, dest=dest))
+    assert third.skipped is False and third.fingerprint not in (expected, None) and third.fingerprint == \
+        fingerprint(dest)
+    assert json.loads(Path(dest, "scheduler", "scheduler_config.json").read_text())["steps_offset"] == 0
 
 
 def test_published_hub_teacher_keeps_its_fingerprint_and_skips(tiny_teacher, s3_bucket, tmp_path):

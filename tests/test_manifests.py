@@ -1,5 +1,7 @@
 """Offline validation of manifests/: Kubernetes schema (kubernetes-validate) and the S3/RBAC wiring."""
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import kubernetes_validate
@@ -49,7 +51,7 @@ def test_every_document_validates():
         except kubernetes_validate.utils.ValidationError as e:
             pytest.fail(f"{path.relative_to(ROOT)}: {doc['kind']}: {e.message}")
     assert skipped == EXPECTED_SKIPPED_KINDS
-    assert validated == 6  # ConfigMap, Secret, Role, RoleBinding, PVC; the registry Secret example
+    assert validated == 6  # ConfigMap, Role, RoleBinding; the S3, hub and registry Secret templates in examples/
 
 
 def test_validator_rejects_bad_objects():
@@ -101,10 +103,41 @@ def test_rbac_lets_pipeline_runner_run_trainjobs():
     assert {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"} in binding["subjects"]
 
 
-def test_pvc_example():
-    pvc = _find("PersistentVolumeClaim")
-    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
-    assert pvc["spec"]["resources"]["requests"]["storage"] == "200Gi"
+def _kustomized_files(kdir: Path) -> list[Path]:
+    """The resource files a kustomization pulls in, through its bases (what `kubectl apply -k` would create)."""
+    kust = yaml.safe_load((kdir / "kustomization.yaml").read_text())
+    out = []
+    for res in kust["resources"]:
+        path = (kdir / res).resolve()
+        out += _kustomized_files(path) if path.is_dir() else [path]
+    return out
+
+
+OVERLAYS = {"profile": ("kubeflow-user-example-com", "default-editor"), "standalone": ("kubeflow", "pipeline-runner")}
+
+
+def test_no_kustomization_creates_placeholder_secrets_or_unused_volumes():
+    for kdir in [BASE, *(MANIFESTS / "overlays" / name for name in OVERLAYS)]:
+        kinds = {d["kind"] for p in _kustomized_files(kdir) for d in _docs(p)}
+        assert kinds == {"ConfigMap", "Role", "RoleBinding"}, kdir  # Secrets are created out of band; no PVC
+    assert "namespace" not in yaml.safe_load((BASE / "kustomization.yaml").read_text())  # the overlay's choice
+    for name in ("s3-credentials-secret.yaml", "hf-secret.yaml"):
+        assert "REPLACE_ME" in (MANIFESTS / "examples" / name).read_text()  # templates, never real credentials
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its built-in kustomize) is not installed")
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_overlay_puts_everything_in_its_namespace_and_binds_its_runner(overlay):
+    namespace, runner = OVERLAYS[overlay]
+    out = subprocess.run(["kubectl", "kustomize", str(MANIFESTS / "overlays" / overlay)], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Role", "RoleBinding"]
+    assert {d["metadata"]["namespace"] for d in docs} == {namespace}
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": runner, "namespace": namespace}]
 
 
 def test_recurring_run_example_avoids_traps():
@@ -117,8 +150,12 @@ def test_recurring_run_example_avoids_traps():
 def test_pipeline_mounts_the_secret_the_manifests_define():
     from sidflow.kfp.sid_distill import S3_SECRET
 
-    secret = next(d for d in _docs(ROOT / "manifests" / "base" / "s3-credentials-secret.yaml") if d["kind"] == "Secret")
+    secret = next(d for d in _docs(MANIFESTS / "examples" / "s3-credentials-secret.yaml") if d["kind"] == "Secret")
     assert secret["metadata"]["name"] == S3_SECRET
+    from sidflow.kfp.sid_distill import HF_KEYS, HF_SECRET
+
+    hub = _find("Secret", HF_SECRET)
+    assert set(hub["stringData"]) == set(HF_KEYS)
 
 
 def test_registry_secret_example_is_the_one_the_pipeline_reads():

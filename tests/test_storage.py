@@ -5,6 +5,7 @@ import filecmp
 import hashlib
 import json
 import threading
+import time
 from pathlib import Path
 
 import boto3
@@ -86,6 +87,25 @@ def test_listdir_and_list_files(root, tmp_path):
     assert storage.list_files(storage.join(root, "sub")) == ["b.bin", "deep/c.json"]  # not ../subway.txt
     assert storage.listdir(storage.join(root, "missing")) == []
     assert storage.list_files(storage.join(root, "missing")) == []
+
+
+def test_list_stats_gives_sizes_and_etags_without_reading(root, tmp_path, request):
+    storage.upload_dir(str(make_tree(tmp_path / "src", TREE)), root)
+    rows = storage.list_stats(storage.join(root, "sub"))
+    assert [(r["path"], r["size"]) for r in rows] == [(rel[len("sub/"):], len(TREE[rel])) for rel in sorted(TREE)
+                                                       if rel.startswith("sub/")]  # not ../subway.txt
+    backend = request.node.callspec.params["root"]
+    if backend == "s3":  # moto, as AWS: a single-part upload's ETag is the MD5 of its bytes, quotes stripped
+        assert [r["etag"] for r in rows] == [hashlib.md5(TREE["sub/" + r["path"]]).hexdigest() for r in rows]
+    elif backend == "juicefs":  # the gateway keeps no ETag (HEAD has none either): LastModified is what a listing tells
+        assert {r["etag"] for r in rows} == {""}
+    else:
+        assert {r["etag"] for r in rows} == {None}
+    time.sleep(0.01)  # LastModified and mtime have millisecond (or finer) resolution
+    storage.write_bytes(storage.join(root, "sub", rows[0]["path"]), b"changed")
+    after = storage.list_stats(storage.join(root, "sub"))[0]
+    assert (after["etag"] or after["modified"]) != (rows[0]["etag"] or rows[0]["modified"])  # the change is seen
+    assert storage.list_stats(storage.join(root, "missing")) == []
 
 
 def test_upload_download_dir(root, tmp_path):

@@ -69,7 +69,7 @@ def test_two_nodes_of_eight_gpus():
     assert t["resourcesPerNode"]["limits"] == t["resourcesPerNode"]["requests"] == {
         "cpu": "64", "memory": "512G", "nvidia.com/gpu": "8"}
     assert {e["name"]: e["valueFrom"]["secretKeyRef"] for e in t["env"]} == {
-        k: {"name": "sidflow-s3", "key": k} for k in trainjob.S3_KEYS}
+        k: {"name": "sidflow-s3", "key": k, "optional": True} for k in trainjob.S3_KEYS}  # none with workload identity
     assert not any(e["name"].startswith("PET_") for e in t["env"])  # reserved: Trainer's webhook refuses them
     pod = _pod_patch(job)
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "H100"} and pod["tolerations"] == [TOLERATION]

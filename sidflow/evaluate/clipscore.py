@@ -111,6 +111,29 @@ def check_openclip(model_name: str, weights: str) -> None:
     if weights not in tags and not storage.exists(weights):
         raise FileNotFoundError(f"clip_weights={weights!r} is neither a pretrained tag of {model_name} ({tags}) nor "
                                 "a checkpoint file")
+    if weights in tags and _offline() and not _cached(model_name, weights):
+        raise FileNotFoundError(f"clip_weights={weights!r} is a pretrained tag, not in the Hugging Face cache, and "
+                                "HF_HUB_OFFLINE forbids its download: stage it once with `sidflow data stage-weights` "
+                                "and pass the URI it prints")
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _cached(model_name: str, tag: str) -> bool:
+    # Where open_clip's download_pretrained looks: the hf_hub entry of the tag's config, its .safetensors first.
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    hub = open_clip.get_pretrained_cfg(model_name, tag).get("hf_hub", "")
+    if not hub:
+        return False  # a URL-only tag: open_clip downloads it to its own cache, which an air-gapped pod lacks
+    repo, filename = hub.rstrip("/").rsplit("/", 1) if not hub.endswith("/") else (hub.rstrip("/"), "")
+    names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(repo, name), str) for name in names)
 
 
 def load_openclip(model_name: str, weights: str, device, precision: Precision = "fp32") -> Scorer:

@@ -1,7 +1,8 @@
 """What became of each teacher of a pipeline run: the run's last task reads it back from storage and the registry.
 
 A failed iteration of the ParallelFor leaves the run red with no word on which teacher failed where; this report
-names, per teacher, the last stage that completed (no kfp import here: the component in components/report.py calls it).
+names, per teacher, the last stage that completed (no kfp import here: the component in components/report.py calls it),
+and records it as the teacher's attempt at its fingerprint, which the next watch skips.
 """
 
 import json
@@ -40,6 +41,16 @@ def teacher_status(artifact_root: str, run_id: str, teacher: dict, registry_uri:
         m = json.loads(storage.read_text(metrics_uri))
         return {**out, "status": "gated", "detail": f"not registered: fid={m.get('fid')}, clip={m.get('clip')}"}
     return {**out, "status": "evaluate-failed", "detail": "model exported, no metrics"}
+
+
+def record_attempts(artifact_root: str, run_id: str, teachers: list[dict], rows: list[dict]) -> None:
+    """Record each teacher's outcome under <artifact_root>/teacher-attempts/, so that the next watch skips a
+    fingerprint this run tried (sidflow.stages.watch_teachers; its retry_failed tries it again)."""
+    from sidflow.stages.watch_teachers import record_attempt
+
+    for teacher, row in zip(teachers, rows):
+        if teacher.get("fingerprint"):
+            record_attempt(artifact_root, teacher, row["status"], row["detail"], run_id)
 
 
 def markdown(rows: list[dict]) -> str:

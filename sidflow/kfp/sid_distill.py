@@ -35,6 +35,11 @@ from sidflow.stages.register import RegisterConfig
 from sidflow.stages.watch_teachers import WatchTeachersConfig
 from sidflow.trainjob import S3_KEYS, S3_SECRET, PlacementConfig  # S3: the secret every stage reads its settings from
 
+# The hub: a token for gated or private teachers, an endpoint for a mirror. The secret is optional (a cluster without
+# it runs, reaching the public hub anonymously): the KFP driver sets `optional` on each secretKeyRef (backend >= 2.15,
+# driver/k8s.go, kubeflow/pipelines #12216), so a missing secret or key leaves the variable unset.
+HF_SECRET, HF_KEYS = "sidflow-hf", ("HF_TOKEN", "HF_ENDPOINT")
+
 # The one-pod distill requests `gpus` GPUs (a count in the pipeline) and runs one process per GPU; its CPU and memory
 # are the run-time parameters distill_cpu and distill_memory; these are their per-GPU defaults.
 DISTILL_CPU, DISTILL_MEMORY, DISTILL_SHM = "8", "64G", "16Gi"
@@ -97,7 +102,16 @@ def _s3_env(task: dsl.PipelineTask, timeout_s: int = CPU_TIMEOUT_S) -> dsl.Pipel
     # registry, checkpoints under the run's prefix), and a re-run must redo its work, never return an old run's output.
     task.set_caching_options(False)
     kubernetes.set_timeout(task, timeout_s)
-    return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_KEYS})
+    # Optional, as the hub's: with workload identity (IRSA, GKE/Azure workload identity) there are no static keys, and
+    # a cluster may keep the endpoint and region in the pod's environment instead.
+    return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_KEYS},
+                                        optional=True)
+
+
+def _hub_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    # The tasks that read the hub: the watch and the download (hf:// teachers), evaluate (CLIP weights by tag).
+    return kubernetes.use_secret_as_env(task, secret_name=HF_SECRET, secret_key_to_env={k: k for k in HF_KEYS},
+                                        optional=True)
 
 
 def _registry_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -131,11 +145,11 @@ def _dag(args: dict) -> None:
     overrides, artifact_root, registry, model_name = a["overrides"], a["artifact_root"], a["registry"], a["model_name"]
     watch = watch_teachers(**watched)
     watch.set_display_name("Find new teachers")
-    _registry_env(_s3_env(watch))
+    _hub_env(_registry_env(_s3_env(watch)))
     with dsl.ParallelFor(watch.output, name="new-teachers", parallelism=_BUILD["max_parallel"]) as teacher:
         fetch = download_teacher(source=teacher.source, dest=teacher.dest)
         fetch.set_display_name("Download teacher")
-        _s3_env(fetch)
+        _hub_env(_s3_env(fetch))
         # The run's prefix is built inside each component from these whole values (sidflow.kfp.paths).
         where = dict(artifact_root=artifact_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         ident = dict(teacher=fetch.outputs["uri"], teacher_fingerprint=fetch.outputs["fingerprint"], **where)
@@ -169,6 +183,7 @@ def _dag(args: dict) -> None:
         score.set_display_name("Evaluate (FID, CLIP score)")
         _gpu_pod(score, a["gpu_resource"], a["eval_gpus"], EVAL_RETRIES, a["gpu_node_selector"], a["gpu_tolerations"],
                  EVAL_TIMEOUT_S)
+        _hub_env(score)
         gate = passes_gate(metrics=score.outputs["Output"], overrides=overrides)
         gate.set_display_name("Check the registration gate")
         _s3_env(gate)

@@ -198,13 +198,13 @@ def register(overrides: dict, **fields) -> dict:
 
 
 def watch_teachers(**fields) -> list:
-    """Return one {"source", "dest"[, "fingerprint"]} per new teacher, for a dsl.ParallelFor."""
+    """Return one {"source", "dest", "fingerprint"} per new teacher, for a dsl.ParallelFor; log the sources skipped
+    (registered, already tried) and those that failed (each with its one-line reason)."""
     from sidflow.stages import watch_teachers as stage
 
-    new = stage.run(stage.WatchTeachersConfig(**fields)).new
-    print(f"{len(new)} new teacher(s): {[t['source'] for t in new]}")
-    # An unknown fingerprint (None) is dropped from the item: kfp.local cannot carry a null inside a loop item.
-    return [{k: v for k, v in t.items() if v is not None} for t in new]
+    result = stage.run(stage.WatchTeachersConfig(**fields))
+    print(stage.summary(result))
+    return result.new
 
 
 def download_teacher(**fields):

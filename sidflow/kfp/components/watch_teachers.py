@@ -13,5 +13,5 @@ BASE_IMAGE = images.RUNTIME  # containers/runtime (sidflow/kfp/images.py)
 watch_teachers = dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)(declare.function(
     "watch_teachers", declare.source(
         "watch_teachers", declare.params(WatchTeachersConfig),
-        'Return one {"source", "dest"[, "fingerprint"]} per new teacher, for a dsl.ParallelFor.',
+        'Return one {"source", "dest", "fingerprint"} per new teacher, for a dsl.ParallelFor (failed sources logged).',
         "from sidflow.kfp import tasks\nreturn tasks.watch_teachers(**arguments)", returns="list"), globals()))
