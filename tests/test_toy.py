@@ -4,7 +4,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from sidflow.evaluate.fid import feature_stats, frechet_distance
 from sidflow.toy import evaluator, shapes
@@ -100,7 +99,6 @@ def test_short_distillation_improves_on_the_generators_start(tmp_path):
     from sidflow.stages.distill import DistillConfig, run
     from sidflow.teacher import load_teacher
 
-    torch.set_num_threads(2)
     model = evaluator.load(TOY / "evaluator")
     captions = shapes.sample(256, 12_345, "train")[1]
     reference = shapes.sample(1024, 777, "train")[0]
