@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test install lint clean pipeline
+.PHONY: demo test install lint clean pipeline docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sidflow tests benchmarks
+
+# docs/parameters.md, from the stage configs (a test fails when it is stale).
+docs: $(STAMP)
+	$(PY) -m sidflow.paramdocs
 
 # The compiled IR (sidflow/kfp/sid_distill.yaml, pipeline/sid-distill.yaml) and components/<name>.yaml.
 pipeline: $(STAMP)

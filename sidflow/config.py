@@ -12,9 +12,16 @@ import typing
 from typing import Any, Literal
 
 
-def param(default: Any, help: str) -> Any:
-    """Return a dataclass field with a default and its help text (unit and source)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def param(default: Any, help: str, required: bool = False) -> Any:
+    """Return a dataclass field with a default and its help text (unit and source). A `required` field has no usable
+    default (a URI the run cannot do without): the CLI help and the docs say so, `submit` refuses a run without it,
+    and the stage's validate names it in one line when it is empty."""
+    return dataclasses.field(default=default, metadata={"help": help, "required": required})
+
+
+def required(f: dataclasses.Field) -> bool:
+    """Whether a config field must be given (declared with `param(..., required=True)`)."""
+    return bool(f.metadata.get("required"))
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -104,7 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
                             choices=choices, metavar=None if choices else f.name.upper(),
-                            help=f"{f.metadata.get('help', '')} (default: {default(f)!r})")
+                            help=f"{f.metadata.get('help', '')} " + ("(required)" if required(f) else
+                                                                          f"(default: {default(f)!r})"))
 
 
 def to_args(cfg) -> list[str]:
@@ -126,10 +134,12 @@ def from_args(cls, args: argparse.Namespace, base=None):
 
 
 def markdown_table(cls, own: bool = False) -> str:
-    """Return the README's parameter table for a config class (the drift test compares it with README.md); `own`:
+    """Return the parameter table of a config class (docs/parameters.md is generated from these); `own`:
     only the fields the class itself declares, not those it inherits (FinetuneConfig's beside DistillConfig's)."""
     rows = ["| parameter | default | meaning |", "|---|---|---|"]
     names = set(cls.__dict__.get("__annotations__", {})) if own else None
     for f in (f for f in dataclasses.fields(cls) if names is None or f.name in names):
-        rows.append(f"| `{f.name}` | `{default(f)!r}` | {f.metadata.get('help', '')} |")
+        value = "required" if required(f) else f"`{default(f)!r}`"
+        meaning = f.metadata.get("help", "").replace("<", "&lt;")  # <name> would render as an HTML tag
+        rows.append(f"| `{f.name}` | {value} | {meaning} |")
     return "\n".join(rows)

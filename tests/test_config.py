@@ -147,6 +147,15 @@ def test_help_renders_every_flag(cls):
     text = parser_for(cls).format_help()  # a stray % in a help string would make this raise
     for f in dataclasses.fields(cls):
         assert "--" + f.name.replace("_", "-") in text
+    # a field declared required says so instead of showing its empty default
+    flat = " ".join(text.split())
+    assert "or a local directory (required)" in flat or "or s3://) (required)" in flat, flat
+
+
+def test_required_fields_are_the_run_parameters_submit_checks():
+    from sidflow.kfp.submit import REQUIRED
+
+    assert REQUIRED == ("teachers", "registry", "artifact_root", "prompts", "eval_prompts", "eval_reference")
 
 
 # Dataclass metadata and defaults --------------------------------------------------------------------------------

@@ -33,8 +33,9 @@ class RefStatsConfig:
     """Which real images, through which protocol and features, and where the statistics go."""
 
     images: str = param("", "real images URI: a folder (searched recursively), a .zip (e.g. COCO val2014.zip) or a "
-                            "text-image .parquet with an 'image' column")
-    out: str = param("", "URI of the .npz written (mu, sigma, meta); pass it to `sidflow evaluate --reference`")
+                            "text-image .parquet with an 'image' column", required=True)
+    out: str = param("", "URI of the .npz written (mu, sigma, meta); pass it to `sidflow evaluate --reference`",
+                     required=True)
     protocol: Literal["coco30k", "sdxl10k", "native"] = param(
         "coco30k", "coco30k: crop + Lanczos 256; sdxl10k: 512; native: images as they are (toy)")
     features: str = param("inception", "'inception' (clean-fid TF-Inception from inception_weights) or "

@@ -21,7 +21,7 @@ from sidflow.evaluate.features import INCEPTION_FILE, INCEPTION_URL
 
 @dataclass(frozen=True)
 class StageWeightsConfig:
-    dest: str = param("", "URI (s3://... or a local directory) the weight files are copied to")
+    dest: str = param("", "URI (s3://... or a local directory) the weight files are copied to", required=True)
     clip_model: str = param("ViT-g-14", "OpenCLIP architecture whose pretrained weights are staged")
     clip_weights: str = param("laion2b_s12b_b42k", "OpenCLIP pretrained tag of clip_model to stage")
     inception_url: str = param(INCEPTION_URL, f"where {INCEPTION_FILE} (clean-fid's TF-Inception) is downloaded from")

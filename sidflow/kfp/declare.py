@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any, Callable, Literal
 
-from sidflow.config import default
+from sidflow.config import default, required
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +26,7 @@ class Param:
     default: Any
     help: str
     choices: tuple | None = None  # a Literal field's values (KFP declares only their type)
+    required: bool = False  # the field's `required`: a run cannot do without a value (submit checks)
 
 
 REQUIRED = object()  # a parameter without a default (a component's artifact outputs, an input from another task)
@@ -46,7 +47,8 @@ def params(cls, skip: tuple[str, ...] = (), rename: dict[str, str] | None = None
     """Return the Params of a config dataclass's fields, `skip` left out, names mapped through `rename`."""
     hints = typing.get_type_hints(cls)
     return [Param((rename or {}).get(f.name, f.name), kfp_type(hints[f.name]), default(f), f.metadata["help"],
-                  typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else None)
+                  typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else None,
+                  required(f))
             for f in dataclasses.fields(cls) if f.name not in skip]
 
 

@@ -19,13 +19,15 @@ from pathlib import Path
 
 import yaml
 
+from sidflow.kfp import sid_distill
 from sidflow.kfp.compile import DEFAULT_OUT
 
 KFP_TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": bool, "STRUCT": dict,
              "LIST": list}
-# Empty by default; a run cannot do without them. The evaluate inputs are checked here because the evaluate task
-# would otherwise fail only after the whole distill.
-REQUIRED = ("teachers", "registry", "artifact_root", "prompts", "eval_prompts", "eval_reference")
+# The run parameters declared required (config.param): empty by default, and a run cannot do without them. The evaluate
+# inputs are checked here because the evaluate task would otherwise fail only after the whole distill; finetune's
+# only when finetune is on (check_required).
+REQUIRED = tuple(p.name for p in sid_distill.PARAMS if p.required and p not in sid_distill.FINETUNE)
 MAX_CONCURRENCY = 1  # two distills of one schedule never overlap
 CRON_DESCRIPTORS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly", "@every ")
 

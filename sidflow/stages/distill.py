@@ -20,9 +20,11 @@ from sidflow.train.result import DistillResult, total_images  # noqa: F401  (the
 
 @dataclass(frozen=True)
 class DistillConfig:
-    teacher: str = param("", "teacher URI (a published diffusers SD1.5/SD2.1-base/SDXL directory, local or s3://)")
-    prompts: str = param("", "training prompts URI: .txt (one per line) or .parquet with a 'prompt' column")
-    output: str = param("", "run URI: config.json, checkpoints/, logs/ and model/ are written under it")
+    teacher: str = param("", "teacher URI (a published diffusers SD1.5/SD2.1-base/SDXL directory, local or s3://)",
+                         required=True)
+    prompts: str = param("", "training prompts URI: .txt (one per line) or .parquet with a 'prompt' column",
+                         required=True)
+    output: str = param("", "run URI: config.json, checkpoints/, logs/ and model/ are written under it", required=True)
     guidance: Literal["lsg", "long", "short", "zero_cfg", "anti_cfg"] = param(
         "lsg", "κ preset: lsg = κ everywhere, long = teacher only, short = fake training only (method.md §3)")
     kappa: float = param(1.5, "guidance scale κ of the preset; released SD1.5 models use 1.5, 2, 3, 4.5 (§3, §7.2)")

@@ -29,8 +29,10 @@ HF_IGNORE = ["*.fp16.*", "*non_ema*", "*.ckpt", "*.bin", "*.onnx*", "*.msgpack"]
 
 @dataclass(frozen=True)
 class DownloadTeacherConfig:
-    source: str = param("", "teacher to fetch: hf://org/name[@revision], s3://bucket/key or a local directory")
-    dest: str = param("", "URI the teacher is published to (s3://... or a local path); a manifest is written last")
+    source: str = param("", "teacher to fetch: hf://org/name[@revision], s3://bucket/key or a local directory",
+                        required=True)
+    dest: str = param("", "URI the teacher is published to (s3://... or a local path); a manifest is written last",
+                      required=True)
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,12 @@ class EvaluateConfig:
     """What to evaluate, against which reference, with which networks and precision, and where results go."""
 
     model: str = param("", "model URI: an exported generator (the distill output's model/), or a teacher when "
-                           "sampler is ddim or dpm_solver")
+                           "sampler is ddim or dpm_solver", required=True)
     prompts: str = param("", "prompt set URI: .parquet with caption, seed (default: row index), optional image_id "
-                             "(`sidflow data coco-prompts`)")
+                             "(`sidflow data coco-prompts`)", required=True)
     reference: str = param("", "reference statistics URI (.npz from `sidflow data ref-stats`, same protocol and "
-                               "features)")
-    output: str = param("", "URI for metrics.json, clip_scores.parquet, grid.png, row.md and shards/")
+                               "features)", required=True)
+    output: str = param("", "URI for metrics.json, clip_scores.parquet, grid.png, row.md and shards/", required=True)
     protocol: Literal["coco30k", "sdxl10k", "native"] = param(
         "coco30k", "coco30k: crop + Lanczos 256 (GigaGAN/DMD2/SiD-LSG); sdxl10k: FID at 512, CLIP at 256 (DMD2 "
                    "SDXL); native: images as generated (toy)")

@@ -27,7 +27,7 @@ class FinetuneConfig(DistillConfig):
     init: str = param("", "distill run URI (its output, or its model/) to start from: G from its exported generator, "
                           "the fake network from its newest checkpoint; '' starts both from the teacher")
     data: str = param("", "real text-image pairs: parquet shards ('image' bytes, 'caption') at a URI, as "
-                          "`sidflow data pack` writes them (§6.2)")
+                          "`sidflow data pack` writes them (§6.2)", required=True)
     adv_weight: float = param(0.01, "λ_adv: the generator loss is ½ L_SiD + ½ λ_adv L_adv; sweep 1e-3..1e-2 (§6.2)")
     disc_weight: float = param(1.0, "λ_D: the fake step adds λ_D L_D to its score loss (§6.2)")
     gan_start_kimg: float = param(0.0, "the adversarial terms start after this many kimg (the fake first fits G; "

@@ -21,10 +21,12 @@ class RegisterConfig:
     """Where to register which model, with which metrics, and how to decide its promotion."""
 
     registry: str = param("", "registry URI: s3://bucket/prefix or a path (sidflow's own), mlflow+http(s)://host:port "
-                              "(MLflow), kubeflow-mr+http(s)://host:port (Kubeflow Model Registry)")
+                              "(MLflow), kubeflow-mr+http(s)://host:port (Kubeflow Model Registry)", required=True)
     model_name: str = param("sid-generator", "registered model name: one path segment (letters, digits, . _ -)")
-    model: str = param("", "URI of the published model directory (has manifest.json), e.g. the distill output's model/")
-    metrics: str = param("", "URI of the evaluation metrics.json: a JSON object with at least 'fid' (and 'clip')")
+    model: str = param("", "URI of the published model directory (has manifest.json), e.g. the distill output's model/",
+                       required=True)
+    metrics: str = param("", "URI of the evaluation metrics.json: a JSON object with at least 'fid' (and 'clip')",
+                         required=True)
     teacher_fingerprint: str = param("", "fingerprint of the distilled teacher; empty: the one in the model's "
                                          "sidflow.json (watch_teachers skips teachers registered with it)")
     run_id: str = param("", "pipeline run id recorded with the version")

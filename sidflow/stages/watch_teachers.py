@@ -34,11 +34,13 @@ ATTEMPTS = "teacher-attempts"  # <artifact_root>/teacher-attempts/<slug>/<finger
 @dataclass(frozen=True)
 class WatchTeachersConfig:
     teachers: str = param("", "comma-separated teacher sources: hf://org/name@rev, s3://... or local teacher "
-                              "directories, or <folder>/* (s3://bucket/teachers/*) for every teacher directory in it")
+                              "directories, or <folder>/* (s3://bucket/teachers/*) for every teacher directory in it",
+                              required=True)
     registry: str = param("", "registry URI holding <model_name>: s3://bucket/prefix or a path, mlflow+http(s)://"
-                              "host:port, kubeflow-mr+http(s)://host:port")
+                              "host:port, kubeflow-mr+http(s)://host:port", required=True)
     model_name: str = param("sid-generator", "registered model name whose teacher fingerprints are skipped")
-    artifact_root: str = param("", "artifact root URI; a new teacher is published to <artifact_root>/teachers/<slug>")
+    artifact_root: str = param("", "artifact root URI; a new teacher is published to <artifact_root>/teachers/<slug>",
+                               required=True)
     retry_failed: bool = param(False, "also return teachers whose current fingerprint a run already tried (failed, or "
                                       "missed the gate); off, such a teacher waits for a new version")
 

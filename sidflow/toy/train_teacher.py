@@ -21,8 +21,8 @@ from sidflow.method.vp import add_noise, at, vp_tables
 
 @dataclass(frozen=True)
 class ToyTeacherConfig:
-    data: str = param("", "text-image parquet URI (columns `image`: PNG/JPEG bytes, `caption`)")
-    output: str = param("", "directory the diffusers pipeline is written to")
+    data: str = param("", "text-image parquet URI (columns `image`: PNG/JPEG bytes, `caption`)", required=True)
+    output: str = param("", "directory the diffusers pipeline is written to", required=True)
     vae_steps: int = param(3000, "VAE training steps")
     unet_steps: int = param(30000, "UNet + text encoder training steps")
     minutes: float = param(8.0, "stop UNet training after this many minutes even if steps remain")
