@@ -34,7 +34,8 @@ def in_launch() -> bool:
 
 RESULT_ENV = "SIDFLOW_RESULT_FILE"  # where rank 0 of a launch writes its result for the launching process
 # Set by run_per_gpu: the launching process has validated the config, so its ranks do not fetch the teacher, read the
-# prompts and probe the output again, N times over. Ranks started otherwise (a TrainJob's torchrun) validate.
+# prompts and probe the output again, N times over. The pipeline's TrainJob task sets it too (trainjob.manifest);
+# ranks of a TrainJob applied by hand validate.
 CHECKED_ENV = "SIDFLOW_CHECKED"
 
 

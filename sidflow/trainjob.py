@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from sidflow import __version__, storage
 from sidflow.config import param, to_args
+from sidflow.launch import CHECKED_ENV
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Kubeflow Trainer installs
@@ -91,13 +92,17 @@ def check(cfg, placement: PlacementConfig) -> int:
 TIMEOUT_S = 7 * 24 * 3600
 
 
-def manifest(cfg, placement: PlacementConfig, image: str) -> dict:
-    """Return the TrainJob that runs `sidflow distill` with `cfg` on distill_nodes nodes × cfg.gpus GPUs each."""
+def manifest(cfg, placement: PlacementConfig, image: str, checked: bool = False) -> dict:
+    """Return the TrainJob that runs `sidflow distill` with `cfg` on distill_nodes nodes × cfg.gpus GPUs each.
+    `checked`: the caller validated cfg for all of them (distill.check), so the ranks do not, each fetching the
+    prompts and probing the output again; a manifest applied by hand (`sidflow distill-trainjob`) leaves it off."""
     gpus = check(cfg, placement)
     resources = {"cpu": str(CPU_PER_GPU * gpus), "memory": f"{MEMORY_G_PER_GPU * gpus}G",
                  placement.gpu_resource: str(gpus)}
     # optional, as on the pipeline's tasks: with workload identity the secret holds no keys, or does not exist
     env = [{"name": k, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": k, "optional": True}}} for k in S3_KEYS]
+    if checked:
+        env.append({"name": CHECKED_ENV, "value": "1"})
     pod = {  # what the runtime's pod template does not have: /dev/shm for NCCL, and the GPU placement
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{SHM_GI_PER_GPU * gpus}Gi"}}],
         "containers": [{"name": NODE, "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}],

@@ -325,8 +325,9 @@ def test_transient_api_errors_are_retried(kube):
     assert [m for m, *_ in fake.requests] == ["POST", "GET", "GET", "GET"]
 
 
-def test_component_runs_the_job_and_returns_the_model(kube, tmp_path, monkeypatch):
-    """distill_trainjob's own body, with the kubeconfig pointing at the fake API and a local run URI."""
+def test_component_runs_the_job_and_returns_the_model(kube, tiny_teacher, tmp_path, monkeypatch):
+    """distill_trainjob's own body, with the kubeconfig pointing at the fake API and a local run URI. It validates
+    the run once, for every rank (they skip it: SIDFLOW_CHECKED), and a bad input stops it before any job."""
     from kfp import dsl
 
     from sidflow.kfp.components.distill_trainjob import distill_trainjob
@@ -354,15 +355,21 @@ def test_component_runs_the_job_and_returns_the_model(kube, tmp_path, monkeypatc
         monkeypatch.delenv(name, raising=False)
     metrics = dsl.Metrics(uri=str(tmp_path / "metrics"))
     card = dsl.Model(uri=str(tmp_path / "card"))
-    model = distill_trainjob.python_func(
-        metrics=metrics, model=card, trainer_image="img", distill_nodes=2, gpu_tolerations=[TOLERATION], teacher="s3://b/t",
-        prompts="s3://b/p.txt", output=output, gpus="8")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    args = dict(metrics=metrics, model=card, trainer_image="img", distill_nodes=2, gpu_tolerations=[TOLERATION],
+                teacher=tiny_teacher, prompts=str(prompts), output=output, gpus="8")
+    with pytest.raises(ValueError, match="kappa_1=-1.0 is outside"):
+        distill_trainjob.python_func(**{**args, "kappa": -1.0})
+    assert not fake.jobs
+    model = distill_trainjob.python_func(**args)
     assert model == storage.join(output, "model")
     assert metrics.metadata == {"kimg": 2.048, "iteration": 4.0, "loss_g": 0.5}
     assert card.metadata["uri"] == model and card.metadata["kimg"] == 2.048
     assert Path(card.path).read_text() == "# card\n"
     (created,) = fake.jobs.values()
     assert created["spec"]["trainer"]["numNodes"] == 2 and _pod_patch(created)["tolerations"] == [TOLERATION]
+    assert {"name": "SIDFLOW_CHECKED", "value": "1"} in created["spec"]["trainer"]["env"]
 
 
 def test_run_local_takes_the_trainjob_branch_for_several_nodes(kube, tiny_teacher, tmp_path, monkeypatch):

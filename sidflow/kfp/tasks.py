@@ -130,10 +130,14 @@ def distill_trainjob(metrics, model, trainer_image: str, artifact_root: str, run
     of the model it exported."""
     from sidflow import trainjob
     from sidflow.generator import describe
+    from sidflow.stages import distill
 
-    placement = {f.name: fields.pop(f.name) for f in dataclasses.fields(trainjob.PlacementConfig)}
+    placement = trainjob.PlacementConfig(**{f.name: fields.pop(f.name)
+                                            for f in dataclasses.fields(trainjob.PlacementConfig)})
     cfg = _distill_config(fields, artifact_root, run_id, overrides)
-    job = trainjob.manifest(cfg, trainjob.PlacementConfig(**placement), trainer_image)  # checks before any pod
+    gpus = trainjob.check(cfg, placement)  # the cluster's rules, then the run's inputs, once for every rank
+    distill.check(cfg, placement.distill_nodes * gpus, fetch_teacher=False)
+    job = trainjob.manifest(cfg, placement, trainer_image, checked=True)
     for attempt in range(retries + 1):
         try:
             trainjob.run(job)  # adopts a running job; deletes and re-creates a Failed one

@@ -79,10 +79,12 @@ NOT_IDENTITY = ("teacher", "output", "kimg", "checkpoint_kimg", "keep_checkpoint
                 "profile", "gpus", "resume", "sharding", "grad_checkpointing")
 
 
-def validate(cfg: DistillConfig, world_size: int = 1) -> None:
-    """Raise a one-line error for any user mistake, before a model is loaded or a GPU touched."""
+def validate(cfg: DistillConfig, world_size: int = 1, fetch_teacher: bool = True) -> None:
+    """Raise a one-line error for any user mistake, before a model is loaded or a GPU touched. Without
+    `fetch_teacher` an s3:// teacher is only checked to be published (its manifest): the process that starts a
+    TrainJob validates for its nodes, each of which fetches the teacher and checks its files as it loads it."""
     from sidflow import failpoints
-    from sidflow.teacher import check_teacher_dir, materialize
+    from sidflow.teacher import TeacherError, check_teacher_dir, materialize
 
     failpoints.hit(f"distill:validate:rank{os.environ['RANK']}" if "RANK" in os.environ else "distill:validate")
 
@@ -124,7 +126,10 @@ def validate(cfg: DistillConfig, world_size: int = 1) -> None:
         raise ValueError(f"log_every={cfg.log_every} and keep_checkpoints={cfg.keep_checkpoints} must be at least 1")
     if not 0 <= cfg.seed <= MAX_SEED:
         raise ValueError(f"seed={cfg.seed} must be in [0, {MAX_SEED}] (it is mixed into per-iteration RNG keys)")
-    check_teacher_dir(materialize(cfg.teacher))
+    if fetch_teacher or not storage.is_s3(cfg.teacher):
+        check_teacher_dir(materialize(cfg.teacher))
+    elif storage.read_manifest(cfg.teacher) is None:
+        raise TeacherError(f"teacher {cfg.teacher} has no manifest.json: publish it with `sidflow download-teacher`")
     from sidflow.prompts import read_prompts
 
     read_prompts(cfg.prompts)
@@ -204,9 +209,9 @@ def finished(cfg: DistillConfig) -> DistillResult | None:
                          interrupted=False, metrics=info.get("metrics", {}))
 
 
-def check(cfg: DistillConfig, world: int) -> None:
+def check(cfg: DistillConfig, world: int, fetch_teacher: bool = True) -> None:
     """Everything a run checks before it trains: the inputs (validate) and whose checkpoints it would resume."""
-    validate(cfg, world_size=world)
+    validate(cfg, world_size=world, fetch_teacher=fetch_teacher)
     check_resume(cfg)
 
 
