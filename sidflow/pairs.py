@@ -1,9 +1,10 @@
 """Real text-image pairs for the adversarial term (method.md §6.2).
 
 On storage, pairs are parquet shards with an `image` column (encoded PNG/JPEG bytes) and a `caption` column,
-published as a directory with a manifest (`pack`, `sidflow data pack`). For training they are encoded once, on
-rank 0, into VAE latents and text embeddings that are published under the run's output (`encoded`), so a restarted
-or resumed run re-encodes nothing; every rank then reads the rows it draws from that cache.
+published as a directory with a manifest (`pack`, `sidflow data pack`). For training they are encoded once into VAE
+latents and text embeddings, each rank encoding its share of the shards, and published under the run's output
+(`encoded`), so a restarted or resumed run re-encodes nothing; every rank then reads the rows it draws from that
+cache.
 """
 
 import io
@@ -22,6 +23,7 @@ from sidflow import storage
 ROWS_PER_SHARD = 1000
 ENCODE_BATCH = 16
 CACHE_INFO = "pairs.json"
+PART_INFO = "part.json"  # one rank's share of an encoding, before pairs.json joins them
 
 
 @dataclass
@@ -159,11 +161,11 @@ def check_shards(uri: str) -> int:
     return n
 
 
-def _batches(uri: str) -> Iterator[tuple[list[bytes], list[str]]]:
+def _batches(shards: list[str]) -> Iterator[tuple[list[bytes], list[str]]]:
     # Streamed a row group at a time, on this thread (see storage.parquet_table).
     import pyarrow.parquet as pq
 
-    for shard in shard_uris(uri):
+    for shard in shards:
         f = pq.ParquetFile(io.BytesIO(storage.read_bytes(shard)), pre_buffer=False)
         for batch in f.iter_batches(batch_size=ENCODE_BATCH, columns=["image", "caption"], use_threads=False):
             yield batch.column("image").to_pylist(), batch.column("caption").to_pylist()
@@ -212,11 +214,16 @@ def cache_key(data: str, teacher_fingerprint: str | None, teacher_uri: str) -> d
     return {"data": content, "teacher": teacher_fingerprint or teacher_uri}
 
 
-def encoded(teacher, data: str, cache_uri: str, key: dict, main: bool, wait) -> Encoded:
-    """Return the pairs at `data` encoded by `teacher`, published at `cache_uri` on first use. `main` encodes (rank
-    0); `wait()` is the barrier after which every rank reads the published cache (fetched once per machine)."""
-    if main and not _cache_matches(cache_uri, key):
-        _encode(teacher, data, cache_uri, key)
+def encoded(teacher, data: str, cache_uri: str, key: dict, rank: int, world: int, wait) -> Encoded:
+    """Return the pairs at `data` encoded by `teacher`, published at `cache_uri` on first use. Each of the `world`
+    ranks encodes every world-th parquet shard into a part of its own (`rank`); `wait()` is the barrier after which
+    rank 0 publishes the whole (pairs.json and the manifest, last), and the next after which every rank reads it
+    (fetched once per machine). The rows are in shard order whatever the number of ranks that encoded them."""
+    if not _cache_matches(cache_uri, key):
+        _encode_part(teacher, data, cache_uri, key, rank, world)
+        wait()
+        if rank == 0:
+            _publish(cache_uri, key, world)
     wait()
     if not _cache_matches(cache_uri, key):
         raise RuntimeError(f"{cache_uri} does not hold the encoded pairs of {data}")
@@ -233,48 +240,74 @@ def _cache_matches(cache_uri: str, key: dict) -> bool:
     return json.loads(storage.read_text(storage.join(cache_uri, CACHE_INFO))).get("key") == key
 
 
+def _part(rank: int, world: int) -> str:
+    return f"part-{rank:04d}-of-{world:04d}"
+
+
 @torch.no_grad()
-def _encode(teacher, data: str, cache_uri: str, key: dict) -> None:
-    from safetensors.torch import save_file
+def _encode_part(teacher, data: str, cache_uri: str, key: dict, rank: int, world: int) -> None:
+    # Shards rank, rank + world, ... as safetensors files named by shard, published at <cache>/<part>/ with PART_INFO.
     from tqdm import tqdm
 
     device = next(teacher.vae.parameters()).device
-    size, total = teacher.image_size, None  # validate() checked the shards: no second full read just for a total
+    size, shards = teacher.image_size, shard_uris(data)
     files, counts, skipped = [], [], 0
-    bar = tqdm(total=total, unit="pair", desc="encode pairs", disable=os.environ.get("SIDFLOW_NO_BAR") == "1")
+    bar = tqdm(unit="pair", desc="encode pairs", disable=rank != 0 or os.environ.get("SIDFLOW_NO_BAR") == "1")
     with tempfile.TemporaryDirectory(prefix="sidflow-pairs-") as tmp:
-        lat, cond = [], []
-
-        def flush():
-            nonlocal lat, cond
-            if lat:
-                name = f"part-{len(files):05d}.safetensors"
-                save_file({"latents": torch.cat(lat).contiguous(), "cond": torch.cat(cond).contiguous()},
-                          os.path.join(tmp, name))
-                files.append(name)
-                counts.append(sum(len(x) for x in lat))
-                lat, cond = [], []
-
-        for images, captions in _batches(data):
-            decoded = [(_decoded(b), c) for b, c in zip(images, captions)]
-            ok = [(im, c) for im, c in decoded if im is not None]
-            skipped += len(decoded) - len(ok)
-            bar.update(len(decoded))
-            if not ok:
-                continue
-            pixels = torch.stack([_pixels(im, size) for im, _ in ok]).to(device, teacher.vae.dtype)
-            mean = teacher.vae.encode(pixels).latent_dist.mean  # the mean, not a draw: a re-encode is identical
-            lat.append((mean * teacher.vae_scale).float().cpu())
-            cond.append(teacher.encode([c for _, c in ok]).float().cpu())
-            if sum(len(x) for x in lat) >= ROWS_PER_SHARD:
-                flush()
-        flush()
+        for s in range(rank, len(shards), world):
+            lat, cond = [], []
+            for images, captions in _batches([shards[s]]):
+                decoded = [(_decoded(b), c) for b, c in zip(images, captions)]
+                ok = [(im, c) for im, c in decoded if im is not None]
+                skipped += len(decoded) - len(ok)
+                bar.update(len(decoded))
+                if not ok:
+                    continue
+                pixels = torch.stack([_pixels(im, size) for im, _ in ok]).to(device, teacher.vae.dtype)
+                mean = teacher.vae.encode(pixels).latent_dist.mean  # the mean, not a draw: a re-encode is identical
+                lat.append((mean * teacher.vae_scale).float().cpu())
+                cond.append(teacher.encode([c for _, c in ok]).float().cpu())
+                if sum(len(x) for x in lat) >= ROWS_PER_SHARD:
+                    _save(tmp, s, lat, cond, files, counts)
+                    lat, cond = [], []
+            _save(tmp, s, lat, cond, files, counts)
         bar.close()
-        if not files:
-            raise ValueError(f"no image of data={data!r} decoded ({skipped} skipped)")
-        info = {"key": key, "rows": sum(counts), "rows_per_file": counts, "files": files, "skipped": skipped,
-                "image_size": size}
-        (Path(tmp) / CACHE_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
-        storage.publish_dir(tmp, cache_uri)
+        info = {"key": key, "files": files, "rows_per_file": counts, "skipped": skipped, "image_size": size}
+        (Path(tmp) / PART_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
+        storage.publish_dir(tmp, storage.join(cache_uri, _part(rank, world)))
+
+
+def _save(tmp: str, shard: int, lat: list, cond: list, files: list, counts: list) -> None:
+    # One safetensors file of a shard's rows: shard-<shard>-<k>, k counting that shard's files.
+    from safetensors.torch import save_file
+
+    if lat:
+        name = f"shard-{shard:05d}-{sum(f.startswith(f'shard-{shard:05d}-') for f in files):04d}.safetensors"
+        tensors = {"latents": torch.cat(lat).contiguous(), "cond": torch.cat(cond).contiguous()}
+        save_file(tensors, os.path.join(tmp, name))
+        files.append(name)
+        counts.append(sum(len(x) for x in lat))
+
+
+def _publish(cache_uri: str, key: dict, world: int) -> None:
+    # Every part's files in shard order under one pairs.json, and one manifest over all of them, written last.
+    entries, rows = [], []  # manifest entries; (file path, rows) in shard order
+    skipped = 0
+    for r in range(world):
+        part = storage.join(cache_uri, _part(r, world))
+        manifest = storage.read_manifest(part)
+        info = json.loads(storage.read_text(storage.join(part, PART_INFO))) if manifest else None
+        if info is None or info["key"] != key:
+            raise RuntimeError(f"{part} is missing or holds other pairs: rank {r} did not finish encoding")
+        entries += [{**f, "path": f"{_part(r, world)}/{f['path']}"} for f in manifest["files"]]
+        rows += [(f"{_part(r, world)}/{name}", n) for name, n in zip(info["files"], info["rows_per_file"])]
+        skipped += info["skipped"]
+        size = info["image_size"]
+    rows.sort(key=lambda fr: fr[0].split("/", 1)[1])  # shard-<s>-<k>: shard order, then the shard's own order
+    if not rows:
+        raise ValueError(f"no image of the pairs decoded ({skipped} skipped)")
+    info = {"key": key, "rows": sum(n for _, n in rows), "rows_per_file": [n for _, n in rows],
+            "files": [f for f, _ in rows], "skipped": skipped, "image_size": size}
+    storage.publish_files(cache_uri, entries, {CACHE_INFO: json.dumps(info, indent=2, sort_keys=True)})
     if skipped:
-        print(f"encode pairs: {skipped} of {sum(counts) + skipped} images did not decode and were skipped")
+        print(f"encode pairs: {skipped} of {info['rows'] + skipped} images did not decode and were skipped")

@@ -442,7 +442,29 @@ def publish_dir(src_local_dir: str, uri: str) -> dict:
         failpoints.hit("publish:file")
         return entry
 
-    manifest = {"version": 1, "files": _parallel(put, rels), "created": datetime.now(timezone.utc).isoformat()}
+    return _write_manifest(uri, _parallel(put, rels))
+
+
+def publish_files(uri: str, files: list[dict], texts: dict[str, str]) -> dict:
+    """Publish a directory whose files were uploaded already (by other processes): `files` are their manifest
+    entries (path relative to uri, size, sha256); `texts` small files written here. The manifest goes last, after
+    every size is checked; returns it."""
+    delete_file(join(uri, MANIFEST))
+    entries = list(files)
+    if not is_s3(uri):  # on S3, _write_manifest's listing checks every size
+        for e in entries:
+            path = _local(join(uri, e["path"]))
+            if not path.is_file() or path.stat().st_size != e["size"]:
+                raise StorageError(f"{join(uri, e['path'])} is missing or not {e['size']} bytes: nothing published")
+    for rel, text in texts.items():
+        data = text.encode()
+        write_bytes(join(uri, rel), data)
+        entries.append({"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    return _write_manifest(uri, entries)
+
+
+def _write_manifest(uri: str, files: list[dict]) -> dict:
+    manifest = {"version": 1, "files": files, "created": datetime.now(timezone.utc).isoformat()}
     _check_written(uri, manifest)
     failpoints.hit("publish:before-manifest")
     text = json.dumps(manifest, indent=1)

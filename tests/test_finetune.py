@@ -135,7 +135,7 @@ def test_finetune_starts_from_the_distill_run_and_encodes_the_pairs_once(tiny_te
     card = (tmp_path / "ft" / "model" / "README.md").read_text()
     assert "2-step generator fine-tuned" in card and "trust_remote_code=True" in card
     # Longer: the run resumes from its checkpoint and re-encodes nothing.
-    monkeypatch.setattr(pairs, "_encode", lambda *a: pytest.fail("the pairs were encoded again"))
+    monkeypatch.setattr(pairs, "_encode_part", lambda *a: pytest.fail("the pairs were encoded again"))
     longer = run(FinetuneConfig(**{**cfg.__dict__, "kimg": 0.006}))
     assert longer.iterations == 3
 

@@ -144,6 +144,22 @@ def test_publish_fetch_roundtrip(root, tmp_path):
         assert (tmp_path / "dst" / rel).read_bytes() == data
 
 
+def test_publish_files_joins_parts_published_by_others_under_one_manifest(root, tmp_path):
+    # What the ranks of a sharded pairs encoding do: each publishes its part; one process then publishes the whole.
+    for r in (0, 1):
+        part = storage.join(root, f"p{r}")
+        storage.publish_dir(str(make_tree(tmp_path / f"p{r}", {f"x{r}.bin": bytes([r]) * 5})), part)
+    entries = [{**e, "path": f"p{r}/{e['path']}"} for r in (0, 1)
+               for e in storage.read_manifest(storage.join(root, f"p{r}"))["files"]]
+    manifest = storage.publish_files(root, entries, {"index.json": "{}"})
+    assert [e["path"] for e in manifest["files"]] == ["p0/x0.bin", "p1/x1.bin", "index.json"]
+    assert storage.fetch_dir(root, str(tmp_path / "dst")) == manifest  # every size and digest checks out
+    assert (tmp_path / "dst" / "p1" / "x1.bin").read_bytes() == b"\x01" * 5
+    with pytest.raises(storage.StorageError):  # a part that is not there is refused before the manifest lands
+        storage.publish_files(storage.join(root, "other"), entries, {})
+    assert storage.read_manifest(storage.join(root, "other")) is None
+
+
 def test_big_file_multipart_roundtrip(s3_bucket, tmp_path):
     src = make_tree(tmp_path / "src", {"nested/deeper/small.txt": b"small", "top.txt": b"top"})
     big = src / "weights" / "unet.bin"

@@ -112,8 +112,8 @@ def run(cfg: FinetuneConfig) -> DistillResult:
     dev = device()
     teacher = load_teacher(cfg.teacher, dev, null=cfg.null_prompt)
     key = cache_key(cfg.data, fingerprint(cfg.teacher), cfg.teacher)
-    pairs = encoded(teacher, cfg.data, storage.join(cfg.output, "pairs"), key, state.is_main_process,
-                    state.wait_for_everyone)
+    pairs = encoded(teacher, cfg.data, storage.join(cfg.output, "pairs"), key, state.process_index,
+                    state.num_processes, state.wait_for_everyone)
     nets, conditions = distill.networks(cfg, dev, teacher)
     if cfg.init:
         _load_init(cfg, nets)
