@@ -223,6 +223,7 @@ def train(cfg, nets: Networks, data: Conditions, gan: GAN | None = None) -> Dist
                 x_g = generate(net_g, z, c, vp, t_init=cfg.t_init, K=cfg.steps, k_stop=k_step, generator=g_dev)
             with place.no_sync(fake_ddp, r == rounds - 1), acc.autocast():
                 loss = fake_step_loss(net_f_ddp, x_g, c, null, t, eps, vp, kappa_1=k["kappa_1"])
+                sums[0] += _drop_nan(loss.detach())[0].sum()  # the score loss alone: L_D is logged as loss_disc
                 if gan_on:  # the real pairs and x_g noised with this step's t and ε; the text kept (§6.2, §6.3)
                     x_real, c_real = gan.real(idx_real[rank, r])
                     loss_d = disc_step_loss(disc, x_g, c_text, x_real.to(device), c_real.to(device), t, eps, vp)
@@ -230,7 +231,6 @@ def train(cfg, nets: Networks, data: Conditions, gan: GAN | None = None) -> Dist
                     loss = loss + gan.disc_weight * loss_d
                 loss, nan = _drop_nan(loss)
                 acc.backward(loss.sum() / b_tot)
-            sums[0] += loss.detach().sum()
             sums[2] += nan
         phases.mark("fake_step")
         _finite_grads(fake.parameters(), gan.gan_clip if gan_on else cfg.clip_grad_value)
