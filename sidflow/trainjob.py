@@ -56,9 +56,10 @@ def job_name(output: str) -> str:
     return "sid-distill-" + hashlib.sha256(output.encode()).hexdigest()[:12]
 
 
-def command(cfg) -> list[str]:
-    """Return the trainer container's command: torchrun over the node's GPUs, `sidflow distill` with cfg's values."""
-    return ["torchrun", "--module", "sidflow.cli", "distill", *to_args(cfg)]
+def command(cfg, stage: str = "distill") -> list[str]:
+    """Return the trainer container's command: torchrun over the node's GPUs, `sidflow <stage>` (distill or finetune)
+    with cfg's values."""
+    return ["torchrun", "--module", "sidflow.cli", stage, *to_args(cfg)]
 
 
 def check(cfg, placement: PlacementConfig) -> int:
@@ -92,8 +93,8 @@ def check(cfg, placement: PlacementConfig) -> int:
 TIMEOUT_S = 7 * 24 * 3600
 
 
-def manifest(cfg, placement: PlacementConfig, image: str, checked: bool = False) -> dict:
-    """Return the TrainJob that runs `sidflow distill` with `cfg` on distill_nodes nodes × cfg.gpus GPUs each.
+def manifest(cfg, placement: PlacementConfig, image: str, checked: bool = False, stage: str = "distill") -> dict:
+    """Return the TrainJob that runs `sidflow <stage>` with `cfg` on distill_nodes nodes × cfg.gpus GPUs each.
     `checked`: the caller validated cfg for all of them (distill.check), so the ranks do not, each fetching the
     prompts and probing the output again; a manifest applied by hand (`sidflow distill-trainjob`) leaves it off."""
     gpus = check(cfg, placement)
@@ -116,10 +117,10 @@ def manifest(cfg, placement: PlacementConfig, image: str, checked: bool = False)
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
         "metadata": {"name": job_name(cfg.output),
-                     "labels": {"app.kubernetes.io/part-of": "sidflow", "app.kubernetes.io/component": "distill"}},
+                     "labels": {"app.kubernetes.io/part-of": "sidflow", "app.kubernetes.io/component": stage}},
         "spec": {
             "runtimeRef": {"apiGroup": GROUP, "kind": "ClusterTrainingRuntime", "name": RUNTIME},
-            "trainer": {"image": image, "command": command(cfg), "env": env, "numNodes": placement.distill_nodes,
+            "trainer": {"image": image, "command": command(cfg, stage), "env": env, "numNodes": placement.distill_nodes,
                         "numProcPerNode": gpus, "resourcesPerNode": {"requests": resources, "limits": dict(resources)}},
             "runtimePatches": [{"manager": MANAGER, "trainingRuntimeSpec": {"template": {"spec": patch}}}],
             "activeDeadlineSeconds": TIMEOUT_S,
@@ -200,7 +201,7 @@ def run(job: dict, namespace: str = "", api=None, poll_seconds: float = 30.0,
 
 
 def result(output: str) -> tuple[str, dict]:
-    """Return (model URI, its sidflow.json) of a finished distill run under `output`."""
+    """Return (model URI, its sidflow.json) of a finished distill or finetune run under `output`."""
     model = storage.join(output, "model")
     if storage.read_manifest(model) is None:
         raise RuntimeError(f"the TrainJob completed but {model} has no manifest: the run did not export a model")

@@ -105,7 +105,8 @@ def test_dag_tasks_display_names_and_parallel_for(ir):
     assert fetch["inputs"]["parameters"]["dest"]["parameterExpressionSelector"] == 'parseJson(string_value)["dest"]'
     assert set(_tasks(spec)) == {  # every container task
         "Find new teachers", "Download teacher", "Distill one-step generator", "Distill on several nodes (TrainJob)",
-        "Fine-tune few-step generator (adversarial)", "Keep the distilled generator", "Evaluate (FID, CLIP score)",
+        "Fine-tune few-step generator (adversarial)", "Fine-tune on several nodes (TrainJob)",
+        "The fine-tuned generator", "Keep the distilled generator", "Evaluate (FID, CLIP score)",
         "Check the registration gate", "Register (promote if better)", "Report per teacher"}
 
 
@@ -122,13 +123,24 @@ def test_finetune_runs_under_its_switch_on_the_distilled_model(ir):
     assert on["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--finetune'] == true"
     assert off["triggerPolicy"]["condition"] == "!(inputs.parameter_values['pipelinechannel--finetune'] == true)"
     tune, keep = n["Fine-tune few-step generator (adversarial)"], n["Keep the distilled generator"]
-    assert (tune["dag"], keep["dag"]) == (on["comp"], off["comp"])
+    tune_job, tuned = n["Fine-tune on several nodes (TrainJob)"], n["The fine-tuned generator"]
+    # One pod or a TrainJob, as distill_nodes says (as for distill); their OneOf made a plain output by a no-op.
+    one_pod, multi_node = n["finetune-one-pod"], n["finetune-multi-node"]
+    assert one_pod["triggerPolicy"]["condition"] == \
+        "int(inputs.parameter_values['pipelinechannel--distill_nodes']) == 1"
+    assert (tune["dag"], tune_job["dag"]) == (one_pod["comp"], multi_node["comp"])
+    assert (tuned["dag"], keep["dag"]) == (on["comp"], off["comp"])
+    assert tuned["inputs"]["parameters"]["model"] == _oneof(_branches(n, "finetune-one-pod"))
     distill_branches = _branches(n)
     distilled = _oneof(distill_branches)  # dsl.OneOf(one-pod distill, TrainJob), handed into both branches
     channel = f"pipelinechannel--{distill_branches['key']}-{distilled['taskOutputParameter']['outputParameterKey']}"
     assert _branches(n, "finetune")["inputs"]["parameters"][channel] == distilled
-    assert tune["inputs"]["parameters"]["init"] == {"componentInputParameter": channel}
+    for task in (tune, tune_job):
+        assert task["inputs"]["parameters"]["init"] == {"componentInputParameter": channel}
     assert keep["inputs"]["parameters"]["model"] == {"componentInputParameter": channel}
+    job = tune_job["inputs"]["parameters"]
+    assert all(job[name] == {"componentInputParameter": f"pipelinechannel--{name}"} for name in PLACEMENT_FIELDS)
+    assert job["data"] == {"componentInputParameter": "pipelinechannel--finetune_data"}
     # Its own K, length, guidance and data; distill's hyperparameters otherwise.
     params = tune["inputs"]["parameters"]
     for field in ("data", "steps", "kimg", "guidance", "kappa"):
@@ -215,11 +227,12 @@ def test_pod_settings_caching_and_retries(ir):
         assert not task["cachingOptions"].get("enableCache", False), task["taskInfo"]["name"]  # proto3 omits false
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(executors) == {"exec-watch-teachers", "exec-download-teacher", "exec-distill", "exec-distill-trainjob",
-                              "exec-finetune", "exec-keep-model", "exec-evaluate", "exec-passes-gate",
-                              "exec-register", "exec-report"}
+                              "exec-finetune", "exec-finetune-trainjob", "exec-keep-model", "exec-keep-model-2",
+                              "exec-evaluate", "exec-passes-gate", "exec-register", "exec-report"}
     for name, ex in executors.items():
         long = {"exec-distill": pipeline_module.DISTILL_TIMEOUT_S, "exec-finetune": pipeline_module.DISTILL_TIMEOUT_S,
                 "exec-distill-trainjob": pipeline_module.DISTILL_TIMEOUT_S,
+                "exec-finetune-trainjob": pipeline_module.DISTILL_TIMEOUT_S,
                 "exec-evaluate": pipeline_module.EVAL_TIMEOUT_S}
         want = long.get(name, pipeline_module.CPU_TIMEOUT_S)
         assert int(ex["activeDeadlineSeconds"]) == want, name  # no task runs forever

@@ -3,6 +3,7 @@
 
 import argparse
 import copy
+import dataclasses
 import json
 import re
 import shlex
@@ -370,6 +371,28 @@ def test_component_runs_the_job_and_returns_the_model(kube, tiny_teacher, tmp_pa
     (created,) = fake.jobs.values()
     assert created["spec"]["trainer"]["numNodes"] == 2 and _pod_patch(created)["tolerations"] == [TOLERATION]
     assert {"name": "SIDFLOW_CHECKED", "value": "1"} in created["spec"]["trainer"]["env"]
+
+
+def test_finetune_runs_as_a_trainjob_of_its_own(tmp_path):
+    """The pipeline's finetune on several nodes: the same TrainJob, running `sidflow finetune`, validated once by the
+    task (a bad input stops it before any job)."""
+    from sidflow.kfp import tasks
+    from sidflow.stages.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(teacher="s3://b/t", prompts="s3://b/p.txt", output="s3://b/run/finetune", init="s3://b/run",
+                         data="s3://b/pairs", gpus="8", micro_batch=4)
+    job = trainjob.manifest(cfg, PLACEMENT, "img", checked=True, stage="finetune")
+    cmd = job["spec"]["trainer"]["command"]
+    assert cmd[:4] == ["torchrun", "--module", "sidflow.cli", "finetune"]
+    assert cmd[cmd.index("--init") + 1] == "s3://b/run" and cmd[cmd.index("--data") + 1] == "s3://b/pairs"
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "finetune"
+    assert job["metadata"]["name"] != trainjob.job_name("s3://b/run")  # not the distill job of the same run
+    assert {"name": "SIDFLOW_CHECKED", "value": "1"} in job["spec"]["trainer"]["env"]
+    _check_object(job)
+    placement = {f.name: getattr(PLACEMENT, f.name) for f in dataclasses.fields(trainjob.PlacementConfig)}
+    with pytest.raises(ValueError, match="data is empty"):
+        tasks.finetune_trainjob(None, None, "img", str(tmp_path), "run-1", "fp", 0, {}, **{
+            **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "data"}, **placement, "data": ""})
 
 
 def test_run_local_takes_the_trainjob_branch_for_several_nodes(kube, tiny_teacher, tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from sidflow.kfp.components.distill_trainjob import distill_trainjob
 from sidflow.kfp.components.download_teacher import download_teacher
 from sidflow.kfp.components.evaluate import evaluate, passes_gate
 from sidflow.kfp.components.finetune import finetune, keep_model
+from sidflow.kfp.components.finetune_trainjob import finetune_trainjob
 from sidflow.kfp.components.register import register
 from sidflow.kfp.components.report import report
 from sidflow.kfp.components.watch_teachers import watch_teachers
@@ -168,17 +169,28 @@ def _dag(args: dict) -> None:
         distilled = dsl.OneOf(train.outputs["Output"], job.outputs["Output"])
         with dsl.If(a["finetune"] == True, name="finetune"):  # noqa: E712 (a KFP condition, not a bool)
             tuned = {**hyper, **{name: a[FINETUNE_NAMES.get(name, name)] for name in TUNED}}
-            tune = finetune(init=distilled, **ident, **tuned, overrides=overrides)
-            tune.set_display_name("Fine-tune few-step generator (adversarial)")
-            _gpu_pod(tune, a["gpu_resource"], a["gpus"], DISTILL_RETRIES, a["gpu_node_selector"], a["gpu_tolerations"],
-                     DISTILL_TIMEOUT_S, a["distill_cpu"], a["distill_memory"])
-            kubernetes.empty_dir_mount(tune, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
-                                       size_limit=DISTILL_SHM)
+            with dsl.If(a["distill_nodes"] == 1, name="finetune-one-pod"):
+                tune_pod = finetune(init=distilled, **ident, **tuned, overrides=overrides)
+                tune_pod.set_display_name("Fine-tune few-step generator (adversarial)")
+                _gpu_pod(tune_pod, a["gpu_resource"], a["gpus"], DISTILL_RETRIES, a["gpu_node_selector"],
+                         a["gpu_tolerations"], DISTILL_TIMEOUT_S, a["distill_cpu"], a["distill_memory"])
+                kubernetes.empty_dir_mount(tune_pod, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                           size_limit=DISTILL_SHM)
+            with dsl.Else(name="finetune-multi-node"):  # as distill's: a CPU task creates the TrainJob, waits
+                tune_job = finetune_trainjob(init=distilled, **ident, trainer_image=TRAINER_IMAGE, **placement,
+                                             **tuned, overrides=overrides)
+                tune_job.set_display_name("Fine-tune on several nodes (TrainJob)")
+                tune_job.set_retry(num_retries=DISTILL_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+                _s3_env(tune_job, DISTILL_TIMEOUT_S)
+            # One OneOf may not feed another (KFP): a CPU no-op turns this branch's into a plain output.
+            tune = keep_model(model=dsl.OneOf(tune_pod.outputs["Output"], tune_job.outputs["Output"]))
+            tune.set_display_name("The fine-tuned generator")
+            _s3_env(tune)
         with dsl.Else(name="no-finetune"):  # a parameter OneOf needs a task on each branch: this one is a CPU no-op
             keep = keep_model(model=distilled)
             keep.set_display_name("Keep the distilled generator")
             _s3_env(keep)
-        model = dsl.OneOf(tune.outputs["Output"], keep.output)
+        model = dsl.OneOf(tune.output, keep.output)
         score = evaluate(model=model, teacher=fetch.outputs["uri"], **where, **scoring, overrides=overrides)
         score.set_display_name("Evaluate (FID, CLIP score)")
         _gpu_pod(score, a["gpu_resource"], a["eval_gpus"], EVAL_RETRIES, a["gpu_node_selector"], a["gpu_tolerations"],

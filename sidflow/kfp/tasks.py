@@ -97,21 +97,28 @@ def finetune(metrics, model, artifact_root: str, run_id: str, teacher_fingerprin
              overrides: dict, **fields) -> str:
     """Fine-tune the distilled generator at `init` in this pod (one process per GPU, re-launched after a crash);
     return the exported model's URI. An empty output is finetune/ of the run directory."""
-    from sidflow.kfp.paths import run_output
     from sidflow.stages import distill as distill_stage
     from sidflow.stages import finetune as stage
 
-    fields = {**fields, **optional_values(stage.FinetuneConfig, overrides)}
-    fields["output"] = fields["output"] or storage.join(run_output(artifact_root, run_id, fields["teacher"]),
-                                                        "finetune")
-    cfg = override(stage.FinetuneConfig(), fields)
+    cfg = _finetune_config(fields, artifact_root, run_id, overrides)
     result = distill_stage.launch_with_retries(cfg, retries, "finetune", stage.check)
     return _trained(metrics, model, result, f"finetune of {cfg.init}")
 
 
+def _finetune_config(fields: dict, artifact_root: str, run_id: str, given: dict):
+    from sidflow.kfp.paths import run_output
+    from sidflow.stages.finetune import FinetuneConfig
+
+    fields = {**fields, **optional_values(FinetuneConfig, given)}
+    fields["output"] = fields["output"] or storage.join(run_output(artifact_root, run_id, fields["teacher"]),
+                                                        "finetune")
+    return override(FinetuneConfig(), fields)
+
+
 def keep_model(model: str) -> str:
-    """Return the distilled model's URI unchanged: the model evaluate and register take when finetune is off."""
-    print(f"no finetune: evaluating {model}")
+    """Return the model URI unchanged: a OneOf made a plain task output (the distilled model when finetune is off,
+    the fine-tuned one from whichever branch ran)."""
+    print(f"handing on {model}")
     return model
 
 
@@ -129,15 +136,35 @@ def distill_trainjob(metrics, model, trainer_image: str, artifact_root: str, run
     """Create a TrainJob for the run, wait for it (re-creating a Failed one up to `retries` times); return the URI
     of the model it exported."""
     from sidflow import trainjob
-    from sidflow.generator import describe
     from sidflow.stages import distill
 
     placement = trainjob.PlacementConfig(**{f.name: fields.pop(f.name)
                                             for f in dataclasses.fields(trainjob.PlacementConfig)})
     cfg = _distill_config(fields, artifact_root, run_id, overrides)
+    return _trainjob(metrics, model, cfg, placement, trainer_image, retries, "distill", distill.check)
+
+
+def finetune_trainjob(metrics, model, trainer_image: str, artifact_root: str, run_id: str, teacher_fingerprint: str,
+                      retries: int, overrides: dict, **fields) -> str:
+    """finetune as a TrainJob on distill_nodes nodes, as distill_trainjob does distill; return the model's URI."""
+    from sidflow import trainjob
+    from sidflow.stages import finetune as stage
+
+    placement = trainjob.PlacementConfig(**{f.name: fields.pop(f.name)
+                                            for f in dataclasses.fields(trainjob.PlacementConfig)})
+    return _trainjob(metrics, model, _finetune_config(fields, artifact_root, run_id, overrides), placement,
+                     trainer_image, retries, "finetune", stage.check)
+
+
+def _trainjob(metrics, model, cfg, placement, trainer_image: str, retries: int, stage: str, check) -> str:
+    # Validate once for every rank, create the TrainJob (re-created after a failure up to `retries` times: it resumes
+    # from its newest checkpoint), wait for it, and hand on the model it exported.
+    from sidflow import trainjob
+    from sidflow.generator import describe
+
     gpus = trainjob.check(cfg, placement)  # the cluster's rules, then the run's inputs, once for every rank
-    distill.check(cfg, placement.distill_nodes * gpus, fetch_teacher=False)
-    job = trainjob.manifest(cfg, placement, trainer_image, checked=True)
+    check(cfg, placement.distill_nodes * gpus, fetch_teacher=False)
+    job = trainjob.manifest(cfg, placement, trainer_image, checked=True, stage=stage)
     for attempt in range(retries + 1):
         try:
             trainjob.run(job)  # adopts a running job; deletes and re-creates a Failed one

@@ -36,7 +36,7 @@ class FinetuneConfig(DistillConfig):
     gan_clip: float = param(1.0, "clip each gradient value of the fake step to ±this while the GAN is on (§6.2)")
 
 
-def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
+def validate(cfg: FinetuneConfig, world_size: int = 1, fetch_teacher: bool = True) -> None:
     """Raise a one-line error for any user mistake, before a model is loaded or a GPU touched."""
     from sidflow.pairs import check_shards
 
@@ -50,7 +50,7 @@ def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
         raise ValueError(f"gan_clip={cfg.gan_clip} must be a positive finite number")
     if not cfg.data:
         raise ValueError("data is empty: it must be the URI of real text-image pairs (sidflow data pack)")
-    distill.validate(cfg, world_size)
+    distill.validate(cfg, world_size, fetch_teacher)
     check_shards(cfg.data)
     if cfg.init:
         _check_init(cfg)
@@ -87,8 +87,9 @@ def _check_init(cfg: FinetuneConfig) -> None:
                          f"({info.get('teacher_fingerprint')}), not from teacher={cfg.teacher!r} ({ours})")
 
 
-def check(cfg: FinetuneConfig, world: int) -> None:
-    validate(cfg, world_size=world)
+def check(cfg: FinetuneConfig, world: int, fetch_teacher: bool = True) -> None:
+    """Everything a run checks before it trains (distill.check's, with the pairs and the init run)."""
+    validate(cfg, world_size=world, fetch_teacher=fetch_teacher)
     distill.check_resume(cfg)
 
 
