@@ -24,10 +24,27 @@ def _components() -> dict:
     from sidflow.kfp.components.finetune import finetune, keep_model
     from sidflow.kfp.components.register import register
     from sidflow.kfp.components.report import report
+    from sidflow.kfp.components.size_teacher import size_teacher
     from sidflow.kfp.components.watch_teachers import watch_teachers
 
-    return {c.name: c for c in (watch_teachers, download_teacher, distill, distill_trainjob, finetune, keep_model,
+    return {c.name: c for c in (watch_teachers, download_teacher, size_teacher, distill, distill_trainjob, finetune, keep_model,
                                 evaluate, passes_gate, register, report)}
+
+
+def add_literals(pipeline, choices: dict[str, tuple]) -> None:
+    """Set each named run parameter's `literals` (its allowed values) in the pipeline's IR.
+
+    The KFP 2.17 SDK declares a `typing.Literal` parameter as its value type only; the IR field is
+    `ParameterSpec.literals` (pipeline_spec.proto). Backend 2.17 checks a run's values against it
+    (apiserver/template/v2_template.go, common/util/validate_literal.go) and the run form shows a drop-down for it
+    (frontend NewRunParametersV2.tsx).
+    """
+    from google.protobuf import json_format, struct_pb2
+
+    parameters = pipeline.pipeline_spec.root.input_definitions.parameters
+    for name, values in choices.items():
+        del parameters[name].literals[:]  # in place, and the module's pipeline is compiled more than once
+        parameters[name].literals.extend(json_format.ParseDict(v, struct_pb2.Value()) for v in values)
 
 
 def _write(obj, path: str, **images) -> str:
@@ -51,6 +68,7 @@ def compile(path: str = DEFAULT_OUT, max_parallel: int | None = None, image_regi
     from sidflow.kfp import sid_distill
 
     pipeline = sid_distill.build(max_parallel or sid_distill.MAX_PARALLEL)
+    add_literals(pipeline, {p.name: p.choices for p in sid_distill.PARAMS if p.choices})
     try:
         _write(pipeline, path, registry=image_registry, runtime_digest=runtime_digest, trainer_digest=trainer_digest)
     finally:

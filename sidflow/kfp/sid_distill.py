@@ -15,6 +15,7 @@ once, with its type, default and help.
 import dataclasses
 
 from kfp import dsl, kubernetes
+from kfp.dsl import pipeline_channel
 
 from sidflow import registry as registries
 from sidflow.kfp import declare
@@ -26,6 +27,7 @@ from sidflow.kfp.components.evaluate import evaluate, passes_gate
 from sidflow.kfp.components.finetune import finetune, keep_model
 from sidflow.kfp.components.register import register
 from sidflow.kfp.components.report import report
+from sidflow.kfp.components.size_teacher import SIZED, size_teacher
 from sidflow.kfp.components.watch_teachers import watch_teachers
 from sidflow.kfp.tasks import EVAL_NAMES, FINETUNE_NAMES, Finetune, Gate
 from sidflow.stages.distill import DistillConfig
@@ -68,6 +70,9 @@ PARAMS = (WATCH + DISTILL + PLACEMENT + FINETUNE
           + [dataclasses.replace(p, name=EVAL_NAMES.get(p.name, p.name)) for p in EVALUATE]
           + declare.params(RegisterConfig, skip=("registry", "model_name", "model", "metrics", "teacher_fingerprint",
                                                  "run_id", *declare.none_fields(RegisterConfig))))
+# The sizing parameters (gpus, sharding, distill_cpu, distill_memory, eval_gpus) default to "auto": the teacher type's
+# preset, resolved per teacher by the size_teacher task (sidflow.sizing); an explicit value wins for every teacher.
+PARAMS = [{p.name: p for p in SIZED}.get(p.name, p) for p in PARAMS]
 # overrides key -> (dataclass, field): every None-default field of the stages in the DAG
 OVERRIDABLE = {EVAL_NAMES.get(name, name) if cls is EvaluateConfig else name: (cls, name)
                for cls in (DistillConfig, EvaluateConfig, RegisterConfig, Gate) for name in declare.none_fields(cls)}
@@ -123,8 +128,12 @@ def _registry_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
 
 def _gpu_pod(task: dsl.PipelineTask, resource, gpus, retries: int, node_selector, tolerations, timeout_s: int,
              cpu=DISTILL_CPU, memory=DISTILL_MEMORY) -> dsl.PipelineTask:
-    """GPU resource and count, CPU and memory (constants or run-time parameters: the driver resolves each, backend
-    2.5+ driver.go), retries (the GPU stages resume), the S3 secret, and run-time node placement."""
+    """GPU resource and count, CPU and memory (constants, run-time parameters or another task's outputs: the driver
+    resolves each from the task's inputs, backend 2.5+ driver.go), retries (the GPU stages resume), the S3 secret, and
+    run-time node placement."""
+    # The SDK adds a resource's channel to the task's inputs but not to those of the dsl.If around it, which a task
+    # output must pass through (kfp 2.17 compiles "pipelinechannel--size-teacher-gpus not found" without this).
+    task.register_pipeline_channels([v for v in (gpus, cpu, memory) if isinstance(v, pipeline_channel.PipelineChannel)])
     task.set_accelerator_type(resource).set_accelerator_limit(gpus)
     task.set_cpu_request(cpu).set_cpu_limit(cpu)
     task.set_memory_request(memory).set_memory_limit(memory)
@@ -150,14 +159,22 @@ def _dag(args: dict) -> None:
         fetch = download_teacher(source=teacher.source, dest=teacher.dest)
         fetch.set_display_name("Download teacher")
         _hub_env(_s3_env(fetch))
+        # The teacher's preset where a sizing parameter is "auto": these outputs set the GPU tasks' GPU count, CPU and
+        # memory (the driver resolves a task output there as it does a run parameter, driver/resolve.go).
+        size = size_teacher(teacher=fetch.outputs["uri"], **{p.name: a[p.name] for p in SIZED})
+        size.set_display_name("Size the GPU tasks for this teacher")
+        _s3_env(size)
+        sized = {p.name: size.outputs[p.name] for p in SIZED}
+        hyper = {**hyper, "gpus": sized["gpus"], "sharding": sized["sharding"]}
+        placement = {**placement, "distill_cpu": sized["distill_cpu"], "distill_memory": sized["distill_memory"]}
         # The run's prefix is built inside each component from these whole values (sidflow.kfp.paths).
         where = dict(artifact_root=artifact_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         ident = dict(teacher=fetch.outputs["uri"], teacher_fingerprint=fetch.outputs["fingerprint"], **where)
         with dsl.If(a["distill_nodes"] == 1, name="one-pod"):
             train = distill(**ident, **hyper, overrides=overrides)
             train.set_display_name("Distill one-step generator")
-            _gpu_pod(train, a["gpu_resource"], a["gpus"], DISTILL_RETRIES, a["gpu_node_selector"], a["gpu_tolerations"],
-                     DISTILL_TIMEOUT_S, a["distill_cpu"], a["distill_memory"])
+            _gpu_pod(train, a["gpu_resource"], sized["gpus"], DISTILL_RETRIES, a["gpu_node_selector"],
+                     a["gpu_tolerations"], DISTILL_TIMEOUT_S, sized["distill_cpu"], sized["distill_memory"])
             kubernetes.empty_dir_mount(train, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                        size_limit=DISTILL_SHM)
         with dsl.Else(name="multi-node"):  # this CPU task creates the TrainJob and waits for it
@@ -170,8 +187,8 @@ def _dag(args: dict) -> None:
             tuned = {**hyper, **{name: a[FINETUNE_NAMES.get(name, name)] for name in TUNED}}
             tune = finetune(init=distilled, **ident, **tuned, overrides=overrides)
             tune.set_display_name("Fine-tune few-step generator (adversarial)")
-            _gpu_pod(tune, a["gpu_resource"], a["gpus"], DISTILL_RETRIES, a["gpu_node_selector"], a["gpu_tolerations"],
-                     DISTILL_TIMEOUT_S, a["distill_cpu"], a["distill_memory"])
+            _gpu_pod(tune, a["gpu_resource"], sized["gpus"], DISTILL_RETRIES, a["gpu_node_selector"],
+                     a["gpu_tolerations"], DISTILL_TIMEOUT_S, sized["distill_cpu"], sized["distill_memory"])
             kubernetes.empty_dir_mount(tune, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                        size_limit=DISTILL_SHM)
         with dsl.Else(name="no-finetune"):  # a parameter OneOf needs a task on each branch: this one is a CPU no-op
@@ -179,9 +196,10 @@ def _dag(args: dict) -> None:
             keep.set_display_name("Keep the distilled generator")
             _s3_env(keep)
         model = dsl.OneOf(tune.outputs["Output"], keep.output)
-        score = evaluate(model=model, teacher=fetch.outputs["uri"], **where, **scoring, overrides=overrides)
+        score = evaluate(model=model, teacher=fetch.outputs["uri"], **where, **{**scoring, "gpus": sized["eval_gpus"]},
+                         overrides=overrides)
         score.set_display_name("Evaluate (FID, CLIP score)")
-        _gpu_pod(score, a["gpu_resource"], a["eval_gpus"], EVAL_RETRIES, a["gpu_node_selector"], a["gpu_tolerations"],
+        _gpu_pod(score, a["gpu_resource"], sized["eval_gpus"], EVAL_RETRIES, a["gpu_node_selector"], a["gpu_tolerations"],
                  EVAL_TIMEOUT_S)
         _hub_env(score)
         gate = passes_gate(metrics=score.outputs["Output"], overrides=overrides)
