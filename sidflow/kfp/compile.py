@@ -27,8 +27,8 @@ def _components() -> dict:
     from sidflow.kfp.components.size_teacher import size_teacher
     from sidflow.kfp.components.watch_teachers import watch_teachers
 
-    return {c.name: c for c in (watch_teachers, download_teacher, size_teacher, distill, distill_trainjob, finetune, keep_model,
-                                evaluate, passes_gate, register, report)}
+    return {c.name: c for c in (watch_teachers, download_teacher, size_teacher, distill, distill_trainjob, finetune,
+                                keep_model, evaluate, passes_gate, register, report)}
 
 
 def add_literals(pipeline, choices: dict[str, tuple]) -> None:

@@ -199,8 +199,8 @@ def _dag(args: dict) -> None:
         score = evaluate(model=model, teacher=fetch.outputs["uri"], **where, **{**scoring, "gpus": sized["eval_gpus"]},
                          overrides=overrides)
         score.set_display_name("Evaluate (FID, CLIP score)")
-        _gpu_pod(score, a["gpu_resource"], sized["eval_gpus"], EVAL_RETRIES, a["gpu_node_selector"], a["gpu_tolerations"],
-                 EVAL_TIMEOUT_S)
+        _gpu_pod(score, a["gpu_resource"], sized["eval_gpus"], EVAL_RETRIES, a["gpu_node_selector"],
+                 a["gpu_tolerations"], EVAL_TIMEOUT_S)
         _hub_env(score)
         gate = passes_gate(metrics=score.outputs["Output"], overrides=overrides)
         gate.set_display_name("Check the registration gate")

@@ -26,9 +26,9 @@ def _sized() -> list[declare.Param]:
     # "auto" as their pipeline default and one of their choices.
     fields = {p.name: p for p in declare.params(DistillConfig) + declare.params(PlacementConfig)}
     fields["eval_gpus"] = {p.name: p for p in declare.params(EvaluateConfig)}["gpus"]
-    return [dataclasses.replace(fields[name], name=name, type=str, default=sizing.AUTO, help=fields[name].help + AUTO_HELP,
-                                choices=fields[name].choices and (*fields[name].choices, sizing.AUTO))
-            for name in sizing.SIZED]
+    return [dataclasses.replace(p, name=name, type=str, default=sizing.AUTO, help=p.help + AUTO_HELP,
+                                choices=p.choices and (*p.choices, sizing.AUTO))
+            for name, p in ((name, fields[name]) for name in sizing.SIZED)]
 
 
 SIZED = _sized()
