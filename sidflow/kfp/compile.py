@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 DEFAULT_OUT = str(Path(__file__).with_name("sid_distill.yaml"))
+LOCAL_SIZING = {"gpus": "1", "eval_gpus": "1"}  # run_local's defaults for the sizing parameters it cannot leave "auto"
 REPO = Path(__file__).resolve().parent.parent.parent  # the checkout (absent from an installed wheel's layout)
 
 
@@ -98,7 +99,9 @@ def run_local(pipeline_root: str, **arguments):
     if unknown:
         raise ValueError(f"unknown sid-distill parameter(s): {', '.join(unknown)}")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root, raise_on_error=True)
-    return sid_distill(**arguments)
+    # Here every task is a process of this machine, not a pod: one GPU process unless told otherwise, where a cluster
+    # run takes the teacher type's preset (sidflow.sizing; an 8-GPU SD1.5 distill on a laptop would only fail).
+    return sid_distill(**{**LOCAL_SIZING, **arguments})
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ MAX_PARALLEL = 1  # teachers distilled at once; `sidflow pipeline compile --max-
 # bounds one attempt, not the run. The multi-node task waits for its TrainJob as long (sidflow.trainjob.TIMEOUT_S).
 DISTILL_TIMEOUT_S, EVAL_TIMEOUT_S, CPU_TIMEOUT_S = 7 * 24 * 3600, 24 * 3600, 6 * 3600
 EVAL_RETRIES = 2  # a retried evaluation keeps the shards already written; its pod requests eval_gpus GPUs
-# The run parameters, in form order: each is a field of a stage dataclass, declared there once (sidflow.kfp.declare).
+# The run parameters: each is a field of a stage dataclass, declared there once (sidflow.kfp.declare).
 # Fields that default to None travel in `overrides` (sidflow.kfp.tasks says why).
 EVAL_SKIP = ("model", "output", "sampler", "teacher_steps", "kappa", "save_images")  # teacher comparison rows only
 # Each stage's run parameters by field name; the pipeline's names (EVAL_NAMES) differ only for evaluate.
@@ -73,6 +73,13 @@ PARAMS = (WATCH + DISTILL + PLACEMENT + FINETUNE
 # The sizing parameters (gpus, sharding, distill_cpu, distill_memory, eval_gpus) default to "auto": the teacher type's
 # preset, resolved per teacher by the size_teacher task (sidflow.sizing); an explicit value wins for every teacher.
 PARAMS = [{p.name: p for p in SIZED}.get(p.name, p) for p in PARAMS]
+# The run form (KFP UI 2.17, NewRunParametersV2.tsx) lists the parameters by name (the IR's keys are sorted) and shows
+# only name and type; it marks one without a default "Missing parameter." and keeps Start off until it is filled. So
+# the URIs a run cannot do without (config.param required=True) have no default here: those are what a user sees
+# first, and the API server refuses a run without them (apiserver/template/v2_template.go). Python puts them first.
+# finetune_data stays optional: it is needed only with finetune on (submit.check_required).
+NEEDED = [dataclasses.replace(p, default=declare.REQUIRED) for p in PARAMS if p.required and p not in FINETUNE]
+PARAMS = NEEDED + [p for p in PARAMS if not (p.required and p not in FINETUNE)]
 # overrides key -> (dataclass, field): every None-default field of the stages in the DAG
 OVERRIDABLE = {EVAL_NAMES.get(name, name) if cls is EvaluateConfig else name: (cls, name)
                for cls in (DistillConfig, EvaluateConfig, RegisterConfig, Gate) for name in declare.none_fields(cls)}
