@@ -4,9 +4,11 @@
 Distill runs in one pod (`distill_nodes` = 1, the default) or, for more nodes, as a Kubeflow Trainer v2 TrainJob
 that a CPU task creates and waits for (`dsl.If`/`dsl.Else` inside the loop); either branch returns the model URI,
 so evaluate takes `dsl.OneOf(train.output, job.output)`; a small gate task reads its metrics, and register runs under
-`dsl.If` on the gate. Both GPU tasks request their GPU count at run time (`gpus`, `eval_gpus`) and run one process
-per GPU. Each run writes under <artifact_root>/runs/<run id>/<teacher>-<hash>/, joined inside the components
-(sidflow/kfp/paths.py). With `finetune` on, a finetune task (one pod) trains the distilled generator further on real
+`dsl.If` on the gate. The GPU tasks request their GPU count, CPU and memory at run time, as a small task per teacher
+(size_teacher) resolved them from `gpus`, `distill_cpu`, `distill_memory` and `eval_gpus` ("auto": the teacher type's
+preset, sidflow.sizing), and run one process per GPU. Each run writes under
+<artifact_root>/runs/<run id>/<teacher>-<hash>/, joined inside the components (sidflow/kfp/paths.py).
+With `finetune` on, a finetune task (one pod) trains the distilled generator further on real
 pairs under `dsl.If`, and evaluate and register take its model (`dsl.OneOf` with a CPU no-op on the other branch).
 The pipeline function is generated from the stage dataclasses (PARAMS): every run parameter is a field declared
 once, with its type, default and help.
