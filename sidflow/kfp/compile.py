@@ -35,7 +35,8 @@ def _components() -> dict:
 def add_literals(pipeline, choices: dict[str, tuple]) -> None:
     """Set each named run parameter's `literals` (its allowed values) in the pipeline's IR.
 
-    The KFP 2.17 SDK declares a `typing.Literal` parameter as its value type only; the IR field is
+    The KFP 2.17 SDK cannot emit them (it refuses a `typing.Literal` annotation, reading it as an artifact type, so
+    sidflow.kfp.declare declares the value type); the IR field is
     `ParameterSpec.literals` (pipeline_spec.proto). Backend 2.17 checks a run's values against it
     (apiserver/template/v2_template.go, common/util/validate_literal.go) and the run form shows a drop-down for it
     (frontend NewRunParametersV2.tsx).
