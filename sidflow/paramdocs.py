@@ -18,6 +18,8 @@ is a `--flag-name` of its `sidflow` command (underscores become dashes; booleans
 the stage's config dataclass; the pipeline's run parameters are the same fields under the same names, except
 evaluate's (`eval_` prefixed) and finetune's `steps`, `kimg`, `guidance`, `kappa` and `data` (`finetune_` prefixed).
 A field that defaults to None has no pipeline parameter of its own: it goes in the run's `overrides` dict.
+In the pipeline, `gpus`, `sharding`, `distill_cpu`, `distill_memory` and `eval_gpus` default to `auto` (the teacher
+type's preset, `sizing.md`), and the six required URIs have no default.
 """
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidflow import storage
+from sidflow import sizing, storage
 from sidflow.config import default
 from sidflow.kfp import sid_distill as pipeline_module
 from sidflow.kfp.compile import DEFAULT_OUT, compile
@@ -61,6 +61,13 @@ def _nodes(spec) -> dict[str, dict]:
             for holder, comp in holders.items() for key, t in comp["dag"]["tasks"].items()}
 
 
+def _sized(nodes, name: str) -> str:
+    """The placeholder of the teacher's sizing output `name` (the size_teacher task's), as a GPU task's resources
+    read it."""
+    key = nodes["Size the GPU tasks for this teacher"]["key"]
+    return f"{{{{$.inputs.parameters['pipelinechannel--{key}-{name}']}}}}"
+
+
 def _branches(nodes, branch: str = "one-pod") -> dict:
     """The compiler's wrapper task around the one-pod / multi-node branches, or around the finetune / no-finetune
     ones (branch="finetune"); it has no display name of its own."""
@@ -93,9 +100,10 @@ def test_dag_tasks_display_names_and_parallel_for(ir):
     assert branches["dag"] == tuning["dag"] == loop["comp"]
     assert {name for name, t in n.items() if t["dag"] == loop["comp"]} - {
         branches["taskInfo"]["name"], tuning["taskInfo"]["name"]} == {
-        "Download teacher", "Evaluate (FID, CLIP score)", "Check the registration gate", "passed-gate"}
-    fetch = n["Download teacher"]
-    assert branches["dependentTasks"] == [fetch["key"]]
+        "Download teacher", "Size the GPU tasks for this teacher", "Evaluate (FID, CLIP score)",
+        "Check the registration gate", "passed-gate"}
+    fetch, size = n["Download teacher"], n["Size the GPU tasks for this teacher"]
+    assert sorted(branches["dependentTasks"]) == sorted([fetch["key"], size["key"]])
     train, job = _distill_tasks(spec)
     channel = f"pipelinechannel--{fetch['key']}-uri"
     for task in (train, job):  # both distill the downloaded teacher
@@ -104,9 +112,10 @@ def test_dag_tasks_display_names_and_parallel_for(ir):
         "taskOutputParameter": {"producerTask": fetch["key"], "outputParameterKey": "uri"}}
     assert fetch["inputs"]["parameters"]["dest"]["parameterExpressionSelector"] == 'parseJson(string_value)["dest"]'
     assert set(_tasks(spec)) == {  # every container task
-        "Find new teachers", "Download teacher", "Distill one-step generator", "Distill on several nodes (TrainJob)",
-        "Fine-tune few-step generator (adversarial)", "Fine-tune on several nodes (TrainJob)",
-        "The fine-tuned generator", "Keep the distilled generator", "Evaluate (FID, CLIP score)",
+        "Find new teachers", "Download teacher", "Size the GPU tasks for this teacher", "Distill one-step generator",
+        "Distill on several nodes (TrainJob)", "Fine-tune few-step generator (adversarial)",
+        "Fine-tune on several nodes (TrainJob)", "The fine-tuned generator", "Keep the distilled generator",
+        "Evaluate (FID, CLIP score)",
         "Check the registration gate", "Register (promote if better)", "Report per teacher"}
 
 
@@ -138,8 +147,10 @@ def test_finetune_runs_under_its_switch_on_the_distilled_model(ir):
     for task in (tune, tune_job):
         assert task["inputs"]["parameters"]["init"] == {"componentInputParameter": channel}
     assert keep["inputs"]["parameters"]["model"] == {"componentInputParameter": channel}
-    job = tune_job["inputs"]["parameters"]
-    assert all(job[name] == {"componentInputParameter": f"pipelinechannel--{name}"} for name in PLACEMENT_FIELDS)
+    job, size = tune_job["inputs"]["parameters"], n["Size the GPU tasks for this teacher"]["key"]
+    for name in PLACEMENT_FIELDS:  # as distill's TrainJob: CPU and memory as the teacher's sizing resolved them
+        channel = f"{size}-{name}" if name in sizing.SIZED else name
+        assert job[name] == {"componentInputParameter": f"pipelinechannel--{channel}"}
     assert job["data"] == {"componentInputParameter": "pipelinechannel--finetune_data"}
     # Its own K, length, guidance and data; distill's hyperparameters otherwise.
     params = tune["inputs"]["parameters"]
@@ -152,7 +163,7 @@ def test_finetune_runs_under_its_switch_on_the_distilled_model(ir):
     # A GPU pod like distill's: resources from run parameters, retries, /dev/shm, the S3 secret.
     executor = "exec-finetune"
     resources = spec["deploymentSpec"]["executors"][executor]["container"]["resources"]
-    assert resources["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
+    assert resources["accelerator"]["resourceCount"] == _sized(n, "gpus")
     assert tune["retryPolicy"]["maxRetryCount"] == pipeline_module.DISTILL_RETRIES
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][executor]
     assert k8s["emptyDirMounts"][0]["mountPath"] == "/dev/shm" and k8s["secretAsEnv"]
@@ -165,7 +176,8 @@ def test_evaluate_takes_either_branchs_model_and_gates_register(ir):
     branches = _branches(n, "finetune")
     oneof = _oneof(branches)
     assert evaluate_task["inputs"]["parameters"]["model"] == oneof  # dsl.OneOf(finetune, the distilled model kept)
-    assert sorted(evaluate_task["dependentTasks"]) == sorted([branches["key"], n["Download teacher"]["key"]])
+    assert sorted(evaluate_task["dependentTasks"]) == sorted([branches["key"], n["Download teacher"]["key"],
+                                                             n["Size the GPU tasks for this teacher"]["key"]])
     assert check["inputs"]["parameters"] == {
         "overrides": {"componentInputParameter": "pipelinechannel--overrides"},
         "metrics": {"taskOutputParameter": {"outputParameterKey": "Output", "producerTask": evaluate_task["key"]}}}
@@ -181,7 +193,7 @@ def test_evaluate_takes_either_branchs_model_and_gates_register(ir):
     assert not reg["cachingOptions"].get("enableCache", False)  # the champion it compares against moves
     resources = spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]
     assert resources["accelerator"]["resourceType"] == "{{$.inputs.parameters['pipelinechannel--gpu_resource']}}"
-    assert resources["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--eval_gpus']}}"
+    assert resources["accelerator"]["resourceCount"] == _sized(n, "eval_gpus")  # the teacher's, not the run's
     assert evaluate_task["retryPolicy"]["maxRetryCount"] == pipeline_module.EVAL_RETRIES
 
 
@@ -189,15 +201,18 @@ def test_multi_node_branch_creates_a_trainjob(ir):
     spec, platform = ir
     train, job = _distill_tasks(spec)
     params = job["inputs"]["parameters"]
-    for name in PLACEMENT_FIELDS:
-        assert params[name] == {"componentInputParameter": f"pipelinechannel--{name}"}
+    size = _nodes(spec)["Size the GPU tasks for this teacher"]["key"]
+    for name in PLACEMENT_FIELDS:  # CPU and memory as the teacher's sizing resolved them
+        channel = f"{size}-{name}" if name in sizing.SIZED else name
+        assert params[name] == {"componentInputParameter": f"pipelinechannel--{channel}"}
     assert params["trainer_image"] == {"runtimeValue": {"constant": distill.component_spec.implementation
                                                         .container.image}}
     assert job["retryPolicy"]["maxRetryCount"] == pipeline_module.DISTILL_RETRIES  # a retry adopts or replaces it
     # The one-pod task's resources are run-time parameters, which the compiler hands it as extra inputs.
+    size = _nodes(spec)["Size the GPU tasks for this teacher"]["key"]
     resource_inputs = {"accelerator_count", "accelerator_type", "cpu_limit", "cpu_request", "memory_limit",
-                       "memory_request", "pipelinechannel--gpu_resource", "pipelinechannel--gpus",
-                       "pipelinechannel--distill_cpu", "pipelinechannel--distill_memory"}
+                       "memory_request", "pipelinechannel--gpu_resource", f"pipelinechannel--{size}-gpus",
+                       f"pipelinechannel--{size}-distill_cpu", f"pipelinechannel--{size}-distill_memory"}
     assert set(params) - {"trainer_image", *PLACEMENT_FIELDS} == set(train["inputs"]["parameters"]) - resource_inputs
     executor = spec["deploymentSpec"]["executors"]["exec-distill-trainjob"]["container"]
     assert executor["image"].startswith("ghcr.io/example/sidflow-runtime:")  # a CPU pod that only orchestrates
@@ -212,23 +227,21 @@ def test_pod_settings_caching_and_retries(ir):
     resources = spec["deploymentSpec"]["executors"]["exec-distill"]["container"]["resources"]
     # the resource name (MIG, other vendors) and the count are run-time parameters, which the driver resolves
     assert resources["accelerator"]["resourceType"] == "{{$.inputs.parameters['pipelinechannel--gpu_resource']}}"
-    assert resources["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
+    n = _nodes(spec)
+    assert resources["accelerator"]["resourceCount"] == _sized(n, "gpus")
     assert spec["root"]["inputDefinitions"]["parameters"]["gpu_resource"]["defaultValue"] == "nvidia.com/gpu"
-    # GPUs, CPU and memory of the one-pod distill are set at run time: gpus, distill_cpu, distill_memory.
-    assert resources["resourceCpuRequest"] == resources["resourceCpuLimit"] == (
-        "{{$.inputs.parameters['pipelinechannel--distill_cpu']}}")
-    assert resources["resourceMemoryRequest"] == resources["resourceMemoryLimit"] == (
-        "{{$.inputs.parameters['pipelinechannel--distill_memory']}}")
+    # GPUs, CPU and memory of the one-pod distill are set at run time, as the teacher's sizing task resolved them.
+    assert resources["resourceCpuRequest"] == resources["resourceCpuLimit"] == _sized(n, "distill_cpu")
+    assert resources["resourceMemoryRequest"] == resources["resourceMemoryLimit"] == _sized(n, "distill_memory")
     root = spec["root"]["inputDefinitions"]["parameters"]
-    assert (root["distill_cpu"]["defaultValue"], root["distill_memory"]["defaultValue"]) == (
-        pipeline_module.DISTILL_CPU, pipeline_module.DISTILL_MEMORY)
+    assert {name: root[name]["defaultValue"] for name in sizing.SIZED} == dict.fromkeys(sizing.SIZED, "auto")
     assert train["retryPolicy"]["maxRetryCount"] == pipeline_module.DISTILL_RETRIES
     for task in _tasks(spec).values():  # no task is cached (README, "Caching"): each reads state outside its inputs
         assert not task["cachingOptions"].get("enableCache", False), task["taskInfo"]["name"]  # proto3 omits false
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert set(executors) == {"exec-watch-teachers", "exec-download-teacher", "exec-distill", "exec-distill-trainjob",
-                              "exec-finetune", "exec-finetune-trainjob", "exec-keep-model", "exec-keep-model-2",
-                              "exec-evaluate", "exec-passes-gate", "exec-register", "exec-report"}
+    assert set(executors) == {"exec-watch-teachers", "exec-download-teacher", "exec-size-teacher", "exec-distill",
+                              "exec-distill-trainjob", "exec-finetune", "exec-finetune-trainjob", "exec-keep-model",
+                              "exec-keep-model-2", "exec-evaluate", "exec-passes-gate", "exec-register", "exec-report"}
     for name, ex in executors.items():
         long = {"exec-distill": pipeline_module.DISTILL_TIMEOUT_S, "exec-finetune": pipeline_module.DISTILL_TIMEOUT_S,
                 "exec-distill-trainjob": pipeline_module.DISTILL_TIMEOUT_S,
@@ -290,7 +303,7 @@ def test_every_run_parameter_is_a_dataclass_field_and_reaches_its_task_by_name(i
     for name in ("kappa", "guidance", "lr_g", "steps", "seed"):
         assert distill_in[name] == {"componentInputParameter": f"pipelinechannel--{name}"}
     for field, name in EVAL_NAMES.items():
-        if field in eval_in:
+        if field in eval_in and name not in sizing.SIZED:  # eval_gpus: the teacher's sizing (test_size_teacher...)
             assert eval_in[field] == {"componentInputParameter": f"pipelinechannel--{name}"}
     for task in ("Distill one-step generator", "Distill on several nodes (TrainJob)", "Evaluate (FID, CLIP score)",
                  "Check the registration gate", "Register (promote if better)"):
@@ -654,3 +667,52 @@ def test_image_override_changes_every_image_and_nothing_else(tmp_path):
     assert "ghcr.io/example" not in (tmp_path / "ours.yaml").read_text()
     with pytest.raises(ValueError, match="is not sha256"):
         compile(str(tmp_path / "bad.yaml"), runtime_digest="latest")
+
+
+def test_size_teacher_outputs_set_the_gpu_tasks_resources_as_the_backend_resolves_them(ir):
+    # The driver resolves a resource placeholder from the task's own inputs (driver/resolve.go,
+    # resolvePodSpecInputRuntimeParameter, reading GetStringValue): each must be an input of the GPU task, fed from the
+    # sizing task's STRING output through every DAG in between (loop -> dsl.If branch -> task).
+    spec = ir[0]
+    n = _nodes(spec)
+    size, fetch = n["Size the GPU tasks for this teacher"], n["Download teacher"]
+    assert size["dag"] == n["new-teachers"]["comp"] and size["dependentTasks"] == [fetch["key"]]
+    assert size["inputs"]["parameters"]["teacher"] == {
+        "taskOutputParameter": {"outputParameterKey": "uri", "producerTask": fetch["key"]}}
+    for name in sizing.SIZED:  # the run's value ("auto" by default) goes in; the resolved one comes out
+        assert size["inputs"]["parameters"][name] == {"componentInputParameter": f"pipelinechannel--{name}"}
+    outputs = spec["components"][size["comp"]]["outputDefinitions"]["parameters"]
+    assert {k: v["parameterType"] for k, v in outputs.items()} == dict.fromkeys(("teacher_type", *sizing.SIZED),
+                                                                                 "STRING")
+    from_size = {name: {"taskOutputParameter": {"outputParameterKey": name, "producerTask": size["key"]}}
+                 for name in sizing.SIZED}
+    branch = _branches(n)  # the one-pod / multi-node wrapper inside the loop
+    for name in ("gpus", "sharding", "distill_cpu", "distill_memory"):
+        assert branch["inputs"]["parameters"][f"pipelinechannel--{size['key']}-{name}"] == from_size[name]
+    train = n["Distill one-step generator"]
+    channel = {name: {"componentInputParameter": f"pipelinechannel--{size['key']}-{name}"} for name in sizing.SIZED}
+    assert train["inputs"]["parameters"]["gpus"] == channel["gpus"]  # the processes it starts match its GPUs
+    assert train["inputs"]["parameters"]["sharding"] == channel["sharding"]
+    for resource, name in (("accelerator_count", "gpus"), ("cpu_request", "distill_cpu"),
+                           ("memory_limit", "distill_memory")):
+        assert train["inputs"]["parameters"][resource] == {"runtimeValue": {"constant": _sized(n, name)}}
+        assert train["inputs"]["parameters"][f"pipelinechannel--{size['key']}-{name}"] == channel[name]
+    score = n["Evaluate (FID, CLIP score)"]
+    assert score["inputs"]["parameters"]["gpus"] == from_size["eval_gpus"]
+    assert score["inputs"]["parameters"][f"pipelinechannel--{size['key']}-eval_gpus"] == from_size["eval_gpus"]
+    assert spec["deploymentSpec"]["executors"]["exec-size-teacher"]["container"]["image"].startswith(
+        "ghcr.io/example/sidflow-runtime:")  # a CPU pod: it reads two JSON files
+
+
+def test_choice_parameters_are_drop_downs_the_backend_checks(ir):
+    # ParameterSpec.literals: the run form shows a Select for it (frontend NewRunParametersV2.tsx) and API server 2.17
+    # refuses a run whose value is not one of them (apiserver/template/v2_template.go, util.ValidateLiteralParameter).
+    # The SDK emits none for a typing.Literal; sidflow.kfp.compile adds them.
+    root = ir[0]["root"]["inputDefinitions"]["parameters"]
+    with_choices = {p.name: list(p.choices) for p in pipeline_module.PARAMS if p.choices}
+    assert {name: spec["literals"] for name, spec in root.items() if "literals" in spec} == with_choices
+    assert {"guidance", "precision", "sharding", "eval_protocol", "promote"} <= set(with_choices)
+    assert with_choices["sharding"] == ["ddp", "fsdp", "auto"]
+    for name in with_choices:  # the default must be allowed, or the form's untouched run is refused
+        assert root[name]["defaultValue"] in root[name]["literals"], name
+    assert "literals" not in root["gpus"]  # a count: free text

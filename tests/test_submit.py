@@ -179,10 +179,10 @@ def test_parser_types_values_as_the_pipeline_declares(pair, value):
     (["gpu_tolerations={bad"], "gpu_tolerations='{bad' is not a JSON array"),
     (["guidance=lgs"], "guidance='lgs' is not one of ['lsg', 'long', 'short', 'zero_cfg', 'anti_cfg']"),
     (["seed=1", "seed=2"], "seed is given twice"),
-    (["gpus=all"], "gpus='all' must be a count here: the pod requests that many GPUs"),
-    (["gpus=0"], "gpus='0' must be a count here: the pod requests that many GPUs"),
-    (["eval_gpus=all"], "eval_gpus='all' must be a count here: the pod requests that many GPUs"),
-    (["sharding=zero3"], "sharding='zero3' is not one of ['ddp', 'fsdp']"),
+    (["gpus=all"], "gpus='all' must be a count or auto here: the pod requests that many GPUs"),
+    (["gpus=0"], "gpus='0' must be a count or auto here: the pod requests that many GPUs"),
+    (["eval_gpus=all"], "eval_gpus='all' must be a count or auto here: the pod requests that many GPUs"),
+    (["sharding=zero3"], "sharding='zero3' is not one of ['ddp', 'fsdp', 'auto']"),
 ])
 def test_parser_errors_are_one_line(pairs, message):
     with pytest.raises(ValueError) as e:
@@ -204,7 +204,7 @@ def test_cron_must_have_six_fields(cron, ok):
 def test_parameters_come_from_the_compiled_package():
     assert PARAMS["tf32"] == (bool, False) and PARAMS["batch"][0] is int and PARAMS["lr_g"] == (float, 1e-6)
     assert PARAMS["gpu_node_selector"] == (dict, {}) and PARAMS["gpu_tolerations"] == (list, [])
-    assert PARAMS["gpus"] == (str, "1")
+    assert PARAMS["gpus"] == (str, "auto")  # the teacher type's preset (sidflow.sizing)
 
 
 def test_readme_pipeline_examples_are_complete_runs(capsys):

@@ -439,7 +439,8 @@ def test_run_local_takes_the_trainjob_branch_for_several_nodes(kube, tiny_teache
     assert cmd[cmd.index("--kappa-4") + 1] == "2.5" and "--kappa-1" not in cmd  # set vs "unset" κ
     assert cmd[cmd.index("--teacher") + 1].startswith(str(art / "teachers"))  # the downloaded copy
     ran = {p.parent.name for p in (tmp_path / "root").rglob("executor_output.json")}
-    assert ran == {"watch-teachers", "download-teacher", "distill-trainjob", "keep-model", "evaluate", "passes-gate",
+    assert ran == {"watch-teachers", "download-teacher", "size-teacher", "distill-trainjob", "keep-model", "evaluate",
+                   "passes-gate",
                    "register", "report"}  # no one-pod distill, no finetune; evaluate took the TrainJob model
 
 

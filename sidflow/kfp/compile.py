@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 DEFAULT_OUT = str(Path(__file__).with_name("sid_distill.yaml"))
+LOCAL_SIZING = {"gpus": "1", "eval_gpus": "1"}  # run_local's defaults for the sizing parameters it cannot leave "auto"
 REPO = Path(__file__).resolve().parent.parent.parent  # the checkout (absent from an installed wheel's layout)
 
 
@@ -25,10 +26,28 @@ def _components() -> dict:
     from sidflow.kfp.components.finetune_trainjob import finetune_trainjob
     from sidflow.kfp.components.register import register
     from sidflow.kfp.components.report import report
+    from sidflow.kfp.components.size_teacher import size_teacher
     from sidflow.kfp.components.watch_teachers import watch_teachers
 
-    return {c.name: c for c in (watch_teachers, download_teacher, distill, distill_trainjob, finetune,
+    return {c.name: c for c in (watch_teachers, download_teacher, size_teacher, distill, distill_trainjob, finetune,
                                 finetune_trainjob, keep_model, evaluate, passes_gate, register, report)}
+
+
+def add_literals(pipeline, choices: dict[str, tuple]) -> None:
+    """Set each named run parameter's `literals` (its allowed values) in the pipeline's IR.
+
+    The KFP 2.17 SDK cannot emit them (it refuses a `typing.Literal` annotation, reading it as an artifact type, so
+    sidflow.kfp.declare declares the value type); the IR field is
+    `ParameterSpec.literals` (pipeline_spec.proto). Backend 2.17 checks a run's values against it
+    (apiserver/template/v2_template.go, common/util/validate_literal.go) and the run form shows a drop-down for it
+    (frontend NewRunParametersV2.tsx).
+    """
+    from google.protobuf import json_format, struct_pb2
+
+    parameters = pipeline.pipeline_spec.root.input_definitions.parameters
+    for name, values in choices.items():
+        del parameters[name].literals[:]  # in place, and the module's pipeline is compiled more than once
+        parameters[name].literals.extend(json_format.ParseDict(v, struct_pb2.Value()) for v in values)
 
 
 def _write(obj, path: str, **images) -> str:
@@ -52,6 +71,7 @@ def compile(path: str = DEFAULT_OUT, max_parallel: int | None = None, image_regi
     from sidflow.kfp import sid_distill
 
     pipeline = sid_distill.build(max_parallel or sid_distill.MAX_PARALLEL)
+    add_literals(pipeline, {p.name: p.choices for p in sid_distill.PARAMS if p.choices})
     try:
         _write(pipeline, path, registry=image_registry, runtime_digest=runtime_digest, trainer_digest=trainer_digest)
     finally:
@@ -81,7 +101,9 @@ def run_local(pipeline_root: str, **arguments):
     if unknown:
         raise ValueError(f"unknown sid-distill parameter(s): {', '.join(unknown)}")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root, raise_on_error=True)
-    return sid_distill(**arguments)
+    # Here every task is a process of this machine, not a pod: one GPU process unless told otherwise, where a cluster
+    # run takes the teacher type's preset (sidflow.sizing; an 8-GPU SD1.5 distill on a laptop would only fail).
+    return sid_distill(**{**LOCAL_SIZING, **arguments})
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@
 Distill runs in one pod (`distill_nodes` = 1, the default) or, for more nodes, as a Kubeflow Trainer v2 TrainJob
 that a CPU task creates and waits for (`dsl.If`/`dsl.Else` inside the loop); either branch returns the model URI,
 so evaluate takes `dsl.OneOf(train.output, job.output)`; a small gate task reads its metrics, and register runs under
-`dsl.If` on the gate. Both GPU tasks request their GPU count at run time (`gpus`, `eval_gpus`) and run one process
-per GPU. Each run writes under <artifact_root>/runs/<run id>/<teacher>-<hash>/, joined inside the components
-(sidflow/kfp/paths.py). With `finetune` on, a finetune task (one pod) trains the distilled generator further on real
+`dsl.If` on the gate. The GPU tasks request their GPU count, CPU and memory at run time, as a small task per teacher
+(size_teacher) resolved them from `gpus`, `distill_cpu`, `distill_memory` and `eval_gpus` ("auto": the teacher type's
+preset, sidflow.sizing), and run one process per GPU. Each run writes under
+<artifact_root>/runs/<run id>/<teacher>-<hash>/, joined inside the components (sidflow/kfp/paths.py).
+With `finetune` on, a finetune task (one pod) trains the distilled generator further on real
 pairs under `dsl.If`, and evaluate and register take its model (`dsl.OneOf` with a CPU no-op on the other branch).
 The pipeline function is generated from the stage dataclasses (PARAMS): every run parameter is a field declared
 once, with its type, default and help.
@@ -15,6 +17,7 @@ once, with its type, default and help.
 import dataclasses
 
 from kfp import dsl, kubernetes
+from kfp.dsl import pipeline_channel
 
 from sidflow import registry as registries
 from sidflow.kfp import declare
@@ -27,6 +30,7 @@ from sidflow.kfp.components.finetune import finetune, keep_model
 from sidflow.kfp.components.finetune_trainjob import finetune_trainjob
 from sidflow.kfp.components.register import register
 from sidflow.kfp.components.report import report
+from sidflow.kfp.components.size_teacher import SIZED, size_teacher
 from sidflow.kfp.components.watch_teachers import watch_teachers
 from sidflow.kfp.tasks import EVAL_NAMES, FINETUNE_NAMES, Finetune, Gate
 from sidflow.stages.distill import DistillConfig
@@ -52,7 +56,7 @@ MAX_PARALLEL = 1  # teachers distilled at once; `sidflow pipeline compile --max-
 # bounds one attempt, not the run. The multi-node task waits for its TrainJob as long (sidflow.trainjob.TIMEOUT_S).
 DISTILL_TIMEOUT_S, EVAL_TIMEOUT_S, CPU_TIMEOUT_S = 7 * 24 * 3600, 24 * 3600, 6 * 3600
 EVAL_RETRIES = 2  # a retried evaluation keeps the shards already written; its pod requests eval_gpus GPUs
-# The run parameters, in form order: each is a field of a stage dataclass, declared there once (sidflow.kfp.declare).
+# The run parameters: each is a field of a stage dataclass, declared there once (sidflow.kfp.declare).
 # Fields that default to None travel in `overrides` (sidflow.kfp.tasks says why).
 EVAL_SKIP = ("model", "output", "sampler", "teacher_steps", "kappa", "save_images")  # teacher comparison rows only
 # Each stage's run parameters by field name; the pipeline's names (EVAL_NAMES) differ only for evaluate.
@@ -69,6 +73,16 @@ PARAMS = (WATCH + DISTILL + PLACEMENT + FINETUNE
           + [dataclasses.replace(p, name=EVAL_NAMES.get(p.name, p.name)) for p in EVALUATE]
           + declare.params(RegisterConfig, skip=("registry", "model_name", "model", "metrics", "teacher_fingerprint",
                                                  "run_id", *declare.none_fields(RegisterConfig))))
+# The sizing parameters (gpus, sharding, distill_cpu, distill_memory, eval_gpus) default to "auto": the teacher type's
+# preset, resolved per teacher by the size_teacher task (sidflow.sizing); an explicit value wins for every teacher.
+PARAMS = [{p.name: p for p in SIZED}.get(p.name, p) for p in PARAMS]
+# The run form (KFP UI 2.17, NewRunParametersV2.tsx) lists the parameters by name (the IR's keys are sorted) and shows
+# only name and type; it marks one without a default "Missing parameter." and keeps Start off until it is filled. So
+# the URIs a run cannot do without (config.param required=True) have no default here: those are what a user sees
+# first, and the API server refuses a run without them (apiserver/template/v2_template.go). Python puts them first.
+# finetune_data stays optional: it is needed only with finetune on (submit.check_required).
+NEEDED = [dataclasses.replace(p, default=declare.REQUIRED) for p in PARAMS if p.required and p not in FINETUNE]
+PARAMS = NEEDED + [p for p in PARAMS if not (p.required and p not in FINETUNE)]
 # overrides key -> (dataclass, field): every None-default field of the stages in the DAG
 OVERRIDABLE = {EVAL_NAMES.get(name, name) if cls is EvaluateConfig else name: (cls, name)
                for cls in (DistillConfig, EvaluateConfig, RegisterConfig, Gate) for name in declare.none_fields(cls)}
@@ -124,8 +138,12 @@ def _registry_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
 
 def _gpu_pod(task: dsl.PipelineTask, resource, gpus, retries: int, node_selector, tolerations, timeout_s: int,
              cpu=DISTILL_CPU, memory=DISTILL_MEMORY) -> dsl.PipelineTask:
-    """GPU resource and count, CPU and memory (constants or run-time parameters: the driver resolves each, backend
-    2.5+ driver.go), retries (the GPU stages resume), the S3 secret, and run-time node placement."""
+    """GPU resource and count, CPU and memory (constants, run-time parameters or another task's outputs: the driver
+    resolves each from the task's inputs, backend 2.5+ driver.go), retries (the GPU stages resume), the S3 secret, and
+    run-time node placement."""
+    # The SDK adds a resource's channel to the task's inputs but not to those of the dsl.If around it, which a task
+    # output must pass through (kfp 2.17 compiles "pipelinechannel--size-teacher-gpus not found" without this).
+    task.register_pipeline_channels([v for v in (gpus, cpu, memory) if isinstance(v, pipeline_channel.PipelineChannel)])
     task.set_accelerator_type(resource).set_accelerator_limit(gpus)
     task.set_cpu_request(cpu).set_cpu_limit(cpu)
     task.set_memory_request(memory).set_memory_limit(memory)
@@ -151,14 +169,22 @@ def _dag(args: dict) -> None:
         fetch = download_teacher(source=teacher.source, dest=teacher.dest)
         fetch.set_display_name("Download teacher")
         _hub_env(_s3_env(fetch))
+        # The teacher's preset where a sizing parameter is "auto": these outputs set the GPU tasks' GPU count, CPU and
+        # memory (the driver resolves a task output there as it does a run parameter, driver/resolve.go).
+        size = size_teacher(teacher=fetch.outputs["uri"], **{p.name: a[p.name] for p in SIZED})
+        size.set_display_name("Size the GPU tasks for this teacher")
+        _s3_env(size)
+        sized = {p.name: size.outputs[p.name] for p in SIZED}
+        hyper = {**hyper, "gpus": sized["gpus"], "sharding": sized["sharding"]}
+        placement = {**placement, "distill_cpu": sized["distill_cpu"], "distill_memory": sized["distill_memory"]}
         # The run's prefix is built inside each component from these whole values (sidflow.kfp.paths).
         where = dict(artifact_root=artifact_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         ident = dict(teacher=fetch.outputs["uri"], teacher_fingerprint=fetch.outputs["fingerprint"], **where)
         with dsl.If(a["distill_nodes"] == 1, name="one-pod"):
             train = distill(**ident, **hyper, overrides=overrides)
             train.set_display_name("Distill one-step generator")
-            _gpu_pod(train, a["gpu_resource"], a["gpus"], DISTILL_RETRIES, a["gpu_node_selector"], a["gpu_tolerations"],
-                     DISTILL_TIMEOUT_S, a["distill_cpu"], a["distill_memory"])
+            _gpu_pod(train, a["gpu_resource"], sized["gpus"], DISTILL_RETRIES, a["gpu_node_selector"],
+                     a["gpu_tolerations"], DISTILL_TIMEOUT_S, sized["distill_cpu"], sized["distill_memory"])
             kubernetes.empty_dir_mount(train, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                        size_limit=DISTILL_SHM)
         with dsl.Else(name="multi-node"):  # this CPU task creates the TrainJob and waits for it
@@ -172,8 +198,8 @@ def _dag(args: dict) -> None:
             with dsl.If(a["distill_nodes"] == 1, name="finetune-one-pod"):
                 tune_pod = finetune(init=distilled, **ident, **tuned, overrides=overrides)
                 tune_pod.set_display_name("Fine-tune few-step generator (adversarial)")
-                _gpu_pod(tune_pod, a["gpu_resource"], a["gpus"], DISTILL_RETRIES, a["gpu_node_selector"],
-                         a["gpu_tolerations"], DISTILL_TIMEOUT_S, a["distill_cpu"], a["distill_memory"])
+                _gpu_pod(tune_pod, a["gpu_resource"], sized["gpus"], DISTILL_RETRIES, a["gpu_node_selector"],
+                         a["gpu_tolerations"], DISTILL_TIMEOUT_S, sized["distill_cpu"], sized["distill_memory"])
                 kubernetes.empty_dir_mount(tune_pod, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                            size_limit=DISTILL_SHM)
             with dsl.Else(name="finetune-multi-node"):  # as distill's: a CPU task creates the TrainJob, waits
@@ -191,10 +217,11 @@ def _dag(args: dict) -> None:
             keep.set_display_name("Keep the distilled generator")
             _s3_env(keep)
         model = dsl.OneOf(tune.output, keep.output)
-        score = evaluate(model=model, teacher=fetch.outputs["uri"], **where, **scoring, overrides=overrides)
+        score = evaluate(model=model, teacher=fetch.outputs["uri"], **where, **{**scoring, "gpus": sized["eval_gpus"]},
+                         overrides=overrides)
         score.set_display_name("Evaluate (FID, CLIP score)")
-        _gpu_pod(score, a["gpu_resource"], a["eval_gpus"], EVAL_RETRIES, a["gpu_node_selector"], a["gpu_tolerations"],
-                 EVAL_TIMEOUT_S)
+        _gpu_pod(score, a["gpu_resource"], sized["eval_gpus"], EVAL_RETRIES, a["gpu_node_selector"],
+                 a["gpu_tolerations"], EVAL_TIMEOUT_S)
         _hub_env(score)
         gate = passes_gate(metrics=score.outputs["Output"], overrides=overrides)
         gate.set_display_name("Check the registration gate")

@@ -58,6 +58,7 @@ def parse_value(name: str, tp: type, text: str) -> typing.Any:
 
 
 POD_COUNTS = ("gpus", "eval_gpus")  # become a pod's GPU request at run time: 'all' (fine on the CLI) cannot work
+AUTO = "auto"  # = sidflow.sizing.AUTO: the sizing parameters' default, the teacher type's preset
 
 
 def parse_overrides(pairs: list[str], params: dict[str, tuple[type, typing.Any]],
@@ -91,8 +92,8 @@ def parse_overrides(pairs: list[str], params: dict[str, tuple[type, typing.Any]]
         choices = _choices().get(key)
         if choices and out[key] not in choices:
             raise ValueError(f"{key}={out[key]!r} is not one of {list(choices)}")
-        if key in POD_COUNTS and not (str(out[key]).isdigit() and int(out[key]) >= 1):
-            raise ValueError(f"{key}={out[key]!r} must be a count here: the pod requests that many GPUs")
+        if key in POD_COUNTS and out[key] != AUTO and not (str(out[key]).isdigit() and int(out[key]) >= 1):
+            raise ValueError(f"{key}={out[key]!r} must be a count or auto here: the pod requests that many GPUs")
     return out
 
 

@@ -248,3 +248,16 @@ def download_teacher(**fields):
     result = stage.run(cfg)
     print(f"teacher {cfg.source} -> {result.uri} ({result.fingerprint}, skipped={result.skipped})")
     return namedtuple("Outputs", ["uri", "fingerprint", "skipped"])(result.uri, result.fingerprint, result.skipped)
+
+
+def size_teacher(teacher: str, **given):
+    """Return (teacher_type, gpus, sharding, distill_cpu, distill_memory, eval_gpus) for the teacher at `teacher`."""
+    from collections import namedtuple
+
+    from sidflow import sizing
+
+    kind = sizing.read_type(teacher)
+    sized = sizing.resolve(kind, **given)
+    print(f"teacher {teacher}: {kind}; " + ", ".join(f"{k}={v}" + " (preset)" * (given[k] in (sizing.AUTO, ""))
+                                                    for k, v in sized.items()))
+    return namedtuple("Outputs", ["teacher_type", *sized])(kind, *sized.values())
