@@ -241,7 +241,7 @@ def test_pod_settings_caching_and_retries(ir):
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(executors) == {"exec-watch-teachers", "exec-download-teacher", "exec-size-teacher", "exec-distill",
                               "exec-distill-trainjob", "exec-finetune", "exec-finetune-trainjob", "exec-keep-model",
-                              "exec-keep-model-2", "exec-evaluate", "exec-passes-gate", "exec-register", "exec-report"}
+                              "exec-fine-tuned", "exec-evaluate", "exec-passes-gate", "exec-register", "exec-report"}
     for name, ex in executors.items():
         long = {"exec-distill": pipeline_module.DISTILL_TIMEOUT_S, "exec-finetune": pipeline_module.DISTILL_TIMEOUT_S,
                 "exec-distill-trainjob": pipeline_module.DISTILL_TIMEOUT_S,

@@ -22,7 +22,7 @@ def _components() -> dict:
     from sidflow.kfp.components.distill_trainjob import distill_trainjob
     from sidflow.kfp.components.download_teacher import download_teacher
     from sidflow.kfp.components.evaluate import evaluate, passes_gate
-    from sidflow.kfp.components.finetune import finetune, keep_model
+    from sidflow.kfp.components.finetune import fine_tuned, finetune, keep_model
     from sidflow.kfp.components.finetune_trainjob import finetune_trainjob
     from sidflow.kfp.components.register import register
     from sidflow.kfp.components.report import report
@@ -30,7 +30,7 @@ def _components() -> dict:
     from sidflow.kfp.components.watch_teachers import watch_teachers
 
     return {c.name: c for c in (watch_teachers, download_teacher, size_teacher, distill, distill_trainjob, finetune,
-                                finetune_trainjob, keep_model, evaluate, passes_gate, register, report)}
+                                finetune_trainjob, fine_tuned, keep_model, evaluate, passes_gate, register, report)}
 
 
 def add_literals(pipeline, choices: dict[str, tuple]) -> None:

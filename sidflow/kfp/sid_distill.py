@@ -26,7 +26,7 @@ from sidflow.kfp.components.distill import distill
 from sidflow.kfp.components.distill_trainjob import distill_trainjob
 from sidflow.kfp.components.download_teacher import download_teacher
 from sidflow.kfp.components.evaluate import evaluate, passes_gate
-from sidflow.kfp.components.finetune import finetune, keep_model
+from sidflow.kfp.components.finetune import fine_tuned, finetune, keep_model
 from sidflow.kfp.components.finetune_trainjob import finetune_trainjob
 from sidflow.kfp.components.register import register
 from sidflow.kfp.components.report import report
@@ -209,7 +209,7 @@ def _dag(args: dict) -> None:
                 tune_job.set_retry(num_retries=DISTILL_RETRIES, backoff_duration="60s", backoff_factor=2.0)
                 _s3_env(tune_job, DISTILL_TIMEOUT_S)
             # One OneOf may not feed another (KFP): a CPU no-op turns this branch's into a plain output.
-            tune = keep_model(model=dsl.OneOf(tune_pod.outputs["Output"], tune_job.outputs["Output"]))
+            tune = fine_tuned(model=dsl.OneOf(tune_pod.outputs["Output"], tune_job.outputs["Output"]))
             tune.set_display_name("The fine-tuned generator")
             _s3_env(tune)
         with dsl.Else(name="no-finetune"):  # a parameter OneOf needs a task on each branch: this one is a CPU no-op

@@ -31,3 +31,9 @@ keep_model = dsl.component(base_image=images.RUNTIME, install_kfp_package=False)
     "keep_model", declare.source("keep_model", [MODEL], "Return the distilled model's URI unchanged (finetune off).",
                                  "from sidflow.kfp import tasks\nreturn tasks.keep_model(**arguments)",
                                  returns="str"), globals()))
+# The same no-op under its own name on the finetune side, so that neither is renumbered by the compiler.
+TUNED_MODEL = declare.Param("model", str, declare.REQUIRED, "URI of the fine-tuned generator, from either branch")
+fine_tuned = dsl.component(base_image=images.RUNTIME, install_kfp_package=False)(declare.function(
+    "fine_tuned", declare.source("fine_tuned", [TUNED_MODEL], "Return the fine-tuned model's URI unchanged (a OneOf "
+                                 "made a plain output).", "from sidflow.kfp import tasks\nreturn tasks.keep_model("
+                                 "**arguments)", returns="str"), globals()))
