@@ -179,7 +179,8 @@ def _dag(args: dict) -> None:
             keep.set_display_name("Keep the distilled generator")
             _s3_env(keep)
         model = dsl.OneOf(tune.outputs["Output"], keep.output)
-        score = evaluate(model=model, teacher=fetch.outputs["uri"], **where, **scoring, overrides=overrides)
+        score = evaluate(model=model, teacher=fetch.outputs["uri"], **where, **scoring, overrides=overrides,
+                         model_name=model_name)
         score.set_display_name("Evaluate (FID, CLIP score)")
         _gpu_pod(score, a["gpu_resource"], a["eval_gpus"], EVAL_RETRIES, a["gpu_node_selector"], a["gpu_tolerations"],
                  EVAL_TIMEOUT_S)
