@@ -105,10 +105,27 @@ def _produced(lines: list[str]) -> str:
     here = os.getcwd() + os.sep
     for key in ("Output", "uri", *values):
         if key in values:
-            value = values[key].replace(here, "")  # paths under the working directory (demo-out/...) shortened
+            value = _brief(values[key]).replace(here, "")  # paths under the working directory (demo-out/...)
             text = value if key in ("Output", "uri") else f"{key}: {value}"
             return text if len(text) <= 100 else "..." + text[-97:]  # a path's end says the most
     return ""
+
+
+def _brief(value: str) -> str:
+    # A list output (the watch's new teachers) by count and first fields; a dict (register's) as key=value pairs.
+    import ast
+
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+    if isinstance(parsed, list):
+        first = [next(iter(v.values()), "") if isinstance(v, dict) and v else v for v in parsed]
+        return f"{len(parsed)} item{'s' if len(parsed) != 1 else ''}" + (f": {', '.join(map(str, first))}"
+                                                                          if first else "")
+    if isinstance(parsed, dict):
+        return ", ".join(f"{k}={v}" for k, v in parsed.items())
+    return value
 
 
 @contextlib.contextmanager

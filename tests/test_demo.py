@@ -35,6 +35,11 @@ def test_stage_lines_from_kfp_local_log_records():
         "    model: Model( name='model',", "                  uri='/k/distill/model',",
         "                  metadata={} )",
         "-" * 80,
+        f"10:01:04.500 - INFO - Executing task {cyan}'watch-teachers'{reset}",
+        f"10:01:04.900 - INFO - Task {cyan}'watch-teachers'{reset} finished with status {green}SUCCESS{reset}",
+        f"10:01:04.901 - INFO - Task {cyan}'watch-teachers'{reset} outputs:",
+        "    Output: [{'source': '/t/a', 'dest': '/d/a'}, {'source': '/t/b', 'dest': '/d/b'}]",
+        "-" * 80,
         f"10:01:05.000 - INFO - Executing task {cyan}'report'{reset}",
         f"10:01:05.500 - INFO - Task {cyan}'report'{reset} finished with status {green}SUCCESS{reset}",
         f"10:01:05.501 - INFO - Task {cyan}'report'{reset} has no outputs",
@@ -42,9 +47,11 @@ def test_stage_lines_from_kfp_local_log_records():
     ]
     lines = _feed(log)
     assert [line.split()[:3] for line in lines] == [
-        ["download-teacher", "2.5", "s"], ["distill", "60.2", "s"], ["report", "0.5", "s"],
+        ["download-teacher", "2.5", "s"], ["distill", "60.2", "s"], ["watch-teachers", "0.4", "s"],
+        ["report", "0.5", "s"],
         ["register", "skipped", "(condition"]]
     assert lines[0].endswith("/a/teachers/t") and lines[1].endswith("/a/runs/r/t/model")
+    assert lines[2].endswith(" 2 items: /t/a, /t/b")
 
 
 def test_logged_sends_subprocess_and_in_process_output_to_the_file(tmp_path, capfd):
