@@ -12,7 +12,7 @@ from sidflow.launch import gpu_count, prints_summary
 # Environment switches the commands read; the top-level --help lists them (docs/operating.md §7 says more).
 ENVIRONMENT = """\
 environment:
-  SIDFLOW_CACHE        directory of sidflow's local cache (S3 downloads, teacher copies; default: <tmp>/sidflow-cache)
+  SIDFLOW_CACHE        where s3:// directories and files are fetched to (default: <tmp>/sidflow-cache)
   SIDFLOW_NO_BAR=1     no progress bars (logs, CI, kfp.local; `sidflow demo` sets it)
   SIDFLOW_CHECKED=1    set by sidflow for the ranks it launches: the launcher validated the run, ranks skip it
   SIDFLOW_RESULT_FILE  set by sidflow for the ranks it launches: where rank 0 writes its result
