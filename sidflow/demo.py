@@ -231,14 +231,14 @@ def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> d
     log.write_text("")  # this run's log only: a failure's tail is this run's
     print(f"[1/3] sid-distill under kfp.local: artifacts in {root / 'artifacts'}, registry {reg}\n"
           f"      full log: {log}", flush=True)
-    start = time.time()
+    t0 = time.time()
     try:
         with logged(log):
             run_local(str(root / "kfp-root"), **demo_parameters(root, kimg, kappa, eval_set))
     except RuntimeError as e:  # a task failed: logged() printed the log's end
         print(f"sidflow demo: {_ANSI.sub('', str(e))}", file=sys.stderr)
         return None
-    print(f"      pipeline done in {time.time() - start:.0f} s")
+    print(f"      pipeline done in {time.time() - t0:.0f} s")
     champion = registry.champion(reg, MODEL_NAME)
     if champion is None:
         print(f"the pipeline registered no champion: see {log}")
