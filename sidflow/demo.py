@@ -192,6 +192,12 @@ def _follow(path: Path, offset: int, done: threading.Event, terminal) -> None:
             time.sleep(0.2)
 
 
+def newest_grid(root: Path) -> Path | None:
+    """Return the newest grid.png the pipeline's evaluate task wrote (<artifact_root>/runs/<run>/<teacher>/eval/)."""
+    grids = sorted((root / "artifacts" / "runs").glob("*/*/eval/grid.png"), key=os.path.getmtime)
+    return grids[-1] if grids else None
+
+
 def export_start(uri: str, kappa: float) -> str:
     """Publish the one-step generator as distillation starts (the teacher's UNet fed at t_init) at `uri`, so the
     evaluate stage scores the starting point like the distilled model."""
@@ -265,8 +271,8 @@ def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> d
     print(f"\n| sampler | shapes-FID ↓ | prompt accuracy ↑ |   ({n} prompts, same seeds)\n|---|---|---|")
     for name, m in rows.items():
         print(f"| {name} | {m['fid']:.1f} | {m['clip']:.3f} |")
-    grids = sorted((root / "artifacts" / "runs").glob("*/*/grid.png"), key=os.path.getmtime)
-    if grids:  # written by the evaluate task next to its metrics.json
-        print(f"\nsample grid (distilled, one step, captioned): {grids[-1]}")
+    grid = newest_grid(root)
+    if grid:
+        print(f"\nsample grid (distilled, one step, captioned): {grid}")
     print(json.dumps({"champion": champion.version, "model": champion.model_uri}))
     return {"rows": rows, "champion": champion.version, "model": champion.model_uri}

@@ -113,3 +113,15 @@ def test_a_real_kfp_local_run_prints_one_line_per_task(tmp_path, capfd):
     assert [line.split()[0] for line in lines] == ["shout", "write"], out
     assert lines[0].endswith(" HI") and lines[1].endswith("/write/out") and " s  " in lines[1]
     assert err == "" and "chatter from the task process" in (tmp_path / "pipeline.log").read_text()
+
+
+def test_the_grid_printed_is_the_one_the_evaluate_task_wrote(tmp_path):
+    from sidflow.demo import newest_grid
+
+    assert newest_grid(tmp_path) is None
+    old, new = (tmp_path / "artifacts" / "runs" / r / "toy-teacher-ab12" / "eval" / "grid.png" for r in ("1", "2"))
+    for path, mtime in ((old, 1000), (new, 2000)):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"png")
+        os.utime(path, (mtime, mtime))
+    assert newest_grid(tmp_path) == new
