@@ -34,6 +34,11 @@ def test_the_page_of_a_coco_run_says_fid_and_clip_score():
     assert "<th>FID (coco30k, clean-fid Inception)</th>" in page and "<th>CLIP score (ViT-g-14)</th>" in page
 
 
+def test_a_sidflow_json_without_a_recipe_still_gives_a_page():
+    page = tasks.run_page(TOY, METRICS, {"nimg": 512, "steps": 1, "config": {}}, "toy", None)
+    assert "SiD-LSG: K = 1 step, 0.512 kimg</p>" in page and "teacher: <code></code>" in page
+
+
 def test_a_teacher_row_names_its_sampler_and_escapes_what_it_prints():
     cfg = EvaluateConfig(model="/t/<sd15>", prompts="p", reference="r", output="o", sampler="ddim", teacher_steps=25,
                          kappa=3.0)

@@ -203,9 +203,13 @@ def run_page(cfg, metrics: dict, info: dict | None, model_name: str, grid_png: b
         c = info.get("config", {})
         kind = "few-step SiD + adversarial finetune" if "data" in c else "SiD-LSG" if info.get("steps", 1) == 1 \
             else "few-step SiD"
-        recipe = (f"{kind}: guidance {c['guidance']}, κ {c['kappa']:g}, "
-                  f"K = {info.get('steps', 1)} step{'s' if info.get('steps', 1) != 1 else ''}, "
-                  f"{info.get('nimg', 0) / 1000:g} kimg ({info.get('weights', '')} weights)")
+        k = info.get("steps", 1)
+        parts = [f"guidance {c['guidance']}" if "guidance" in c else None,  # a hand-made sidflow.json may lack them
+                 f"κ {c['kappa']:g}" if isinstance(c.get("kappa"), (int, float)) else None,
+                 f"K = {k} step{'s' if k != 1 else ''}",
+                 f"{info.get('nimg', 0) / 1000:g} kimg"
+                 + (f" ({info['weights']} weights)" if info.get("weights") else "")]
+        recipe = f"{kind}: " + ", ".join(p for p in parts if p)
         teacher = info.get("teacher", "")
     else:  # a teacher scored with its own sampler (comparison rows)
         recipe = f"teacher, {cfg.sampler} {cfg.teacher_steps} steps, CFG κ {cfg.kappa:g}"
