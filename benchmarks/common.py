@@ -72,9 +72,17 @@ def synthetic_run(model: str, prefix: str) -> tuple[Path, str, str]:
 def record(name: str, file: str, gpus: int, metrics: dict, config: dict, out_dir: Path = RESULTS,
            final: bool = True) -> dict:
     """Write the result to out_dir/file and, when final, print it as one JSON line (partial saves stay quiet)."""
+    repo, out = str(Path(__file__).resolve().parent.parent) + "/", str(out_dir.resolve())
+
+    def portable(value):  # a committed record names no machine's paths: the repo's own relative, out_dir as $OUT
+        if not isinstance(value, str):
+            return value
+        return value.replace(repo, "") if out.startswith(repo) else value.replace(out, "$OUT").replace(repo, "")
+
     result = {"name": name, "device": device_name(), "gpus": gpus, "git_sha": git_sha(),
-              "command": "python " + " ".join(sys.argv), "versions": versions(),
-              "date": datetime.date.today().isoformat(), "metrics": metrics, "config": config}
+              "command": portable("python " + " ".join(sys.argv)), "versions": versions(),
+              "date": datetime.date.today().isoformat(), "metrics": metrics,
+              "config": {k: portable(v) for k, v in config.items()}}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / file).write_text(json.dumps(result, indent=2) + "\n")
     if final:

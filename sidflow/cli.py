@@ -9,9 +9,32 @@ import sys
 from sidflow import config
 from sidflow.launch import gpu_count, prints_summary
 
+# Environment switches the commands read; the top-level --help lists them (docs/operating.md §7 says more).
+ENVIRONMENT = """\
+environment:
+  SIDFLOW_CACHE        where s3:// directories and files are fetched to (default: <tmp>/sidflow-cache)
+  SIDFLOW_NO_BAR=1     no progress bars (logs, CI, kfp.local; `sidflow demo` sets it)
+  SIDFLOW_CHECKED=1    set by sidflow for the ranks it launches: the launcher validated the run, ranks skip it
+  SIDFLOW_RESULT_FILE  set by sidflow for the ranks it launches: where rank 0 writes its result
+  SIDFLOW_FAILPOINT, SIDFLOW_FAILPOINT_ONCE  fault injection for the tests (crash at a named point)
+  AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, AWS_S3_ADDRESSING_STYLE, AWS_*  S3 endpoint (MinIO...), style, credentials
+  MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD, MLFLOW_TRACKING_INSECURE_TLS,
+  MLFLOW_TRACKING_SERVER_CERT_PATH  an mlflow+http(s):// registry's credentials and TLS
+  MODEL_REGISTRY_TOKEN, MODEL_REGISTRY_CA_CERT, KF_PIPELINES_SA_TOKEN_PATH  a kubeflow-mr+http(s):// registry's
+  KF_PIPELINES_ENDPOINT  the KFP API of `sidflow pipeline submit|schedule` when --host is not given
+  KUBECONFIG           the cluster of the pipeline's TrainJob task
+"""
 
-def _stage_parser(sub, name: str, cls, help: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, description=help)
+
+def _parser(sub, name: str, help: str, example: str | None = None, description: str | None = None,
+            ) -> argparse.ArgumentParser:
+    # Every subcommand's --help ends with an example of its use, kept as written.
+    return sub.add_parser(name, help=help, description=description or help, formatter_class=config.HelpFormatter,
+                          epilog=f"example:\n  {example}" if example else None)
+
+
+def _stage_parser(sub, name: str, cls, help: str, example: str | None = None) -> argparse.ArgumentParser:
+    p = _parser(sub, name, help, example)
     config.add_arguments(p, cls)
     return p
 
@@ -272,27 +295,38 @@ def main(argv: list[str] | None = None) -> int:
     from sidflow.stages.distill import DistillConfig
     from sidflow.stages.download_teacher import DownloadTeacherConfig
 
-    parser = argparse.ArgumentParser(prog="sidflow", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sidflow", description=__doc__, formatter_class=config.HelpFormatter,
+                                     epilog="example:\n  sidflow demo          # the whole pipeline on the bundled "
+                                            "toy teacher, on this machine\n\n" + ENVIRONMENT)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = _stage_parser(sub, "download-teacher", DownloadTeacherConfig, "fetch a teacher once and publish it")
+    p = _stage_parser(sub, "download-teacher", DownloadTeacherConfig, "fetch a teacher once and publish it",
+                      "sidflow download-teacher --source hf://stable-diffusion-v1-5/stable-diffusion-v1-5 "
+                      "--dest s3://my-bucket/teachers/sd15")
     p.set_defaults(fn=_download_teacher)
-    p = _stage_parser(sub, "distill", DistillConfig, "one-step SiD-LSG distillation of a teacher")
+    p = _stage_parser(sub, "distill", DistillConfig, "one-step SiD-LSG distillation of a teacher",
+                      "sidflow distill --teacher s3://my-bucket/teachers/sd15 --prompts s3://my-bucket/prompts.txt "
+                      "--output s3://my-bucket/runs/sd15-lsg1.5 --kappa 1.5 --gpus 8 --tf32 --dry-run")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and stop")
     p.set_defaults(fn=_distill)
     from sidflow.stages.finetune import FinetuneConfig
 
     p = _stage_parser(sub, "finetune", FinetuneConfig, "few-step SiD with the adversarial term on real text-image "
-                      "pairs, from a distill run or a teacher")
+                      "pairs, from a distill run or a teacher",
+                      "sidflow finetune --init s3://my-bucket/runs/sd15-lsg1.5 --data s3://my-bucket/pairs/coco "
+                      "--output s3://my-bucket/runs/sd15-adv-k4 --steps 4 --gpus 8")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and stop")
     p.set_defaults(fn=_finetune)
     from sidflow import trainjob
 
     p = _stage_parser(sub, "distill-trainjob", DistillConfig, "print the Kubeflow Trainer TrainJob (YAML) that runs "
-                      "this distill on --distill-nodes nodes × --gpus GPUs; kubectl create -f it")
+                      "this distill on --distill-nodes nodes × --gpus GPUs; kubectl create -f it",
+                      "sidflow distill-trainjob --distill-nodes 2 --gpus 8 --teacher s3://my-bucket/teachers/sd15 "
+                      "--prompts s3://my-bucket/prompts.txt --output s3://my-bucket/runs/sd15 | kubectl create -f -")
     config.add_arguments(p, trainjob.PlacementConfig)
     p.add_argument("--image", default=trainjob.TRAINER_IMAGE, help="trainer image (default: %(default)s)")
     p.set_defaults(fn=_distill_trainjob)
-    p = sub.add_parser("generate", help="sample an exported generator")
+    p = _parser(sub, "generate", "sample an exported generator", "sidflow generate --model "
+                "s3://my-bucket/runs/sd15-lsg1.5/model --prompt 'a photo of a cat' -n 4 --out cats.png")
     p.add_argument("--model", required=True, help="generator URI (the distill output's model/)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True, help="PNG path; a grid when -n > 1")
@@ -300,12 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.set_defaults(fn=_generate)
-    toy = sub.add_parser("toy", help="toy teachers").add_subparsers(dest="toy_command", required=True)
-    p = toy.add_parser("build-tiny", help="build a tiny random SD-layout teacher (tests, smoke runs)")
+    toy = _parser(sub, "toy", "toy teachers", "sidflow toy make-shapes --out shapes.parquet --n 50000")
+    toy = toy.add_subparsers(dest="toy_command", required=True)
+    p = _parser(toy, "build-tiny", "build a tiny random SD-layout teacher (tests, smoke runs)",
+                "sidflow toy build-tiny --out tiny-teacher")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_build_tiny)
-    p = toy.add_parser("make-shapes", help="write a procedural shapes text-image parquet")
+    p = _parser(toy, "make-shapes", "write a procedural shapes text-image parquet",
+                "sidflow toy make-shapes --out shapes-train.parquet --n 50000 --split train")
     p.add_argument("--out", required=True, help="parquet URI")
     p.add_argument("--n", type=int, default=50_000)
     p.add_argument("--seed", type=int, default=0)
@@ -313,26 +350,34 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_make_shapes)
     from sidflow.toy.train_teacher import ToyTeacherConfig
 
-    p = _stage_parser(toy, "train-teacher", ToyTeacherConfig, "train a small SD-layout teacher on a text-image parquet")
+    p = _stage_parser(toy, "train-teacher", ToyTeacherConfig, "train a small SD-layout teacher on a text-image parquet",
+                      "sidflow toy train-teacher --data shapes-train.parquet --output toy-teacher --minutes 30")
     p.set_defaults(fn=_train_teacher)
-    p = toy.add_parser("train-evaluator", help="train the shapes attribute classifier (shapes-FID, prompt accuracy)")
+    p = _parser(toy, "train-evaluator", "train the shapes attribute classifier (shapes-FID, prompt accuracy)",
+                "sidflow toy train-evaluator --out toy-teacher/evaluator --steps 4000")
     p.add_argument("--out", required=True, help="directory")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_train_evaluator)
-    p = sub.add_parser("demo", help="the whole job on the bundled teacher, on this machine")
+    p = _parser(sub, "demo", "the whole job on the bundled teacher, on this machine: one line per pipeline stage, the "
+                "before/after table and the sample grid; kfp.local's full log goes to <out>/pipeline.log",
+                "sidflow demo --out demo-out")
     p.add_argument("--out", default="demo-out")
     p.set_defaults(fn=_demo)
     from sidflow.stages.register import RegisterConfig
 
-    p = sub.add_parser("registry", help="the model registry: register, list, show, promote, reindex")
+    p = _parser(sub, "registry", "the model registry: register, list, show, promote, reindex",
+                "sidflow registry list --registry s3://my-bucket/registry --name sid-generator")
     p.set_defaults(fn=_registry)
     reg = p.add_subparsers(dest="registry_command", required=True)
-    _stage_parser(reg, "register", RegisterConfig, "register an evaluated model; promote it if it passes the gate")
+    _stage_parser(reg, "register", RegisterConfig, "register an evaluated model; promote it if it passes the gate",
+                  "sidflow registry register --registry s3://my-bucket/registry --model "
+                  "s3://my-bucket/runs/sd15-lsg1.5/model --metrics s3://my-bucket/runs/sd15-lsg1.5/eval/metrics.json")
     for name, help in [("list", "list the versions of a model"), ("show", "print one version (default: champion)"),
                        ("promote", "make a version the champion, no gate"),
                        ("reindex", "rebuild index.json from versions/")]:
-        p = reg.add_parser(name, help=help, description=help)
+        p = _parser(reg, name, help, f"sidflow registry {name} --registry s3://my-bucket/registry"
+                    + (" --version 3" if name == "promote" else ""))
         p.add_argument("--registry", required=True, help="registry URI: s3://bucket/prefix, a path, "
                        "mlflow+http(s)://host:port or kubeflow-mr+http(s)://host:port")
         p.add_argument("--name", default="sid-generator", help="registered model name")
@@ -343,23 +388,31 @@ def main(argv: list[str] | None = None) -> int:
     from sidflow.evaluate.reference import RefStatsConfig
     from sidflow.stages.evaluate import EvaluateConfig
 
-    p = _stage_parser(sub, "evaluate", EvaluateConfig, "FID and CLIP score under the zero-shot COCO protocol")
+    p = _stage_parser(sub, "evaluate", EvaluateConfig, "FID and CLIP score under the zero-shot COCO protocol",
+                      "sidflow evaluate --model s3://my-bucket/runs/sd15-lsg1.5/model --prompts "
+                      "s3://my-bucket/eval/coco30k.parquet --reference s3://my-bucket/eval/val2014_256.npz "
+                      "--output s3://my-bucket/runs/sd15-lsg1.5/eval --gpus 8")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and stop")
     p.set_defaults(fn=_evaluate)
-    p = sub.add_parser("data", help="data: real text-image pairs, COCO prompt sets, reference statistics")
+    p = _parser(sub, "data", "data: real text-image pairs, COCO prompt sets, reference statistics",
+                "sidflow data coco-prompts --captions-txt captions.txt --out s3://my-bucket/eval/coco30k.parquet")
     p.set_defaults(fn=_data)
     data = p.add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("coco-prompts", help="write a prompt set parquet (caption, seed[, image_id])",
-                        description="From GigaGAN's captions.txt (30k, md5 checked) or COCO's captions_val2014.json "
-                                    "(one caption per image, drawn with --seed; --n random images).")
+    p = _parser(data, "coco-prompts", "write a prompt set parquet (caption, seed[, image_id])",
+                "sidflow data coco-prompts --annotations annotations/captions_val2014.json --n 10000 "
+                "--out s3://my-bucket/eval/coco10k.parquet",
+                description="From GigaGAN's captions.txt (30k, md5 checked) or COCO's captions_val2014.json "
+                            "(one caption per image, drawn with --seed; --n random images).")
     p.add_argument("--out", required=True, help="parquet URI")
     p.add_argument("--captions-txt", help="URI of GigaGAN's captions.txt (the SiD-LSG / DMD2 copies are identical)")
     p.add_argument("--annotations", help="URI of COCO's annotations/captions_val2014.json")
     p.add_argument("--n", type=int, help="with --annotations: draw this many images (10000 for the SDXL protocol)")
     p.add_argument("--seed", type=int, default=0, help="with --annotations: seed of the caption and image draws")
-    p = data.add_parser("pack", help="write real text-image pairs as parquet shards for `sidflow finetune --data`",
-                        description="From a folder of images with captions, or COCO's captions_train2014.json and its "
-                                    "images; images that do not decode are skipped and counted.")
+    p = _parser(data, "pack", "write real text-image pairs as parquet shards for `sidflow finetune --data`",
+                "sidflow data pack --annotations coco/annotations/captions_train2014.json --coco-images "
+                "coco/train2014 --out s3://my-bucket/pairs/coco",
+                description="From a folder of images with captions, or COCO's captions_train2014.json and its "
+                            "images; images that do not decode are skipped and counted.")
     p.add_argument("--out", required=True, help="URI of the shards' directory (published with a manifest)")
     p.add_argument("--images", help="folder of .png/.jpg/.webp images")
     p.add_argument("--captions", help="with --images: a .jsonl of {file, caption} or lines file<TAB>caption "
@@ -367,25 +420,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--annotations", help="URI of COCO's annotations/captions_train2014.json (first caption per image)")
     p.add_argument("--coco-images", help="with --annotations: the folder of its images (train2014/)")
     p.add_argument("--rows-per-shard", type=int, default=1000, help="pairs per parquet shard (default: %(default)s)")
-    _stage_parser(data, "ref-stats", RefStatsConfig, "compute reference mu/sigma of real images once, store at a URI")
+    _stage_parser(data, "ref-stats", RefStatsConfig, "compute reference mu/sigma of real images once, store at a URI",
+                  "sidflow data ref-stats --images val2014.zip --out s3://my-bucket/eval/val2014_256.npz")
     from sidflow.evaluate.weights import StageWeightsConfig
 
     _stage_parser(data, "stage-weights", StageWeightsConfig, "copy evaluate's OpenCLIP and Inception weights to a URI "
-                  "once (from a machine with internet), for clusters without it")
+                  "once (from a machine with internet), for clusters without it",
+                  "sidflow data stage-weights --dest s3://my-bucket/weights")
     from sidflow.stages.watch_teachers import WatchTeachersConfig
 
-    p = _stage_parser(sub, "watch-teachers", WatchTeachersConfig, "list teachers with no registered distillation yet")
+    p = _stage_parser(sub, "watch-teachers", WatchTeachersConfig, "list teachers with no registered distillation yet",
+                      "sidflow watch-teachers --teachers 's3://my-bucket/teachers/*' --registry "
+                      "s3://my-bucket/registry --artifact-root s3://my-bucket/sidflow")
     p.set_defaults(fn=_watch_teachers)
-    p = sub.add_parser("pipeline", help="the sid-distill Kubeflow pipeline: compile, run-local, submit, schedule")
+    p = _parser(sub, "pipeline", "the sid-distill Kubeflow pipeline: compile, run-local, submit, schedule",
+                "sidflow pipeline compile --image-registry registry.example.com/ml --out sid-distill.yaml")
     p.set_defaults(fn=_pipeline)
     kp = p.add_subparsers(dest="pipeline_command", required=True)
-    p = kp.add_parser("compile", help="compile the pipeline to IR YAML")
+    p = _parser(kp, "compile", "compile the pipeline to IR YAML",
+                "sidflow pipeline compile --image-registry registry.example.com/ml --out sid-distill.yaml")
     p.add_argument("--out", default="sid_distill.yaml", help="output YAML path (the package's own copy is "
                    "regenerated with `python -m sidflow.kfp.compile`)")
     p.add_argument("--max-parallel", type=int, help="teachers distilled at once: GPU pods or TrainJobs started "
                    "together when several new teachers appear (default 1)")
     _image_flags(p)
-    p = kp.add_parser("run-local", help="run the whole pipeline on this machine (kfp.local, no pod settings)")
+    p = _parser(kp, "run-local", "run the whole pipeline on this machine (kfp.local, no pod settings)",
+                "sidflow pipeline run-local --teachers examples/toy-teacher --registry reg --artifact-root art "
+                "--prompts prompts.txt --set kimg=1")
     p.add_argument("--pipeline-root", default="kfp-local", help="local directory for kfp.local outputs")
     p.add_argument("--teachers", required=True, help="comma-separated teacher sources")
     p.add_argument("--registry", required=True, help="registry root URI")
@@ -395,8 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, help in [("submit", "start one run on a Kubeflow Pipelines cluster; prints its id and UI link"),
                        ("schedule", "create a recurring run (enabled, max_concurrency 1, no catch-up); prints its "
                                     "id and UI link")]:
-        p = kp.add_parser(name, help=help, description=help + ". KEY=VALUE overrides are parsed into the types "
-                          "the compiled pipeline declares (false, 1e-5, 8 arrive as JSON bool, float, int).")
+        p = _parser(kp, name, help, f"sidflow pipeline {name} --host http://localhost:3000 "
+                    + ("--cron '0 0 3 * * *' " if name == "schedule" else "")
+                    + "teachers=hf://stable-diffusion-v1-5/stable-diffusion-v1-5 registry=s3://my-bucket/registry "
+                    "artifact_root=s3://my-bucket/sidflow prompts=s3://my-bucket/prompts.txt kimg=2000",
+                    description=help + ". KEY=VALUE overrides are parsed into the types the compiled pipeline "
+                    "declares (false, 1e-5, 8 arrive as JSON bool, float, int).")
         p.add_argument("params", nargs="*", metavar="KEY=VALUE", help="pipeline parameter overrides")
         p.add_argument("--host", help="KFP API endpoint, e.g. http://localhost:3000 after `kubectl port-forward -n "
                                       "kubeflow svc/ml-pipeline-ui 3000:80` (default: $KF_PIPELINES_ENDPOINT, "

@@ -103,16 +103,46 @@ def to_json(cfg) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
 
 
+class BoolFlag(argparse.BooleanOptionalAction):
+    """`--flag` / `--no-flag` for a bool field; `--flag true|false` still parses (older scripts, and to_args, whose
+    output must read back the same), its value coerced like any other."""
+
+    def __init__(self, option_strings, dest, default=None, help=None, **_):
+        super().__init__(option_strings, dest, default=default, help=help)
+        self.nargs, self.metavar = "?", "true|false"  # the old form's optional value; usage lines show it
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"{option_string} takes no value")
+            values = False
+        setattr(namespace, self.dest, True if values is None else values)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keep epilog examples as written; show a bool field as `--flag, --no-flag`."""
+
+    def _format_action_invocation(self, action):
+        if isinstance(action, BoolFlag):
+            return ", ".join(action.option_strings)
+        return super()._format_action_invocation(action)
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """Add one `--field-name` flag per config field, with the field's help and default (values coerced later)."""
+    """Add one `--field-name` flag per config field (a `--field-name/--no-field-name` pair for a bool), with the
+    field's help and default (values coerced later)."""
     hints = _field_types(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{f.metadata.get('help', '')} " + ("(required)" if required(f) else f"(default: {default(f)!r})")
+        text = text.replace("%", "%%")  # argparse %-formats help: a literal "30%" would break --help
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, action=BoolFlag, help=text)
+            continue
         choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-                            choices=choices, metavar=None if choices else f.name.upper(),
-                            help=f"{f.metadata.get('help', '')} " + ("(required)" if required(f) else
-                                                                          f"(default: {default(f)!r})"))
+        parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, choices=choices,
+                            metavar=None if choices else f.name.upper(), help=text)
 
 
 def to_args(cfg) -> list[str]:

@@ -365,7 +365,7 @@ def test_component_runs_the_job_and_returns_the_model(kube, tiny_teacher, tmp_pa
     assert not fake.jobs
     model = distill_trainjob.python_func(**args)
     assert model == storage.join(output, "model")
-    assert metrics.metadata == {"kimg": 2.048, "iteration": 4.0, "loss_g": 0.5}
+    assert metrics.metadata == {"kimg": 2.048, "iterations": 4.0, "loss_g": 0.5}  # named as the one-pod distill's
     assert card.metadata["uri"] == model and card.metadata["kimg"] == 2.048
     assert Path(card.path).read_text() == "# card\n"
     (created,) = fake.jobs.values()

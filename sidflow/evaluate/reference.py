@@ -10,6 +10,7 @@ defaults to one worker (evaluation.md §2); none of that applies here.
 import hashlib
 import io
 import json
+import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -131,7 +132,8 @@ def compute_reference(cfg: RefStatsConfig, extractor) -> dict:
     data = _Images(source, names, protocol.fid_size, extractor.prepare, blobs)
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch, num_workers=cfg.workers,
                                          collate_fn=np.stack, persistent_workers=False)
-    feats = [extractor(batch) for batch in tqdm(loader, desc="ref-stats", unit="batch")]
+    bar = tqdm(loader, desc="ref-stats", unit="batch", disable=os.environ.get("SIDFLOW_NO_BAR") == "1")
+    feats = [extractor(batch) for batch in bar]
     mu, sigma = feature_stats(np.concatenate(feats))
     meta = {"protocol": protocol.name, "fid_size": protocol.fid_size, "features": extractor.fingerprint,
             "images": len(names), "source": cfg.images, "prompts": cfg.prompts,

@@ -218,7 +218,7 @@ def _dag(args: dict) -> None:
             _s3_env(keep)
         model = dsl.OneOf(tune.output, keep.output)
         score = evaluate(model=model, teacher=fetch.outputs["uri"], **where, **{**scoring, "gpus": sized["eval_gpus"]},
-                         overrides=overrides)
+                         overrides=overrides, model_name=model_name)
         score.set_display_name("Evaluate (FID, CLIP score)")
         _gpu_pod(score, a["gpu_resource"], sized["eval_gpus"], EVAL_RETRIES, a["gpu_node_selector"],
                  a["gpu_tolerations"], EVAL_TIMEOUT_S)

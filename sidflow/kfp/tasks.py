@@ -67,6 +67,16 @@ def distill(metrics, model, artifact_root: str, run_id: str, teacher_fingerprint
     return _trained(metrics, model, stage.launch_with_retries(cfg, retries), f"distill of {cfg.teacher}")
 
 
+def train_metrics(kimg: float, iterations: int | None, last: dict) -> dict:
+    """The numbers a training task puts on its KFP Metrics artifact, for the UI's run comparison: kimg, iterations,
+    images/s and the losses of the last logged iteration (loss_g, loss_fake; loss_disc, loss_adv with the GAN term),
+    then the rest of that iteration's line (NaN drops, peak memory, phase seconds with profile)."""
+    first = {"kimg": kimg, "iterations": iterations, "images_per_s": last.get("images_per_s"),
+             **{k: last.get(k) for k in ("loss_g", "loss_fake", "loss_disc", "loss_adv")}}
+    rest = {k: v for k, v in last.items() if k not in first and k != "iteration"}  # iteration: = iterations
+    return {k: v for k, v in {**first, **rest}.items() if v is not None}
+
+
 def _trained(metrics, model, result, what: str) -> str:
     # What the distill and finetune tasks do with their result: log it, fail an interrupted run (so that the task's
     # retry resumes it), describe the exported model on the KFP Model artifact.
@@ -74,7 +84,7 @@ def _trained(metrics, model, result, what: str) -> str:
     from sidflow.stages.distill import summary
 
     print(summary(result))
-    _log(metrics, {"kimg": result.kimg, "iterations": result.iterations, **result.metrics})
+    _log(metrics, train_metrics(result.kimg, result.iterations, result.metrics))
     if result.interrupted:
         raise RuntimeError(f"{what} was interrupted at {result.kimg:.3f} kimg; a retry resumes it")
     model.metadata.update(describe(result.model_uri, model.path))
@@ -174,16 +184,17 @@ def _trainjob(metrics, model, cfg, placement, trainer_image: str, retries: int, 
                 raise
             print(f"{e}; attempt {attempt + 2} of {retries + 1} resumes from the newest checkpoint")
     model_uri, info = trainjob.result(cfg.output)
-    _log(metrics, {"kimg": info["nimg"] / 1000, **info.get("metrics", {})})
+    _log(metrics, train_metrics(info["nimg"] / 1000, info.get("metrics", {}).get("iteration"),
+                                info.get("metrics", {})))
     model.metadata.update(describe(model_uri, model.path))
     print(f"TrainJob {job['metadata']['name']} exported {model_uri}")
     return model_uri
 
 
-def evaluate(metrics, samples, artifact_root: str, run_id: str, teacher: str, overrides: dict, **fields) -> str:
+def evaluate(metrics, samples, artifact_root: str, run_id: str, teacher: str, overrides: dict, model_name: str = "",
+             **fields) -> str:
     """Evaluate the model (one process per GPU of the pod); return the URI of its metrics.json."""
-    import base64
-
+    from sidflow.generator import INFO_FILE
     from sidflow.kfp.paths import run_output
     from sidflow.stages import evaluate as stage
 
@@ -193,15 +204,54 @@ def evaluate(metrics, samples, artifact_root: str, run_id: str, teacher: str, ov
     result = stage.launch(cfg)
     print(stage.summary(result))
     _log(metrics, {k: result.metrics[k] for k in ("fid", "clip", "images", "images_per_s")})
-    grid_uri = storage.join(output, "grid.png")
-    page = "<p>no grid (grid = 0)</p>"
-    if storage.exists(grid_uri):
-        png = base64.b64encode(storage.read_bytes(grid_uri)).decode()
-        page = f'<img alt="samples" src="data:image/png;base64,{png}">'
+    grid_uri, info_uri = storage.join(output, "grid.png"), storage.join(cfg.model, INFO_FILE)
+    info = json.loads(storage.read_text(info_uri)) if cfg.sampler == "generator" and storage.exists(info_uri) else None
     with open(samples.path, "w") as f:
-        f.write(f"<html><body><h3>{cfg.model}</h3><p>FID {result.fid:.3f}, score {result.clip:.4f} "
-                f"({result.images} images)</p>{page}</body></html>")
+        f.write(run_page(cfg, result.metrics, info, model_name,
+                         storage.read_bytes(grid_uri) if storage.exists(grid_uri) else None))
     return result.metrics_uri
+
+
+def _metric_names(cfg) -> tuple[str, str]:
+    # What fid and clip measure under this evaluation (evaluation.md): the toy evaluator's, or the paper protocol's.
+    fid = "shapes-FID" if cfg.features.startswith("toy:") else f"FID ({cfg.protocol}, clean-fid Inception)"
+    score = "prompt accuracy" if cfg.scorer.startswith("toy:") else f"CLIP score ({cfg.clip_model})"
+    return fid, score
+
+
+def run_page(cfg, metrics: dict, info: dict | None, model_name: str, grid_png: bytes | None) -> str:
+    """Return the evaluate task's HTML page for the Kubeflow UI: the model by name and recipe (teacher, guidance and
+    κ, K steps, kimg from its sidflow.json; a teacher's sampler when it is one), its metrics named by protocol,
+    and the captioned sample grid."""
+    import base64
+    from html import escape
+
+    if info is not None:
+        c = info.get("config", {})
+        kind = "few-step SiD + adversarial finetune" if "data" in c else "SiD-LSG" if info.get("steps", 1) == 1 \
+            else "few-step SiD"
+        k = info.get("steps", 1)
+        parts = [f"guidance {c['guidance']}" if "guidance" in c else None,  # a hand-made sidflow.json may lack them
+                 f"κ {c['kappa']:g}" if isinstance(c.get("kappa"), (int, float)) else None,
+                 f"K = {k} step{'s' if k != 1 else ''}",
+                 f"{info.get('nimg', 0) / 1000:g} kimg"
+                 + (f" ({info['weights']} weights)" if info.get("weights") else "")]
+        recipe = f"{kind}: " + ", ".join(p for p in parts if p)
+        teacher = info.get("teacher", "")
+    else:  # a teacher scored with its own sampler (comparison rows)
+        recipe = f"teacher, {cfg.sampler} {cfg.teacher_steps} steps, CFG κ {cfg.kappa:g}"
+        teacher = cfg.model
+    fid_name, score_name = _metric_names(cfg)
+    rows = "".join(f"<tr><th>{escape(name)}</th><td>{value}</td></tr>" for name, value in [
+        (fid_name, f"{metrics['fid']:.3f}"), (score_name, f"{metrics['clip']:.4f}"),
+        ("images", metrics.get("images", "")), ("images/s", f"{metrics.get('images_per_s', 0):.1f}")])
+    grid = (f'<img alt="samples: the first prompts, captioned" src="data:image/png;base64,'
+            f'{base64.b64encode(grid_png).decode()}">' if grid_png else "<p>no grid (grid = 0)</p>")
+    title = model_name or "sidflow model"
+    return (f"<html><head><meta charset='utf-8'><title>{escape(title)}</title></head><body>"
+            f"<h2>{escape(title)}</h2><p>{escape(recipe)}</p><p>teacher: <code>{escape(teacher)}</code></p>"
+            f"<table>{rows}</table><p>prompts: <code>{escape(cfg.prompts)}</code>; model: "
+            f"<code>{escape(cfg.model)}</code></p>{grid}</body></html>")
 
 
 # Pipeline name of an EvaluateConfig field, where the bare name is a distill parameter or would be unclear.

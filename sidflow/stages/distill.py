@@ -47,7 +47,7 @@ class DistillConfig:
     adam_eps: float = param(1e-8, "Adam ε (§5)")
     batch: int = param(512, "global batch per phase (prompts per fake step and per generator step) (§5)")
     micro_batch: int = param(1, "samples per GPU per accumulation round (--batch-gpu in the reference code)")
-    kimg: float = param(10000.0, "training length in thousands of generator images (10 Mimg in run_sid.sh)")
+    kimg: float = param(10000.0, "training length in thousands of generator images (SiD-LSG's SD runs: 10 Mimg)")
     precision: Literal["bf16", "fp32"] = param(
         "bf16", "bf16 = autocast over fp32 master weights; fp32 = paper-faithful (TF32 off unless tf32) (§5, §8)")
     tf32: bool = param(False, "allow TF32 matmuls in fp32 mode (off in the reference code)")

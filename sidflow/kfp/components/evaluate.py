@@ -14,6 +14,7 @@ RUNTIME_IMAGE = images.RUNTIME  # CPU
 (OVERRIDES,) = [p for p in declare.params(DistillTask) if p.name == "overrides"]
 TEACHER = declare.Param("teacher", str, "", "the distilled teacher's URI (names the run directory when output is "
                                             "empty)")
+MODEL_NAME = declare.Param("model_name", str, "", "the registry's model name, heading the run page (samples)")
 OUTPUTS = [declare.Param("metrics", "Output[Metrics]", declare.REQUIRED, "fid, clip, images and images/s"),
            declare.Param("samples", "Output[HTML]", declare.REQUIRED, "HTML page with the captioned sample grid")]
 SUMMARY = """Evaluate `model` and return the URI of its metrics.json.
@@ -22,7 +23,7 @@ An empty output is eval/ of the run directory (<artifact_root>/runs/<run_id>/<te
 
 evaluate = dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)(declare.function("evaluate", declare.source(
     "evaluate", OUTPUTS + declare.params(EvaluateConfig, skip=declare.none_fields(EvaluateConfig))
-    + declare.params(RunPlace) + [TEACHER, OVERRIDES], SUMMARY,
+    + declare.params(RunPlace) + [TEACHER, OVERRIDES, MODEL_NAME], SUMMARY,
     "from sidflow.kfp import tasks\nreturn tasks.evaluate(**arguments)", returns="str"), globals()))
 
 GATE_SUMMARY = """True when the evaluation's FID and score are finite and, if max_fid is set, the FID is at most it.
