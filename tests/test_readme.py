@@ -1,5 +1,7 @@
-"""README drift: its first two commands; the parameter reference (docs/parameters.md) is generated from the configs."""
+"""README drift: its first two commands; the parameter reference (docs/parameters.md) is generated from the configs;
+the relative links of README and docs/ resolve."""
 
+import re
 from pathlib import Path
 
 from sidflow.config import markdown_table
@@ -11,7 +13,8 @@ from sidflow.stages.finetune import FinetuneConfig
 from sidflow.stages.register import RegisterConfig
 from sidflow.toy.train_teacher import ToyTeacherConfig
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text()
 
 
 def test_first_two_commands():
@@ -30,3 +33,23 @@ def test_the_parameter_reference_is_generated_from_the_configs():
     assert "| `teacher` | required |" in markdown_table(DistillConfig)
 
 
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors of a markdown file: lower case, punctuation dropped, spaces to hyphens."""
+    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in path.read_text().splitlines() if line.startswith("#")}
+
+
+def test_relative_links_resolve():
+    # README's links, and those of docs/ (benchmarks.md and evaluation.md hold what moved out of README), name files
+    # and headings that exist; URLs (`https:`, `s3:`, ...) are not checked.
+    broken = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
+        for target in re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = doc.parent / path if path else doc
+            if not dest.exists() or (anchor and anchor not in _anchors(dest)):
+                broken.append(f"{doc.relative_to(ROOT)}: {target}")
+    assert broken == []

@@ -95,8 +95,8 @@ def evaluate_rows(rows: range, prompts: PromptSet, sampler, protocol: Protocol, 
     writes: list[Future] = []
     measuring: list[Future] = []
     # Measuring runs on a CUDA stream of its own, of high priority, so its few hundred small kernels per batch do not
-    # queue behind the UNet's large ones: the default pass went from 47-62 to 61-67 images/s on H100s (README,
-    # eval_throughput_h100*.json). The kernels and so the numbers are the same.
+    # queue behind the UNet's large ones: the default pass went from 47-62 to 61-67 images/s on H100s
+    # (docs/benchmarks.md, eval_throughput_h100*.json). The kernels and so the numbers are the same.
     side = torch.cuda.Stream(extractor.device, priority=-1) if extractor.device.type == "cuda" else None
 
     def measure(idx: range, prepared: list[Future]) -> None:  # GPU: features and scores of a prepared batch
