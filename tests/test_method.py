@@ -298,7 +298,8 @@ def _tiny_unets():
 # κ2 ≠ κ4 so that swapped scales show; (1.5, 2.0) runs the teacher twice, (1.0, 2.0) the fake (one forward, not two).
 @pytest.mark.parametrize("kappa_2, kappa_4", [(1.5, 2.0), (1.0, 2.0)])
 @pytest.mark.parametrize("adversarial", [False, True])
-def test_split_generator_backward_gives_the_joint_loss_and_gradients(kappa_2, kappa_4, adversarial):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_split_generator_backward_gives_the_joint_loss_and_gradients(kappa_2, kappa_4, adversarial, precision):
     # method.md §4: one network's graph at a time, the same loss and the same gradients of G's parameters as one
     # backward through both. The objective is the loop's: drop non-finite rows, divide by the batch; with the
     # adversarial term it also scores x_t with the fake's encoder over the same w (§6.2).
@@ -330,7 +331,8 @@ def test_split_generator_backward_gives_the_joint_loss_and_gradients(kappa_2, ka
             J.backward()
         return loss, {n: p.grad.clone() for n, p in G.named_parameters()}
 
-    (loss_joint, joint), (loss_split, split) = step(False), step(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):  # the loop's autocast
+        (loss_joint, joint), (loss_split, split) = step(False), step(True)
     torch.testing.assert_close(loss_split, loss_joint, rtol=1e-5, atol=0)
     assert all(p.grad is None for p in [*fake.parameters(), *teacher.parameters()])
     worst = max(float((split[n] - joint[n]).abs().max() / joint[n].abs().max().clamp(min=1e-12)) for n in joint)
