@@ -11,10 +11,11 @@ extra forward is not counted: TFLOP/s stays the useful work, comparable across t
 A list of values for --precisions, --micro-batches, --compile or --generator-backward sweeps every combination in
 one command, each run its own `sidflow distill` process (accelerate fixes the precision per process, and every run
 starts with empty GPU memory and reports its own peak). A run that exhausts GPU memory is recorded as "oom" and the
-sweep goes on; the record is rewritten after each run, so a sweep cut short keeps what it measured. It adds the
-bf16/fp32 ratio of each setting and each setting's speed-up over the plain one (eager, joint) at the same precision
-and micro-batch. --torch-profile runs one more iteration after the timed ones under torch.profiler and records where
-its GPU time goes: the top ops and the share of each kind of kernel (before and after an option, side by side).
+sweep goes on. The record is rewritten after each run, so a sweep cut short keeps what it measured; --time-limit
+ends one in time to write its last record. It adds the bf16/fp32 ratio of each setting and each setting's speed-up
+over the plain one (eager, joint) at the same precision and micro-batch. --torch-profile runs one more iteration
+after the timed ones under torch.profiler and records where its GPU time goes: the top ops and the share of each
+kind of kernel (before and after an option, side by side).
 
   python benchmarks/throughput.py --model sd15 --micro-batch 8 --rounds 2 --iters 6
   python benchmarks/throughput.py --model sd15 --precisions bf16,fp32 --micro-batches 12,16,24 --compile off,on \\
@@ -31,6 +32,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -130,6 +132,12 @@ def profiled(iteration: int, into: dict):
         prof.stop()
 
 
+def oom(message: str) -> bool:
+    """Whether an error (or a run's log) says the GPU ran out of memory: torch's allocator (torch.OutOfMemoryError,
+    also inside a compiler's error) or a library's own allocation (cuDNN's, cuBLAS's ALLOC_FAILED)."""
+    return "out of memory" in message.lower() or "ALLOC_FAILED" in message
+
+
 def grid(args) -> list[dict]:
     """Return the runs of the command: every combination of the listed values, precision first (bf16 runs first)."""
     def values(name: str, raw: str, cast=str) -> list:
@@ -174,6 +182,9 @@ def main() -> None:
     p.add_argument("--ema", type=float, default=50.0, help="EMA half-life kimg (0 = off)")
     p.add_argument("--torch-profile", action="store_true",
                    help="profile one more iteration after the timed ones (one GPU): top ops and kernel kinds")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds for a sweep: a run still going then is stopped, later ones are not started; the "
+                        "record is written either way")
     p.add_argument("--file", default=None, help="result file name (default throughput_<model>[_<options>]_<gpu>.json)")
     p.add_argument("--out", default=str(RESULTS))
     # A sweep's runs reuse its teacher, prompts and FLOP count.
@@ -223,7 +234,9 @@ def single(args, run: dict) -> None:
     try:
         with profiled(args.warmup + args.iters, prof) if args.torch_profile else contextlib.nullcontext():
             launch(cfg)
-    except torch.OutOfMemoryError:  # recorded, so that a sweep goes on
+    except RuntimeError as e:  # GPU memory exhausted: recorded, so that a sweep goes on
+        if not oom(str(e)):
+            raise
         metrics = {**metrics, "error": "oom"}
     else:
         metrics = {**measured(args, cfg, Path(cfg.output), device, teacher), **metrics}
@@ -287,21 +300,29 @@ def sweep(args, runs: list[dict]) -> None:
             *(["--grad-checkpointing"] if args.grad_checkpointing else []),
             *(["--torch-profile"] if args.torch_profile else [])]
     done: list[dict] = []
+    start = time.monotonic()
     for i, run in enumerate(runs):
         name = label(run).replace(" ", "-")
         out, log = work / "runs" / name, work / "runs" / f"{name}.log"
         cmd = [sys.executable, __file__, *keep, "--precision", run["precision"],
                "--micro-batch", str(run["micro_batch"]), "--compile", run["compile"],
                "--generator-backward", run["generator_backward"], "--out", str(out), "--file", "result.json"]
-        with open(log, "w") as f:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        left = None if args.time_limit is None else args.time_limit - (time.monotonic() - start)
+        rc = None
+        if left is None or left > 0:
+            try:
+                with open(log, "w") as f:
+                    rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=left).returncode
+            except subprocess.TimeoutExpired:  # killed: the record is still written, and final
+                pass
         result = out / "result.json"
         if rc == 0 and result.exists():
             metrics = json.loads(result.read_text())["metrics"]
-        else:  # an OOM outside the training (loading, compiling) or a crash: the log's end says which
-            tail = log.read_text(errors="replace").splitlines()[-5:]
-            oom = any("out of memory" in x.lower() for x in tail)
-            metrics = {"error": "oom" if oom else f"exit code {rc}", "log_tail": tail}
+        elif rc is None:
+            metrics = {"error": "not run: time limit" if not log.exists() else "stopped: time limit"}
+        else:  # an OOM outside the training (loading) or a crash: the log says which
+            text = log.read_text(errors="replace")
+            metrics = {"error": "oom" if oom(text) else f"exit code {rc}", "log_tail": text.splitlines()[-5:]}
         done.append({"run": label(run), **metrics})
         print(f"throughput [{i + 1}/{len(runs)}] {label(run)}: "
               f"{metrics.get('error') or str(metrics['images_per_s_per_gpu']) + ' images/s/GPU'}", file=sys.stderr)
