@@ -256,6 +256,30 @@ def score_net(unet: torch.nn.Module) -> ScoreNet:
     return net_xl
 
 
+# The blocks a UNet repeats: ResnetBlock2D (22 in SD1.5) and BasicTransformerBlock (16), the units diffusers'
+# gradient checkpointing wraps. Compiled one by one (regional compilation), each class is traced once per shape and
+# mode and reused by every block alike, so compiling costs a few blocks' time, not a whole UNet's.
+REPEATED_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")
+# Each compiled class is one function to dynamo, with an entry per block shape × grad mode × weight dtype and
+# requires_grad (G, the fake and the bf16 teacher, with and without a graph): far past its default of 8, after
+# which it would run the rest eagerly.
+RECOMPILE_LIMIT = 256
+
+
+def compile_blocks(unet: torch.nn.Module, **options) -> int:
+    """Compile each repeated block of `unet` in place with torch.compile(**options); return how many.
+
+    `Module.compile` keeps the module: state_dict keys gain no `_orig_mod.` prefix (checkpoints, export, DDP and
+    FSDP see the same keys), and a deepcopy (G's EMA) comes out uncompiled, running its own weights."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                           4 * RECOMPILE_LIMIT)
+    blocks = [m for m in unet.modules() if type(m).__name__ in REPEATED_BLOCKS]
+    for m in blocks:
+        m.compile(**options)
+    return len(blocks)
+
+
 def unet_logits(unet: torch.nn.Module) -> ScoreNet:
     """Return disc(x_t, t, c) -> logits [B, 1, h, w] for a UNet2DConditionModel: the channel mean of its mid-block
     output (method.md §6.2), so the fake score network is the discriminator with no new parameters. Only the

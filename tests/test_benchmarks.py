@@ -1,6 +1,7 @@
 """Smoke runs of the benchmark scripts on the tiny teacher (CPU), so they do not rot. Nothing here is timed."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,25 @@ def test_throughput_script_writes_its_record(tmp_path):
     m = record["metrics"]
     assert m["images_per_s_per_gpu"] > 0 and m["iterations_timed"] == 1 and m["unet_forward_tflop_per_sample"] > 0
     assert abs(sum(m["phase_split"].values()) - 1) < 0.01
+
+
+def test_throughput_sweep_records_each_run_and_goes_on_past_a_failed_one(tmp_path):
+    # Each combination is its own process; the first (bf16) dies at a failpoint, as an OOM outside the training or a
+    # crash would end it, and is recorded as such; the fp32 run is measured and profiled.
+    env = {**os.environ, "SIDFLOW_NO_BAR": "1", "SIDFLOW_FAILPOINT": "distill:validate",
+           "SIDFLOW_FAILPOINT_ONCE": str(tmp_path / "killed-once")}
+    subprocess.run([sys.executable, "benchmarks/throughput.py", "--model", "tiny", "--micro-batch", "1",
+                    "--rounds", "1", "--iters", "1", "--warmup", "1", "--ema", "0", "--precisions", "bf16,fp32",
+                    "--generator-backward", "split", "--torch-profile", "--out", str(tmp_path)], check=True, cwd=ROOT,
+                   capture_output=True, env=env)
+    m = json.loads((tmp_path / "throughput_tiny_sweep_cpu.json").read_text())["metrics"]
+    failed, ran = m["runs"]
+    assert failed["run"] == "bf16 mb1 eager split" and failed["error"] == "exit code -9"
+    assert ran["run"] == "fp32 mb1 eager split" and ran["images_per_s_per_gpu"] > 0 and ran["precision"] == "fp32"
+    assert ran["generator_backward"] == "split" and ran["compile"] is False and m["bf16_over_fp32"] == {}
+    prof = ran["torch_profile"]  # one iteration after the timed one, on the CPU clock here
+    assert prof["clock"] == "cpu" and len(prof["top_ops"]) == 10 and abs(sum(prof["kinds_pct"].values()) - 100) < 1
+    assert {"convolution", "matmul", "attention"} <= prof["kinds_pct"].keys()
 
 
 def test_fewstep_adv_script_measures_both_runs_in_one_command(tmp_path):

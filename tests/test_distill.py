@@ -320,3 +320,94 @@ def test_in_bf16_the_frozen_teacher_and_the_fake_start_as_the_same_function(prom
     x, t, c = torch.randn(2, *nets.shape, generator=g), torch.tensor([100, 800]), data.encode(torch.tensor([0, 1]))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(nets.teacher(x, t, c), nets.score(nets.fake)(x, t, c))
+
+
+@pytest.mark.parametrize("guidance, kappa", [
+    ("lsg", 1.5),  # the teacher runs twice
+    ("long", 3.0),  # the fake runs twice (one forward, the teacher's CFG is two)
+])
+def test_split_generator_backward_gives_the_loop_the_joint_gradients(tiny_teacher, prompts, tmp_path, monkeypatch,
+                                                                     guidance, kappa):
+    # method.md §4: the loop's split path (2 accumulation rounds, the NaN drop, the division by the batch) leaves G
+    # the gradients the joint path does, and logs the same loss. Adam would hide a wrong scale: compare the grads.
+    # (fp32: accelerate's precision is fixed per process; test_method checks the split path under bf16 autocast.)
+    from sidflow.train import loop
+
+    seen, real = [], loop._finite_grads
+
+    def spy(params, clip):  # called on the fake's parameters, then on G's
+        params = list(params)
+        seen.append([p.grad.clone() for p in params])
+        return real(params, clip)
+
+    monkeypatch.setattr(loop, "_finite_grads", spy)
+    got = {}
+    for mode in ("joint", "split"):
+        seen.clear()
+        result = run(_cfg(tiny_teacher, prompts, tmp_path / mode, kimg=0.002, guidance=guidance, kappa=kappa,
+                          generator_backward=mode, checkpoints=False))
+        got[mode] = result.metrics["loss_g"], seen[1]
+    (loss_joint, joint), (loss_split, split) = got["joint"], got["split"]
+    assert loss_split == pytest.approx(loss_joint, rel=1e-6)
+    worst = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-12)) for a, b in zip(split, joint))
+    assert worst < 1e-4, worst  # of each tensor's largest gradient
+
+
+def test_compiled_blocks_keep_the_state_dict_keys_and_a_copy_runs_its_own_weights():
+    import copy
+
+    from diffusers import UNet2DConditionModel
+
+    from sidflow.teacher import REPEATED_BLOCKS, compile_blocks
+    from sidflow.toy.tiny import tiny_configs
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**tiny_configs()["unet"]).eval()
+    keys = list(unet.state_dict())
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        eager = unet(x, t, c).sample
+        assert compile_blocks(unet, backend="eager") == 12  # the tiny UNet: 8 resnet blocks, 4 transformer blocks
+        assert all(m._compiled_call_impl is not None for m in unet.modules() if type(m).__name__ in REPEATED_BLOCKS)
+        torch.testing.assert_close(unet(x, t, c).sample, eager, rtol=0, atol=0)
+        assert list(unet.state_dict()) == keys  # no `_orig_mod.`: checkpoints, export and FSDP see the same names
+        ema = copy.deepcopy(unet)
+        assert list(ema.state_dict()) == keys and all(m._compiled_call_impl is None for m in ema.modules())
+        for p in ema.parameters():
+            p.mul_(0.5)
+        assert not torch.allclose(ema(x, t, c).sample, eager)  # its own weights, not the compiled original's
+
+
+def test_a_compiled_run_trains_checkpoints_exports_and_resumes_as_an_eager_one(tiny_teacher, prompts, tmp_path,
+                                                                              monkeypatch):
+    # compile=True on the stage: the three UNets compiled in place (dynamo's eager backend here: inductor on a CPU
+    # takes minutes) train as the uncompiled ones do, and the checkpoints (G, fake, EMA) and the export keep the
+    # teacher's keys, so a compiled run resumes an eager one's checkpoint and vice versa.
+    import functools
+
+    from diffusers import UNet2DConditionModel
+
+    from sidflow import teacher as teacher_module
+    from sidflow.generator import load_generator
+
+    compiled = []
+    real = teacher_module.compile_blocks
+
+    def spy(unet):
+        compiled.append(real(unet, backend="eager"))
+        return compiled[-1]
+
+    monkeypatch.setattr(teacher_module, "compile_blocks", functools.partial(spy))
+    eager = run(_cfg(tiny_teacher, prompts, tmp_path / "eager", kimg=0.004))
+    half = _cfg(tiny_teacher, prompts, tmp_path / "compiled", kimg=0.002, compile=True)
+    run(half)
+    assert compiled == [12, 12, 12]  # G, the fake and the teacher
+    result = run(dataclasses.replace(half, kimg=0.004))  # resumes its own checkpoint, compiled again
+    assert result.metrics["loss_g"] == pytest.approx(eager.metrics["loss_g"], rel=1e-6)
+    keys = set(UNet2DConditionModel.from_pretrained(tiny_teacher, subfolder="unet").state_dict())
+    end = checkpoint.load(checkpoint.latest(str(tmp_path / "compiled")))
+    for net in ("G", "fake", "ema"):
+        assert set(end[net]["model"]) == keys, net
+    _assert_same(end["G"]["model"], _weights(checkpoint.latest(str(tmp_path / "eager"))), 1e-6)
+    gen, _ = load_generator(result.model_uri)
+    assert set(gen.unet.state_dict()) == keys

@@ -191,6 +191,33 @@ def test_bad_inputs_are_one_line_errors_before_any_training(tiny_teacher, prompt
     assert not (tmp_path / "out").exists()
 
 
+def test_the_split_generator_backward_gives_the_joint_gradients_with_the_gan_on(tiny_teacher, prompts, data, tmp_path,
+                                                                              monkeypatch):
+    # method.md §4 with the adversarial term: L_adv reaches x_g through the fake's encoder at x_t in both paths, over
+    # the same w (§6.2); G's gradients (before Adam, which would hide a wrong scale) and the logged losses agree.
+    from sidflow.train import loop
+
+    seen, real = [], loop._finite_grads
+
+    def spy(params, clip):  # called on the fake's parameters, then on G's
+        params = list(params)
+        seen.append([p.grad.clone() for p in params])
+        return real(params, clip)
+
+    monkeypatch.setattr(loop, "_finite_grads", spy)
+    got = {}
+    for mode in ("joint", "split"):
+        seen.clear()
+        result = run(_cfg(tiny_teacher, prompts, data, tmp_path / mode, kimg=0.002, checkpoints=False,
+                          ema_halflife_kimg=0.0, generator_backward=mode))
+        got[mode] = result.metrics, seen[1]
+    (m_joint, joint), (m_split, split) = got["joint"], got["split"]
+    for key in ("loss_g", "loss_adv", "loss_disc", "loss_fake"):
+        assert m_split[key] == pytest.approx(m_joint[key], rel=1e-6), key
+    worst = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-12)) for a, b in zip(split, joint))
+    assert worst < 1e-4, worst  # of each tensor's largest gradient
+
+
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_the_gan_on(tiny_teacher, prompts, data, tmp_path, sharding):
     # The discriminator runs on the fake module itself, outside the DDP wrapper, inside the same backward as the score

@@ -279,6 +279,66 @@ def test_generator_gradient_flows_through_teacher_and_fake(kappa_2, kappa_4):
     torch.testing.assert_close(x.grad, fd, rtol=1e-6, atol=1e-7)
 
 
+def _tiny_unets():
+    # G, the fake and the teacher: three tiny SD-layout UNets with different seeds, so y_r − y_f is far from 0.
+    from diffusers import UNet2DConditionModel
+
+    from sidflow.toy.tiny import tiny_configs
+
+    out = []
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        out.append(UNet2DConditionModel(**tiny_configs()["unet"]))
+    G, fake, teacher = out
+    fake.requires_grad_(False)  # as in the loop's generator step: input gradients only
+    teacher.requires_grad_(False).eval()
+    return G, fake, teacher
+
+
+# κ2 ≠ κ4 so that swapped scales show; (1.5, 2.0) runs the teacher twice, (1.0, 2.0) the fake (one forward, not two).
+@pytest.mark.parametrize("kappa_2, kappa_4", [(1.5, 2.0), (1.0, 2.0)])
+@pytest.mark.parametrize("adversarial", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_split_generator_backward_gives_the_joint_loss_and_gradients(kappa_2, kappa_4, adversarial, precision):
+    # method.md §4: one network's graph at a time, the same loss and the same gradients of G's parameters as one
+    # backward through both. The objective is the loop's: drop non-finite rows, divide by the batch; with the
+    # adversarial term it also scores x_t with the fake's encoder over the same w (§6.2).
+    from sidflow.method.adversarial import generator_adv_loss
+    from sidflow.teacher import score_net, unet_logits
+
+    G, fake, teacher = _tiny_unets()
+    g = torch.Generator().manual_seed(5)
+    z, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    c, null = torch.randn(3, 5, 32, generator=g), torch.randn(1, 5, 32, generator=g)
+    t, vp = torch.tensor([100, 500, 900]), VP(A, S)
+    kw = dict(kappa_2=kappa_2, kappa_4=kappa_4, alpha=1.2)
+    net_t, net_f, disc = score_net(teacher), score_net(fake), unet_logits(fake)
+
+    def objective(loss, w, x_t):
+        if adversarial:
+            loss = 0.5 * loss + 0.5 * 0.3 * generator_adv_loss(disc, x_t, t, c, w)
+        loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+        return loss.sum() / 4, loss.detach()
+
+    def step(split: bool):
+        G.zero_grad(set_to_none=True)
+        x_g = sid.generate(score_net(G), z, c, vp, t_init=625, K=1, grad_last=True)
+        if split:
+            grad, loss = sid.generator_step_split(net_t, net_f, x_g, c, null, t, eps, vp, **kw, objective=objective)
+            (x_g * grad).sum().backward()
+        else:
+            J, loss = objective(*sid.generator_step_terms(net_t, net_f, x_g, c, null, t, eps, vp, **kw))
+            J.backward()
+        return loss, {n: p.grad.clone() for n, p in G.named_parameters()}
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):  # the loop's autocast
+        (loss_joint, joint), (loss_split, split) = step(False), step(True)
+    torch.testing.assert_close(loss_split, loss_joint, rtol=1e-5, atol=0)
+    assert all(p.grad is None for p in [*fake.parameters(), *teacher.parameters()])
+    worst = max(float((split[n] - joint[n]).abs().max() / joint[n].abs().max().clamp(min=1e-12)) for n in joint)
+    assert worst < 1e-4, worst  # of each tensor's largest gradient
+
+
 @pytest.mark.parametrize("K", [2, 4])
 def test_few_step_gradient_stops_between_steps(K):
     # §6.1: only the last step carries grad, its input detached: with G(x) = w·x, ∂ out/∂w = −Σ s x_last / a at the

@@ -30,8 +30,8 @@ def outside_references(text: str, image: bool = False) -> list[str]:
 
 
 def test_the_pattern_finds_what_it_should_and_leaves_urls_alone():
-    bad = ["see ../" + "sha" + "red/" + "docs/method.md", '"out": "/' + 'work/main/benchmarks"', "/" + "home/alice/x.py",
-           "cp /" + "root/.cache/x y", "ls ~/" + "data"]
+    bad = ["see ../" + "sha" + "red/" + "docs/method.md", '"out": "/' + 'work/main/benchmarks"',
+           "/" + "home/alice/x.py", "cp /" + "root/.cache/x y", "ls ~/" + "data"]
     good = ["https://example.com/work/x", "s3://bucket/work/x", "docs/method.md", "~/.cache/huggingface",
             "/tmp/x", "a/home/b"]
     assert [line for line in bad if not outside_references(line)] == []

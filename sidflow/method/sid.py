@@ -3,6 +3,8 @@
 Losses return per-sample tensors [B]; the training loop divides by the global batch b_tot in one place.
 """
 
+from typing import Any, Callable
+
 import torch
 from torch import Tensor
 
@@ -69,6 +71,45 @@ def generator_step_terms(
     y_r = x0_from_eps(x_t, guided_eps(teacher, x_t, t, c, null, kappa=kappa_4), a_t, s_t)  # teacher x0, CFG κ4
     y_f = x0_from_eps(x_t, guided_eps(fake, x_t, t, c, null, kappa=kappa_2), a_t, s_t)  # fake x0, CFG κ2 (= κ3)
     return sid_generator_loss(x_g, y_r, y_f, alpha=alpha), sid_normaliser(x_g, y_r), x_t
+
+
+def generator_step_split(
+    teacher: ScoreNet, fake: ScoreNet, x_g: Tensor, c: Tensor, null: Tensor, t: Tensor, eps: Tensor, vp: VP, *,
+    kappa_2: float, kappa_4: float, alpha: float = 1.0,
+    objective: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Any]],
+) -> tuple[Tensor, Any]:
+    """Return (∂J/∂x_g, aux) for J, aux = objective(loss [B], w [B], x_t) of `generator_step_terms`' three values,
+    with one UNet graph alive at a time instead of both (method.md §4).
+
+    The gradient stops at x_g: the caller runs G's backward once with it. The network whose guided evaluation is
+    cheaper runs twice: first without a graph, for its x0 y_2 as a leaf; J is then differentiated with respect to x_g
+    and y_2, which backpropagates through the other network and frees its graph; then the cheaper one runs again,
+    with its graph, and takes ∂J/∂y_2 back to x_t. Only w is detached, as in the joint path, so both give the same
+    gradient, for one more forward of that network (two on a doubled CFG batch). On a tie the teacher runs twice: it
+    is frozen and without dropout, so its second forward computes its first, which the fake in train mode need not.
+    """
+    a_t, s_t = vp.at(t, x_g)
+    x = x_g.detach().requires_grad_()  # [B, ...]  a leaf: G's graph waits for the summed gradient
+
+    def x0(net: ScoreNet, kappa: float, x_t: Tensor) -> Tensor:
+        return x0_from_eps(x_t, guided_eps(net, x_t, t, c, null, kappa=kappa), a_t, s_t)
+
+    teacher_twice = _evaluations(kappa_4) <= _evaluations(kappa_2)
+    twice, once = ((teacher, kappa_4), (fake, kappa_2)) if teacher_twice else ((fake, kappa_2), (teacher, kappa_4))
+    x_t = add_noise(x, eps, a_t, s_t)  # [B, ...]
+    with torch.no_grad():
+        y_2 = x0(*twice, x_t).requires_grad_()  # [B, ...]  its value, as a leaf
+    y_1 = x0(*once, x_t)  # [B, ...]  with its graph
+    y_r, y_f = (y_2, y_1) if teacher_twice else (y_1, y_2)
+    J, aux = objective(sid_generator_loss(x, y_r, y_f, alpha=alpha), sid_normaliser(x, y_r), x_t)
+    g_x, g_2 = torch.autograd.grad(J, [x, y_2])  # the direct term and the once-run network's; frees its graph
+    # x_t again: that backward freed the graph of its add_noise
+    (g_x_2,) = torch.autograd.grad(x0(*twice, add_noise(x, eps, a_t, s_t)), x, g_2)
+    return g_x + g_x_2, aux
+
+
+def _evaluations(kappa: float) -> int:
+    return 1 if kappa in (0, 1) else 2  # guided_eps: κ = 0 or 1 is one forward, any other κ a doubled batch
 
 
 def generate(

@@ -52,6 +52,11 @@ class DistillConfig:
         "bf16", "bf16 = autocast over fp32 master weights; fp32 = paper-faithful (TF32 off unless tf32) (§5, §8)")
     tf32: bool = param(False, "allow TF32 matmuls in fp32 mode (off in the reference code)")
     grad_checkpointing: bool = param(False, "gradient checkpointing in the generator, fake and teacher UNets")
+    compile: bool = param(False, "torch.compile the repeated blocks of the generator, fake and teacher UNets (resnet "
+                                 "and transformer blocks, in place); the first iterations pay the compile time")
+    generator_backward: Literal["joint", "split"] = param(
+        "joint", "joint = one backward through teacher and fake; split = one network's graph at a time, the same "
+                 "gradient for less activation memory and one more forward of the cheaper network (method.md §4)")
     clip_grad_value: float | None = param(None, "clip each gradient value to ±this after nan_to_num (off for SD)")
     ema_halflife_kimg: float = param(50.0, "EMA half-life in kimg; 0 turns EMA off (--ema 0.05 = 50 kimg, §5)")
     ema_rampup: float = param(0.05, "EMA ramp-up: half-life = min(half-life, rampup · images seen) (§5)")
@@ -73,10 +78,11 @@ class DistillConfig:
 KAPPA_RANGE = (0.0, 20.0)
 MAX_SEED = 999_999  # the loop's RNG keys multiply the seed by ~4e12: larger seeds overflow torch's 64-bit seed
 # Fields that change what a run computes: a checkpoint written under other values belongs to another run. The rest
-# (length, logging, placement) may change between a run and its resume: kimg extends a run, gpus re-shards it (the
-# draws are keyed by global micro-batch index, so 1 and N GPUs see the same ones, and micro_batch is kept).
+# (length, logging, placement, and how the same gradients are computed: grad_checkpointing, compile,
+# generator_backward) may change between a run and its resume: kimg extends a run, gpus re-shards it (the draws are
+# keyed by global micro-batch index, so 1 and N GPUs see the same ones, and micro_batch is kept).
 NOT_IDENTITY = ("teacher", "output", "kimg", "checkpoint_kimg", "keep_checkpoints", "log_every", "checkpoints",
-                "profile", "gpus", "resume", "sharding", "grad_checkpointing")
+                "profile", "gpus", "resume", "sharding", "grad_checkpointing", "compile", "generator_backward")
 
 
 def validate(cfg: DistillConfig, world_size: int = 1, fetch_teacher: bool = True) -> None:
@@ -240,7 +246,7 @@ def networks(cfg: DistillConfig, device, teacher=None):
     from sidflow.generator import export_generator, generator_info
     from sidflow.method.vp import VP
     from sidflow.prompts import read_prompts
-    from sidflow.teacher import fingerprint, load_teacher, score_net
+    from sidflow.teacher import compile_blocks, fingerprint, load_teacher, score_net
     from sidflow.train.loop import Conditions, Networks
 
     teacher = teacher or load_teacher(cfg.teacher, device, null=cfg.null_prompt)
@@ -259,6 +265,9 @@ def networks(cfg: DistillConfig, device, teacher=None):
         for m in (G, fake, teacher.unet):
             m.enable_gradient_checkpointing()
             m.train()
+    if cfg.compile:  # after the copies: a deepcopy comes out uncompiled (so does G's EMA, which never runs)
+        for m in (G, fake, teacher.unet):
+            compile_blocks(m)
     model_uri = storage.join(cfg.output, "model")
 
     def export(unet, nimg: int, weights: str, metrics: dict) -> None:

@@ -8,6 +8,7 @@ text embeddings; the analytic-teacher tests hand it small MLPs and one-hot class
 """
 
 import copy
+import functools
 import json
 import os
 import shutil
@@ -26,7 +27,13 @@ from sidflow.config import to_dict
 from sidflow.launch import main_thread
 from sidflow.method.adversarial import disc_step_loss, generator_adv_loss
 from sidflow.method.guidance import ScoreNet, drop_prompts, resolved_kappas
-from sidflow.method.sid import fake_step_loss, generate, generator_step_loss, generator_step_terms
+from sidflow.method.sid import (
+    fake_step_loss,
+    generate,
+    generator_step_loss,
+    generator_step_split,
+    generator_step_terms,
+)
 from sidflow.method.vp import VP, sample_t
 from sidflow.train import checkpoint
 from sidflow.train.ema import ema_beta, update_ema
@@ -115,6 +122,17 @@ def _drop_nan(loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Samples whose loss is not finite are dropped from the batch and counted (method.md §8.4).
     ok = torch.isfinite(loss)
     return torch.where(ok, loss, torch.zeros_like(loss)), (~ok).sum()
+
+
+def _generator_objective(loss_sid: Tensor, w: Tensor, x_t: Tensor, *, disc, t: Tensor, c: Tensor, b_tot: int,
+                         adv_weight: float | None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None]]:
+    # What the generator step backpropagates, and (its per-sample loss after the NaN drop, the drop count, L_adv)
+    # for the logs; the same in both backward paths. With the GAN term on (adv_weight given) the loss is
+    # ½ L_SiD + ½ λ_adv L_adv, both over the same w; L_adv reaches x_g through the encoder at x_t (§6.2).
+    loss_adv = generator_adv_loss(disc, x_t, t, c, w) if adv_weight is not None else None
+    loss = loss_sid if loss_adv is None else 0.5 * loss_sid + 0.5 * adv_weight * loss_adv
+    loss, nan = _drop_nan(loss)  # before the backward: a dropped sample contributes no gradient
+    return loss.sum() / b_tot, (loss.detach(), nan, None if loss_adv is None else loss_adv.detach())
 
 
 def _gen(seed: int, it: int, phase: int, mb: int, device) -> torch.Generator:
@@ -246,16 +264,20 @@ def train(cfg, nets: Networks, data: Conditions, gan: GAN | None = None) -> Dist
                 x_g = generate(net_g_ddp, z, c, vp, t_init=cfg.t_init, K=cfg.steps, k_stop=k_step, grad_last=True,
                                generator=g_dev)
                 kw = dict(kappa_2=k["kappa_2"], kappa_4=k["kappa_4"], alpha=cfg.alpha)
-                if gan_on:  # ½ L_SiD + ½ λ_adv L_adv, both over the same w; L_adv reaches x_g through the encoder
-                    loss_sid, w, x_t = generator_step_terms(net_t, net_f, x_g, c, null, t, eps, vp, **kw)
-                    loss_adv = generator_adv_loss(disc, x_t, t, c, w)
-                    sums[6] += loss_adv.detach().nan_to_num().sum()
-                    loss = 0.5 * loss_sid + 0.5 * adv_weight * loss_adv
+                objective = functools.partial(_generator_objective, disc=disc, t=t, c=c, b_tot=b_tot,
+                                              adv_weight=adv_weight if gan_on else None)
+                if cfg.generator_backward == "split":  # the same gradient, one network's graph at a time (§4)
+                    grad, (loss, nan, loss_adv) = generator_step_split(net_t, net_f, x_g, c, null, t, eps, vp, **kw,
+                                                                       objective=objective)
+                    acc.backward((x_g * grad).sum())  # its gradient at x_g is grad: one backward through G
                 else:
-                    loss = generator_step_loss(net_t, net_f, x_g, c, null, t, eps, vp, **kw)
-                loss, nan = _drop_nan(loss)
-                acc.backward(loss.sum() / b_tot)
-            sums[1] += loss.detach().sum()
+                    terms = (generator_step_terms(net_t, net_f, x_g, c, null, t, eps, vp, **kw) if gan_on else
+                             (generator_step_loss(net_t, net_f, x_g, c, null, t, eps, vp, **kw), None, None))
+                    J, (loss, nan, loss_adv) = objective(*terms)
+                    acc.backward(J)
+            if loss_adv is not None:
+                sums[6] += loss_adv.nan_to_num().sum()
+            sums[1] += loss.sum()
             sums[3] += nan
         phases.mark("generator_step")
         fake.requires_grad_(True)
