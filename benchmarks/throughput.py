@@ -139,7 +139,8 @@ def oom(message: str) -> bool:
 
 
 def grid(args) -> list[dict]:
-    """Return the runs of the command: every combination of the listed values, precision first (bf16 runs first)."""
+    """Return the runs of the command: those --runs lists, in its order, or every combination of the listed values,
+    precision first (bf16 runs first)."""
     def values(name: str, raw: str, cast=str) -> list:
         out = [cast(v) for v in raw.split(",") if v]
         bad = [v for v in out if name in AXES and v not in AXES[name]]
@@ -148,6 +149,18 @@ def grid(args) -> list[dict]:
                              + (f" of {', '.join(AXES[name])}" if name in AXES else ""))
         return out
 
+    if args.runs:  # an explicit list: precision/micro-batch/compile/backward per run, e.g. bf16/12/on/split
+        runs = []
+        for item in filter(None, args.runs.split(";")):
+            parts = item.split("/")
+            if len(parts) != 4:
+                raise SystemExit(f"throughput.py: --runs item {item!r}: expected "
+                                 "precision/micro-batch/compile/backward")
+            runs.append({"precision": values("precision", parts[0])[0],
+                         "micro_batch": values("micro_batch", parts[1], int)[0],
+                         "compile": values("compile", parts[2])[0],
+                         "generator_backward": values("generator_backward", parts[3])[0]})
+        return runs
     axes = {"precision": values("precision", args.precisions or args.precision),
             "micro_batch": values("micro_batch", args.micro_batches or str(args.micro_batch), int),
             "compile": values("compile", args.compile),
@@ -178,6 +191,8 @@ def main() -> None:
                    help="compile the UNets' repeated blocks (the stage's compile): on (the flag alone), off, off,on")
     p.add_argument("--generator-backward", default="joint", help="the stage's generator_backward: joint, split, "
                                                                  "or joint,split")
+    p.add_argument("--runs", default=None, help="instead of every combination: ';'-separated runs, each "
+                   "precision/micro-batch/compile/backward, e.g. 'bf16/12/off/joint;bf16/24/on/split'")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--ema", type=float, default=50.0, help="EMA half-life kimg (0 = off)")
     p.add_argument("--torch-profile", action="store_true",
