@@ -23,7 +23,7 @@ demo: $(STAMP)
 # Two workers with one thread each: most tests are small CPU processes, and one torch thread per process keeps a
 # 2-core machine from being oversubscribed by every process's thread pool.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist load
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist load --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sidflow tests benchmarks

@@ -9,8 +9,9 @@ input-only backward), and the forward FLOPs counted by torch.utils.flop_counter.
 extra forward is not counted: TFLOP/s stays the useful work, comparable across the options.
 
 A list of values for --precisions, --micro-batches, --compile or --generator-backward sweeps every combination in
-one command, each run its own `sidflow distill` process (accelerate fixes the precision per process, and every run
-starts with empty GPU memory and reports its own peak). A run that exhausts GPU memory is recorded as "oom" and the
+one command (--runs names a chosen few instead, in order: 'bf16/12/off/joint;bf16/12/off/split;fp32/8/off/joint'),
+each run its own `sidflow distill` process (accelerate fixes the precision per process, and every run starts with
+empty GPU memory and reports its own peak). A run that exhausts GPU memory is recorded as "oom" and the
 sweep goes on. The record is rewritten after each run, so a sweep cut short keeps what it measured; --time-limit
 ends one in time to write its last record. It adds the bf16/fp32 ratio of each setting and each setting's speed-up
 over the plain one (eager, joint) at the same precision and micro-batch. --torch-profile runs one more iteration

@@ -31,7 +31,7 @@ def demo_parameters(root: Path, kimg: float, kappa: float, eval_set: dict) -> di
     return {"teachers": str(TOY_TEACHER), "registry": str(root / "registry"), "model_name": MODEL_NAME,
             "artifact_root": str(root / "artifacts"), "prompts": str(root / "prompts.txt"), "kappa": kappa,
             "batch": 32, "micro_batch": 32, "kimg": kimg, "checkpoint_kimg": kimg / 2, "precision": "fp32",
-            "lr_g": 3e-5, "lr_fake": 3e-5, "ema_halflife_kimg": 0.5, "ema_rampup": 0.5,
+            "lr_g": 1e-5, "lr_fake": 1e-5, "ema_halflife_kimg": 0.5, "ema_rampup": 0.5,
             "eval_prompts": eval_set["prompts"], "eval_reference": eval_set["reference"], "eval_protocol": "native",
             "eval_features": f"toy:{evaluator}", "eval_scorer": f"toy:{evaluator}", "eval_batch": 128}
 
