@@ -5,6 +5,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -17,13 +18,27 @@ import pytest
 @pytest.fixture(scope="session")
 def s3_server():
     """Endpoint URL of a moto S3 server on 127.0.0.1, on a free port, for the whole test session."""
+    from moto.s3.responses import S3Response
     from moto.server import ThreadedMotoServer
 
+    # AWS S3 decides concurrent conditional writes to one key atomically ("if multiple conditional writes occur for
+    # the same object name, the first write operation to finish succeeds": S3 User Guide, "Add preconditions to S3
+    # operations with conditional requests"). moto 5.2.5 checks If-None-Match / If-Match and then stores, without a
+    # lock (moto/s3/responses.py, S3Response.put_object), so under load two writers could both pass the check: CI
+    # saw two registrations claim version 2. Serialising PutObject gives the stand-in the real server's rule.
+    put_object, lock = S3Response.put_object, threading.Lock()
+
+    def atomic_put_object(self):
+        with lock:
+            return put_object(self)
+
+    S3Response.put_object = atomic_put_object
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # port 0: the OS picks a free one
     server.start()
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+    S3Response.put_object = put_object
 
 
 JUICEFS_USER, JUICEFS_SECRET = "sidflow", "sidflow-secret"

@@ -1,8 +1,8 @@
 """Model registry and stage `register`, on a local directory and on S3 through a real HTTP endpoint (moto on loopback).
 
-The concurrency tests run 8 threads at once. On S3 they rely on the server honouring conditional writes: moto 5.2.5
-honours If-None-Match and If-Match on PutObject, but checks and stores without a lock, so a thread switch between the
-two could let two writers through; with CPython's default 5 ms switch interval that was never seen in 1000 trials.
+The concurrency tests run 8 threads at once. On S3 they rely on the server deciding conditional writes atomically,
+as AWS S3 does; moto 5.2.5 honours If-None-Match and If-Match on PutObject but checks and stores without a lock, so
+the `s3_server` fixture serialises its PutObject (CI once saw two threads through the check at once).
 """
 
 import dataclasses
