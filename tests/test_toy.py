@@ -106,13 +106,13 @@ def test_short_distillation_improves_on_the_generators_start(tmp_path):
     start = sample(load_teacher(str(TOY)), {"config": {"steps": 1, "t_init": 625}}, captions, seeds, batch=128)
     (tmp_path / "p.txt").write_text("\n".join(sorted({shapes.caption(*c) for c in shapes.combos("train")})))
     result = run(DistillConfig(teacher=str(TOY), prompts=str(tmp_path / "p.txt"), output=str(tmp_path / "run"),
-                               kappa=2.0, batch=32, micro_batch=32, kimg=0.32, precision="fp32", lr_g=1e-5,
+                               kappa=2.0, batch=32, micro_batch=32, kimg=0.192, precision="fp32", lr_g=1e-5,
                                lr_fake=1e-5, ema_halflife_kimg=0, checkpoints=False))
     gen, info = load_generator(result.model_uri)
     after = sample(gen, info, captions, seeds, batch=128)
     before_fid = evaluator.shapes_fid(model, start, reference)
     after_fid = evaluator.shapes_fid(model, after, reference)
-    assert after_fid < 0.9 * before_fid, (before_fid, after_fid)
+    assert after_fid < 0.9 * before_fid, (before_fid, after_fid)  # 0.81 with torch 2.14.1, one thread: 6 iterations
 
 
 def test_demo_scores_the_generators_start_as_the_teacher_fed_at_t_init(tmp_path):
