@@ -8,11 +8,13 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: demo test install lint clean pipeline docs
 
+# --no-compile: Python writes the bytecode of each module the first time it is imported, instead of pip compiling
+# every file of torch and the test servers up front, most of which never run.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-compile $(TORCH_SPEC)
+	$(PY) -m pip install -q --no-compile -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,9 +23,10 @@ demo: $(STAMP)
 	$(VENV)/bin/sidflow demo
 
 # Two workers with one thread each: most tests are small CPU processes, and one torch thread per process keeps a
-# 2-core machine from being oversubscribed by every process's thread pool.
+# 2-core machine from being oversubscribed by every process's thread pool. worksteal: a worker left idle at the end
+# takes queued tests from the other, so one worker's slow tail does not keep the run going alone.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist load --durations=25
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sidflow tests benchmarks

@@ -199,3 +199,20 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     yield stub
     stub.close()
+
+
+@pytest.fixture
+def grads_before_clipping(monkeypatch):
+    """The list of every gradient the training loop hands to its clipping (`loop._finite_grads`), as copies, in call
+    order: each iteration the fake's parameters, then G's; the loop itself runs unchanged."""
+    from sidflow.train import loop
+
+    seen, real = [], loop._finite_grads
+
+    def spy(params, clip):
+        params = list(params)
+        seen.append([p.grad.clone() for p in params])
+        return real(params, clip)
+
+    monkeypatch.setattr(loop, "_finite_grads", spy)
+    return seen

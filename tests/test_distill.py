@@ -326,21 +326,12 @@ def test_in_bf16_the_frozen_teacher_and_the_fake_start_as_the_same_function(prom
     ("lsg", 1.5),  # the teacher runs twice
     ("long", 3.0),  # the fake runs twice (one forward, the teacher's CFG is two)
 ])
-def test_split_generator_backward_gives_the_loop_the_joint_gradients(tiny_teacher, prompts, tmp_path, monkeypatch,
-                                                                     guidance, kappa):
+def test_split_generator_backward_gives_the_loop_the_joint_gradients(tiny_teacher, prompts, tmp_path,
+                                                                     grads_before_clipping, guidance, kappa):
     # method.md §4: the loop's split path (2 accumulation rounds, the NaN drop, the division by the batch) leaves G
     # the gradients the joint path does, and logs the same loss. Adam would hide a wrong scale: compare the grads.
     # (fp32: accelerate's precision is fixed per process; test_method checks the split path under bf16 autocast.)
-    from sidflow.train import loop
-
-    seen, real = [], loop._finite_grads
-
-    def spy(params, clip):  # called on the fake's parameters, then on G's
-        params = list(params)
-        seen.append([p.grad.clone() for p in params])
-        return real(params, clip)
-
-    monkeypatch.setattr(loop, "_finite_grads", spy)
+    seen = grads_before_clipping  # per iteration: the fake's, then G's
     got = {}
     for mode in ("joint", "split"):
         seen.clear()

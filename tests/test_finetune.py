@@ -192,19 +192,10 @@ def test_bad_inputs_are_one_line_errors_before_any_training(tiny_teacher, prompt
 
 
 def test_the_split_generator_backward_gives_the_joint_gradients_with_the_gan_on(tiny_teacher, prompts, data, tmp_path,
-                                                                              monkeypatch):
+                                                                              grads_before_clipping):
     # method.md §4 with the adversarial term: L_adv reaches x_g through the fake's encoder at x_t in both paths, over
     # the same w (§6.2); G's gradients (before Adam, which would hide a wrong scale) and the logged losses agree.
-    from sidflow.train import loop
-
-    seen, real = [], loop._finite_grads
-
-    def spy(params, clip):  # called on the fake's parameters, then on G's
-        params = list(params)
-        seen.append([p.grad.clone() for p in params])
-        return real(params, clip)
-
-    monkeypatch.setattr(loop, "_finite_grads", spy)
+    seen = grads_before_clipping  # per iteration: the fake's, then G's
     got = {}
     for mode in ("joint", "split"):
         seen.clear()
