@@ -3,7 +3,7 @@
 A teacher is a StableDiffusionPipeline-layout directory (unet/, text_encoder/, tokenizer/, scheduler/, vae/,
 model_index.json), plus text_encoder_2/ and tokenizer_2/ for SDXL, local or at a storage URI. The schedule is
 rebuilt as DDPM with `clip_sample` off, since a bare DDPM config defaults to clipping x0 into [-1, 1], which is
-wrong for latents (method.md §8.9).
+wrong for latents (method.md §8.3).
 
 SDXL conditioning is packed into one tensor per prompt, [78, 2048]: rows 0..76 the context (both encoders'
 penultimate hidden states, concatenated), row 77 the pooled projection of encoder 2 followed by the six time ids.

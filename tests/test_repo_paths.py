@@ -54,3 +54,26 @@ def test_no_tracked_file_names_a_path_outside_the_repo():
         found += [f"{name}: {line[:160]}" for line in
                   outside_references(data.decode("utf-8", errors="replace"), name.startswith(IMAGE_FILES))]
     assert found == [], "\n".join(found)
+
+
+# `method.md §4`, `evaluation.md §0`, and the sections listed after one: `(method.md §1, §3, §6.4)`.
+CITATION = re.compile(r"\b(method|evaluation)\.md ((?:§\d+(?:\.\d+)?(?:, |\b))+)")
+
+
+def sections(doc: str) -> set[str]:
+    """The sections a docs/ page defines: `## §N` headings and `- §N.M:` items."""
+    found = set(re.findall(r"^#+ §(\d+)\b", doc, flags=re.M))
+    return found | set(re.findall(r"^\s*[-*] §(\d+\.\d+):", doc, flags=re.M))
+
+
+def test_every_cited_section_of_the_docs_exists():
+    defined = {name: sections((REPO / "docs" / f"{name}.md").read_text()) for name in ("method", "evaluation")}
+    dangling = []
+    for path in _tracked():
+        if path.suffix not in (".py", ".md", ".yaml", ".txt", ".toml") or not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            for doc, cited in CITATION.findall(line):
+                dangling += [f"{path.relative_to(REPO)}:{number}: {doc}.md §{s}"
+                             for s in re.findall(r"§(\d+(?:\.\d+)?)", cited) if s not in defined[doc]]
+    assert not dangling, "\n".join(dangling)

@@ -71,7 +71,7 @@ def test_clip_sample_forced_off(tiny_teacher, tmp_path):
     assert check_teacher_dir(path)["clip_sample"] is True  # the file on disk really says true
     t = load_teacher(str(path))
     assert t.scheduler_config["clip_sample"] is False
-    # x0 is never clipped into [-1, 1]: a far-out x_t gives a far-out x0 (method.md §8.9).
+    # x0 is never clipped into [-1, 1]: a far-out x_t gives a far-out x0 (method.md §8.3).
     x_t, eps, ts = torch.full((1, 4, 8, 8), 5.0), torch.zeros(1, 4, 8, 8), torch.tensor([625])
     assert float(t.x0(eps, x_t, ts).max()) == pytest.approx(5.0 / 0.3712, rel=1e-3)
 

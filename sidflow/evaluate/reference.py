@@ -4,7 +4,7 @@
 (`image` column: the toy shapes data), applies the protocol's crop + Lanczos and the extractor's own input step in
 DataLoader workers, and writes an .npz with `mu`, `sigma` and `meta` (JSON: protocol, features fingerprint, image
 count, listing digest). clean-fid's make_custom_stats instead writes into site-packages, cannot apply the crop and
-defaults to one worker (evaluation.md §2); none of that applies here.
+defaults to one worker (evaluation.md §2).
 """
 
 import hashlib

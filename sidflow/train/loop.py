@@ -109,7 +109,7 @@ def device() -> torch.device:
 
 
 def _finite_grads(params, clip: float | None) -> None:
-    # NaN → 0, ±inf → ±1e5 on every grad (method.md §3 step 5, §8.4); value clipping only when asked.
+    # NaN → 0, ±inf → ±1e5 on every grad (method.md §8.4); value clipping only when asked.
     grads = [local(p.grad) for p in params if p.grad is not None]  # a sharded grad: this process's shard
     for g in grads:
         torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)

@@ -1,4 +1,5 @@
-"""How the trained networks (G, the fake score network, G's EMA) are spread over the processes (method.md §6.4).
+"""How the trained networks (G, the fake score network, G's EMA) are spread over the processes (docs/sizing.md says
+which placement each teacher type gets).
 
 `ddp` keeps a full replica of each network per GPU and all-reduces gradients; `fsdp` shards parameters,
 gradients and Adam state with FSDP2 (`fully_shard`, one unit per UNet block), which is what fits SDXL. With one
