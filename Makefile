@@ -8,13 +8,11 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: demo test install lint clean pipeline docs
 
-# --no-compile: Python writes the bytecode of each module the first time it is imported, instead of pip compiling
-# every file of torch and the test servers up front, most of which never run.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile $(TORCH_SPEC)
-	$(PY) -m pip install -q --no-compile -e ".[test]"
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)

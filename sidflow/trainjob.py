@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from sidflow import __version__, storage
 from sidflow.config import param, to_args
 from sidflow.launch import CHECKED_ENV
+from sidflow.sizing import AUTO
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Kubeflow Trainer installs
@@ -42,13 +43,14 @@ class PlacementConfig:
         'node labels the GPU pods must carry, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}; {} = any')})
     gpu_tolerations: list = field(default_factory=list, metadata={"help": (
         'tolerations of the GPU pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]')})
-    distill_cpu: str = param("8", "CPUs of the one-pod distill (distill_nodes = 1); give about 8 per GPU of `gpus` "
-                                  "(TrainJob nodes get 8 per GPU themselves)")
+    distill_cpu: str = param(AUTO, "CPUs of each distill pod: the one-pod distill, or each TrainJob node; auto = "
+                                   "8 per GPU of `gpus` (in the pipeline: the teacher type's preset, docs/sizing.md)")
     gpu_resource: str = param("nvidia.com/gpu", "Kubernetes resource name the GPU pods request `gpus` of: "
                                                 "nvidia.com/gpu, a MIG profile (nvidia.com/mig-3g.40gb) or another "
                                                 "vendor's device (amd.com/gpu)")
-    distill_memory: str = param("64G", "memory of the one-pod distill; about 64G per GPU of `gpus`, more for SDXL "
-                                       "(every process loads the teacher); TrainJob nodes get 64G per GPU")
+    distill_memory: str = param(AUTO, "memory of each distill pod (one pod, or each TrainJob node); auto = 64G per "
+                                      "GPU of `gpus` (in the pipeline: the teacher type's preset, 96G per GPU for "
+                                      "SDXL: every process loads the teacher)")
 
 
 def job_name(output: str) -> str:
@@ -98,8 +100,11 @@ def manifest(cfg, placement: PlacementConfig, image: str, checked: bool = False,
     `checked`: the caller validated cfg for all of them (distill.check), so the ranks do not, each fetching the
     prompts and probing the output again; a manifest applied by hand (`sidflow distill-trainjob`) leaves it off."""
     gpus = check(cfg, placement)
-    resources = {"cpu": str(CPU_PER_GPU * gpus), "memory": f"{MEMORY_G_PER_GPU * gpus}G",
-                 placement.gpu_resource: str(gpus)}
+    # Each node gets what the run sized for a distill pod: in the pipeline the teacher type's preset (size_teacher
+    # resolves "auto" per teacher), so an SDXL node gets SDXL's host memory, not SD1.5's.
+    cpu = placement.distill_cpu if placement.distill_cpu not in (AUTO, "") else str(CPU_PER_GPU * gpus)
+    memory = placement.distill_memory if placement.distill_memory not in (AUTO, "") else f"{MEMORY_G_PER_GPU * gpus}G"
+    resources = {"cpu": cpu, "memory": memory, placement.gpu_resource: str(gpus)}
     # optional, as on the pipeline's tasks: with workload identity the secret holds no keys, or does not exist
     env = [{"name": k, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": k, "optional": True}}} for k in S3_KEYS]
     if checked:

@@ -108,7 +108,7 @@ def assets(tmp_path_factory, tiny_teacher):
 def _cfg(assets, output, **kw) -> EvaluateConfig:
     base = dict(model=assets["model"], prompts=assets["prompts"], reference=assets["reference"], output=str(output),
                 inception_weights=assets["inception"], clip_model=assets["clip"], batch=2, shard_size=2, grid=4,
-                workers=2)
+                workers=2, teacher_steps=2)
     return EvaluateConfig(**{**base, **kw})
 
 
@@ -371,6 +371,48 @@ def test_metrics_are_complete_and_equal_a_direct_computation(assets, one_process
     grid.load()
     assert grid.width == 4 * 256 and grid.height > 256  # 4 tiles, and captions under them
     assert "| FID |" in (out / "row.md").read_text() and f"{metrics['fid']:.2f}" in (out / "row.md").read_text()
+
+
+def test_the_teacher_grid_samples_the_generators_teacher_for_the_same_prompts_and_seeds(assets, one_process,
+                                                                                          tiny_teacher):
+    from sidflow.evaluate.report import captioned_grid
+    from sidflow.evaluate.sampling import Sampler
+    from sidflow.teacher import load_teacher
+
+    _, out = one_process
+    metrics = json.loads((out / "metrics.json").read_text())
+    # The generator's sidflow.json has no recipe: the teacher is shown at the stage's κ, with its teacher_steps.
+    assert metrics["teacher_grid"] == {"teacher": tiny_teacher, "sampler": "ddim", "steps": 2, "kappa": 3.0}
+    images = Sampler(load_teacher(tiny_teacher), 2, None, "ddim", 3.0)(CAPTIONS[:4], [0, 1, 2, 3])
+    expected = Image.open(io.BytesIO(captioned_grid(np.stack([protocol_resize(im, 256) for im in images]),
+                                                    CAPTIONS[:4])))
+    assert np.array_equal(np.asarray(Image.open(out / "teacher_grid.png")), np.asarray(expected))
+
+
+def test_a_generator_whose_teacher_is_gone_gets_its_grid_only(assets, tmp_path, capsys):
+    from sidflow.generator import export_generator, load_generator
+
+    gen, info = load_generator(assets["model"])
+    export_generator(gen.unet, gen, str(tmp_path / "gen"), {**info, "teacher": str(tmp_path / "deleted-teacher")})
+    result = run(_cfg(assets, tmp_path / "eval", model=str(tmp_path / "gen"), limit=2, grid=2))
+    assert result.metrics["teacher_grid"] is None and (tmp_path / "eval" / "grid.png").exists()
+    assert not (tmp_path / "eval" / "teacher_grid.png").exists()
+    assert "no teacher_grid.png: the teacher" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config, kappa", [
+    ({"guidance": "lsg", "kappa": 2.0}, 2.0),         # the teacher at the κ4 it was distilled against
+    ({"guidance": "long", "kappa": 4.5}, 4.5),
+    ({"guidance": "lsg", "kappa": 2.0, "kappa_4": 1.5}, 1.5),  # an explicit κ4 wins
+    ({"guidance": "zero_cfg", "kappa": 1.0}, 3.0),    # an unguided teacher (κ4 = 1): the stage's κ
+    ({"guidance": "anti_cfg", "kappa": -1.0}, 3.0),
+    ({"guidance": "short", "kappa": 0.5}, 3.0),
+    ({}, 3.0),                                        # no recipe recorded
+])
+def test_the_teacher_grid_guidance_follows_the_recipe(config, kappa):
+    from sidflow.stages.evaluate import teacher_kappa
+
+    assert teacher_kappa({"config": config}, 3.0) == kappa
 
 
 def test_a_rerun_resumes_from_the_shards(assets, one_process, tmp_path):

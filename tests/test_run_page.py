@@ -25,6 +25,18 @@ def test_the_page_names_the_model_its_recipe_and_the_metrics_by_protocol():
     assert 'src="data:image/png;base64,iVBORyBmYWtl"' in page  # the grid, inline
 
 
+def test_the_teachers_grid_stands_beside_the_models_with_its_sampler():
+    teacher = {"teacher": "/examples/toy-teacher", "sampler": "ddim", "steps": 25, "kappa": 2.0}
+    page = tasks.run_page(TOY, {**METRICS, "teacher_grid": teacher}, INFO, "toy-sid", b"\x89PNG model",
+                          b"\x89PNG teacher")
+    assert "<th>this model</th><th>its teacher: ddim 25 steps, CFG κ 2, same prompts and seeds</th>" in page
+    model_at, teacher_at = page.index("iVBORyBtb2RlbA=="), page.index("iVBORyB0ZWFjaGVy")  # base64 of both PNGs
+    assert model_at < teacher_at  # the model's grid first, in the left column
+    # No teacher grid (grid = 0, teacher_grid off, or a teacher that did not load): the model's grid alone.
+    alone = tasks.run_page(TOY, {**METRICS, "teacher_grid": None}, INFO, "toy-sid", b"\x89PNG model", None)
+    assert "its teacher" not in alone and "iVBORyBtb2RlbA==" in alone
+
+
 def test_the_page_of_a_coco_run_says_fid_and_clip_score():
     cfg = EvaluateConfig(model="s3://b/m", prompts="s3://b/coco30k.parquet", reference="s3://b/ref.npz", output="o")
     info = {**INFO, "steps": 4, "nimg": 100_000, "config": {"guidance": "zero_cfg", "kappa": 1.5, "data": "s3://p"}}

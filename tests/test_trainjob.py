@@ -83,6 +83,21 @@ def test_two_nodes_of_eight_gpus():
     assert pod["containers"] == [{"name": "node", "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}]
 
 
+def test_each_node_gets_the_cpu_and_memory_the_run_sized_for_its_teacher():
+    import dataclasses
+
+    from sidflow import sizing
+
+    # The pipeline resolves distill_cpu / distill_memory per teacher (size_teacher); an SDXL teacher's nodes get
+    # SDXL's 96G per GPU, not the 64G of SD1.5 (the manifest once ignored both and gave every node 64G per GPU).
+    sized = sizing.resolve("sdxl", "8", "auto", "auto", "auto", "auto")
+    job = trainjob.manifest(CFG, dataclasses.replace(PLACEMENT, distill_cpu=sized["distill_cpu"],
+                                                     distill_memory=sized["distill_memory"]), "img")
+    assert job["spec"]["trainer"]["resourcesPerNode"]["requests"] == {"cpu": "64", "memory": "768G",
+                                                                      "nvidia.com/gpu": "8"}
+    assert PLACEMENT.distill_cpu == PLACEMENT.distill_memory == "auto"  # by hand: 8 CPU and 64G per GPU (above)
+
+
 def test_the_command_carries_the_config_through_the_real_parsers(monkeypatch):
     cmd = trainjob.manifest(CFG, PLACEMENT, "img")["spec"]["trainer"]["command"]
     # torchrun, with the rendezvous Trainer's torch plugin injects as PET_* variables (read when the parser is built)

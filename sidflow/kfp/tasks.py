@@ -205,10 +205,12 @@ def evaluate(metrics, samples, artifact_root: str, run_id: str, teacher: str, ov
     print(stage.summary(result))
     _log(metrics, {k: result.metrics[k] for k in ("fid", "clip", "images", "images_per_s")})
     grid_uri, info_uri = storage.join(output, "grid.png"), storage.join(cfg.model, INFO_FILE)
+    teacher_uri = storage.join(output, stage.TEACHER_GRID)
     info = json.loads(storage.read_text(info_uri)) if cfg.sampler == "generator" and storage.exists(info_uri) else None
     with open(samples.path, "w") as f:
         f.write(run_page(cfg, result.metrics, info, model_name,
-                         storage.read_bytes(grid_uri) if storage.exists(grid_uri) else None))
+                         storage.read_bytes(grid_uri) if storage.exists(grid_uri) else None,
+                         storage.read_bytes(teacher_uri) if result.metrics.get("teacher_grid") else None))
     return result.metrics_uri
 
 
@@ -219,10 +221,11 @@ def _metric_names(cfg) -> tuple[str, str]:
     return fid, score
 
 
-def run_page(cfg, metrics: dict, info: dict | None, model_name: str, grid_png: bytes | None) -> str:
+def run_page(cfg, metrics: dict, info: dict | None, model_name: str, grid_png: bytes | None,
+             teacher_png: bytes | None = None) -> str:
     """Return the evaluate task's HTML page for the Kubeflow UI: the model by name and recipe (teacher, guidance and
     κ, K steps, kimg from its sidflow.json; a teacher's sampler when it is one), its metrics named by protocol,
-    and the captioned sample grid."""
+    and the captioned sample grid, beside the teacher's for the same prompts and seeds when there is one."""
     import base64
     from html import escape
 
@@ -245,8 +248,16 @@ def run_page(cfg, metrics: dict, info: dict | None, model_name: str, grid_png: b
     rows = "".join(f"<tr><th>{escape(name)}</th><td>{value}</td></tr>" for name, value in [
         (fid_name, f"{metrics['fid']:.3f}"), (score_name, f"{metrics['clip']:.4f}"),
         ("images", metrics.get("images", "")), ("images/s", f"{metrics.get('images_per_s', 0):.1f}")])
-    grid = (f'<img alt="samples: the first prompts, captioned" src="data:image/png;base64,'
-            f'{base64.b64encode(grid_png).decode()}">' if grid_png else "<p>no grid (grid = 0)</p>")
+    def img(png: bytes, alt: str) -> str:
+        return f'<img alt="{escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+    grid = img(grid_png, "samples: the first prompts, captioned") if grid_png else "<p>no grid (grid = 0)</p>"
+    if grid_png and teacher_png and metrics.get("teacher_grid"):
+        t = metrics["teacher_grid"]
+        grid = ("<table><tr><th>this model</th><th>its teacher: "
+                f"{escape(t['sampler'])} {t['steps']} steps, CFG κ {t['kappa']:g}, same prompts and seeds</th></tr>"
+                f"<tr><td>{grid}</td><td>{img(teacher_png, 'the teacher: the same prompts and seeds')}</td></tr>"
+                "</table>")
     title = model_name or "sidflow model"
     return (f"<html><head><meta charset='utf-8'><title>{escape(title)}</title></head><body>"
             f"<h2>{escape(title)}</h2><p>{escape(recipe)}</p><p>teacher: <code>{escape(teacher)}</code></p>"
@@ -256,7 +267,7 @@ def run_page(cfg, metrics: dict, info: dict | None, model_name: str, grid_png: b
 
 # Pipeline name of an EvaluateConfig field, where the bare name is a distill parameter or would be unclear.
 EVAL_NAMES = {k: f"eval_{k}" for k in ("prompts", "reference", "protocol", "features", "scorer", "batch",
-                                       "shard_size", "limit", "grid", "workers", "gpus")}
+                                       "shard_size", "limit", "grid", "teacher_grid", "workers", "gpus")}
 
 
 def passes_gate(metrics: str, overrides: dict) -> bool:

@@ -66,6 +66,9 @@ class EvaluateConfig:
     shard_size: int = param(1024, "prompts per shard: the unit of work handed to a process and of resume")
     limit: int | None = param(None, "evaluate only the first N prompts (smoke runs); None: all")
     grid: int = param(16, "images in grid.png: those of the first N prompts")
+    teacher_grid: bool = param(True, "for a generator, also sample its teacher (ddim, teacher_steps, at the CFG κ it "
+                                     "was distilled against, else kappa) for grid.png's prompts and seeds: "
+                                     "teacher_grid.png, shown beside it on the run page")
     save_images: bool = param(False, "also write every image to images/<row>.png (off: images stay in memory)")
     workers: int | None = param(None, "CPU threads per process for crop, resize and CLIP preprocessing; None: "
                                       "min(4, cores): more contend with generation for Python's GIL")
@@ -282,9 +285,56 @@ def _write_results(cfg, prompts, reference, extractor, scorer, about, key, n_sha
     if tiles:
         grid = np.concatenate(tiles)
         storage.write_bytes(storage.join(out, "grid.png"), captioned_grid(grid, prompts.captions[: len(grid)]))
+        if cfg.teacher_grid and cfg.sampler == "generator":
+            metrics["teacher_grid"] = _write_teacher_grid(cfg, prompts, len(grid), extractor.device)
     storage.write_text(storage.join(out, "row.md"), markdown_row(metrics))
     storage.write_text(storage.join(out, METRICS), json.dumps(metrics, indent=2))  # last: readers wait for it
     return metrics
+
+
+TEACHER_GRID = "teacher_grid.png"
+
+
+def teacher_kappa(info: dict, default: float) -> float:
+    """The CFG κ to show a generator's teacher at: the κ4 the generator was distilled against (method.md §3) when it
+    guides the teacher (> 1), else `default` (the stage's teacher κ: Zero-CFG and Anti-CFG distill an unguided one)."""
+    from sidflow.method.guidance import kappas
+
+    c = info.get("config") or {}
+    try:
+        k4 = float(c["kappa_4"]) if c.get("kappa_4") is not None else \
+            kappas(c["guidance"], kappa=float(c["kappa"]))["kappa_4"]
+    except (KeyError, TypeError, ValueError):  # a hand-made sidflow.json without a recipe
+        return default
+    return k4 if k4 > 1 else default
+
+
+def _write_teacher_grid(cfg: EvaluateConfig, prompts, n: int, device) -> dict | None:
+    """Sample the generator's teacher for the first `n` prompts with their seeds, tiled and captioned as grid.png is,
+    into teacher_grid.png; return what was sampled, or None (with a one-line note) when the teacher cannot be read."""
+    import dataclasses
+
+    import numpy as np
+
+    from sidflow.evaluate.protocol import PROTOCOLS
+    from sidflow.evaluate.report import captioned_grid
+    from sidflow.evaluate.resize import protocol_resize
+    from sidflow.generator import INFO_FILE
+    info = json.loads(storage.read_text(storage.join(cfg.model, INFO_FILE)))
+    teacher = info.get("teacher") or ""
+    row = {"teacher": teacher, "sampler": "ddim", "steps": cfg.teacher_steps, "kappa": teacher_kappa(info, cfg.kappa)}
+    try:
+        sampler, _ = load_sampler(dataclasses.replace(cfg, model=teacher, sampler="ddim", kappa=row["kappa"],
+                                                      compile_vae=False), device)
+    except (OSError, ValueError) as exc:  # moved or deleted since the distillation: the grid only
+        print(f"no teacher_grid.png: the teacher {teacher!r} does not load ({str(exc).splitlines()[0]})")
+        return None
+    size = PROTOCOLS[cfg.protocol].clip_size  # grid.png's tiles are the scorer's input size
+    images = np.concatenate([sampler(prompts.captions[i:min(i + cfg.batch, n)], prompts.seeds[i:min(i + cfg.batch, n)])
+                             for i in range(0, n, cfg.batch)])
+    tiles = np.stack([protocol_resize(image, size) for image in images])
+    storage.write_bytes(storage.join(cfg.output, TEACHER_GRID), captioned_grid(tiles, prompts.captions[:n]))
+    return row
 
 
 def summary(result: EvaluateResult) -> str:
