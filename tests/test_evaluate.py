@@ -400,6 +400,36 @@ def test_a_generator_whose_teacher_is_gone_gets_its_grid_only(assets, tmp_path, 
     assert "no teacher_grid.png: the teacher" in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def teacher_row(assets, tiny_teacher):
+    """The tiny teacher's own evaluation on the same prompts and reference: a comparison row, run once."""
+    out = assets["root"] / "teacher-row"
+    run(_cfg(assets, out, model=tiny_teacher, sampler="ddim", kappa=2.0))
+    return out
+
+
+def test_a_teacher_row_puts_the_teachers_metrics_and_grid_beside_the_models(assets, teacher_row, tmp_path):
+    result = run(_cfg(assets, tmp_path / "eval", teacher_row=str(teacher_row)))
+    row = json.loads((teacher_row / "metrics.json").read_text())
+    assert result.metrics["teacher_row"] == {k: row[k] for k in ("model", "sampler", "fid", "clip", "images")}
+    assert result.metrics["teacher_row"]["fid"] != result.fid  # two evaluations, not one copied
+    # The row's grid is the teacher grid (the same first prompts and seeds): nothing sampled twice.
+    assert result.metrics["teacher_grid"] == {"teacher": row["model"], "sampler": "ddim", "steps": 2, "kappa": 2.0}
+    assert (tmp_path / "eval" / "teacher_grid.png").read_bytes() == (teacher_row / "grid.png").read_bytes()
+
+
+def test_a_teacher_row_that_would_not_compare_is_refused_before_any_model_loads(assets, teacher_row, one_process,
+                                                                               tmp_path):
+    other = str(tmp_path / "other.parquet")
+    protocol.write_prompt_set(other, [c + " at dusk" for c in CAPTIONS])
+    with pytest.raises(ValueError, match="evaluated with another prompts"):
+        validate(_cfg(assets, tmp_path / "a", prompts=other, teacher_row=str(teacher_row)))
+    with pytest.raises(FileNotFoundError, match="has no metrics.json: evaluate the teacher there first"):
+        validate(_cfg(assets, tmp_path / "b", teacher_row=str(tmp_path / "nothing")))
+    with pytest.raises(ValueError, match="the evaluation of a generator, not of a teacher"):
+        validate(_cfg(assets, tmp_path / "c", teacher_row=str(one_process[1])))
+
+
 @pytest.mark.parametrize("config, kappa", [
     ({"guidance": "lsg", "kappa": 2.0}, 2.0),         # the teacher at the κ4 it was distilled against
     ({"guidance": "long", "kappa": 4.5}, 4.5),

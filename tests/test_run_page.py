@@ -37,6 +37,16 @@ def test_the_teachers_grid_stands_beside_the_models_with_its_sampler():
     assert "its teacher" not in alone and "iVBORyBtb2RlbA==" in alone
 
 
+def test_a_teacher_row_gives_the_metrics_table_a_column_of_its_own():
+    row = {"model": "/t", "sampler": {"kind": "teacher", "sampler": "ddim", "steps": 25, "kappa": 2.0},
+           "fid": 217.345, "clip": 0.6431, "images": 256}
+    page = tasks.run_page(TOY, {**METRICS, "teacher_row": row}, INFO, "toy-sid", None)
+    assert "<tr><th></th><th>this model</th><th>its teacher: ddim 25 steps, CFG κ 2</th></tr>" in page
+    assert "<tr><th>shapes-FID</th><td>1471.654</td><td>217.345</td></tr>" in page
+    assert "<tr><th>prompt accuracy</th><td>0.5312</td><td>0.6431</td></tr>" in page
+    assert "<tr><th>images</th><td>256</td><td>256</td></tr>" in page
+
+
 def test_the_page_of_a_coco_run_says_fid_and_clip_score():
     cfg = EvaluateConfig(model="s3://b/m", prompts="s3://b/coco30k.parquet", reference="s3://b/ref.npz", output="o")
     info = {**INFO, "steps": 4, "nimg": 100_000, "config": {"guidance": "zero_cfg", "kappa": 1.5, "data": "s3://p"}}

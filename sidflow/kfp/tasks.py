@@ -245,9 +245,17 @@ def run_page(cfg, metrics: dict, info: dict | None, model_name: str, grid_png: b
         recipe = f"teacher, {cfg.sampler} {cfg.teacher_steps} steps, CFG κ {cfg.kappa:g}"
         teacher = cfg.model
     fid_name, score_name = _metric_names(cfg)
-    rows = "".join(f"<tr><th>{escape(name)}</th><td>{value}</td></tr>" for name, value in [
-        (fid_name, f"{metrics['fid']:.3f}"), (score_name, f"{metrics['clip']:.4f}"),
-        ("images", metrics.get("images", "")), ("images/s", f"{metrics.get('images_per_s', 0):.1f}")])
+    t = metrics.get("teacher_row")  # the teacher's own evaluation on the same prompts and reference, when given
+    cells = lambda m: [f"{m['fid']:.3f}", f"{m['clip']:.4f}", m.get("images", "")]  # noqa: E731
+    columns = [cells(metrics) + [f"{metrics.get('images_per_s', 0):.1f}"]]
+    head = ""
+    if t:
+        columns.append(cells(t) + [""])
+        how = t["sampler"]  # {"kind": "teacher", "sampler", "steps", "kappa", ...}
+        head = (f"<tr><th></th><th>this model</th><th>its teacher: {escape(str(how['sampler']))} {how['steps']} "
+                f"steps, CFG κ {how['kappa']:g}</th></tr>")
+    rows = head + "".join(f"<tr><th>{escape(name)}</th>" + "".join(f"<td>{c[i]}</td>" for c in columns) + "</tr>"
+                          for i, name in enumerate([fid_name, score_name, "images", "images/s"]))
     def img(png: bytes, alt: str) -> str:
         return f'<img alt="{escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
@@ -267,7 +275,7 @@ def run_page(cfg, metrics: dict, info: dict | None, model_name: str, grid_png: b
 
 # Pipeline name of an EvaluateConfig field, where the bare name is a distill parameter or would be unclear.
 EVAL_NAMES = {k: f"eval_{k}" for k in ("prompts", "reference", "protocol", "features", "scorer", "batch",
-                                       "shard_size", "limit", "grid", "teacher_grid", "workers", "gpus")}
+                                       "shard_size", "limit", "grid", "teacher_grid", "teacher_row", "workers", "gpus")}
 
 
 def passes_gate(metrics: str, overrides: dict) -> bool:

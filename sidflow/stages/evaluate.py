@@ -69,6 +69,10 @@ class EvaluateConfig:
     teacher_grid: bool = param(True, "for a generator, also sample its teacher (ddim, teacher_steps, at the CFG κ it "
                                      "was distilled against, else kappa) for grid.png's prompts and seeds: "
                                      "teacher_grid.png, shown beside it on the run page")
+    teacher_row: str = param("", "URI of the teacher's own evaluation output on the same prompts, reference, "
+                                 "features and scorer (`sidflow evaluate --sampler ddim`, run once per teacher): its "
+                                 "metrics go into metrics.json beside this model's and its grid.png is the teacher "
+                                 "grid; '' = none")
     save_images: bool = param(False, "also write every image to images/<row>.png (off: images stay in memory)")
     workers: int | None = param(None, "CPU threads per process for crop, resize and CLIP preprocessing; None: "
                                       "min(4, cores): more contend with generation for Python's GIL")
@@ -115,11 +119,33 @@ def validate(cfg: EvaluateConfig) -> None:
 
         check_openclip(cfg.clip_model, cfg.clip_weights)
     _check_model(cfg)
-    read_prompt_set(cfg.prompts)
-    meta = read_reference(cfg.reference).meta
+    prompts = read_prompt_set(cfg.prompts)
+    reference = read_reference(cfg.reference)
+    meta = reference.meta
     if meta["fid_size"] != PROTOCOLS[cfg.protocol].fid_size:
         raise ValueError(f"reference={cfg.reference!r} was computed for protocol {meta['protocol']!r}, not "
                          f"{cfg.protocol!r}: recompute it with `sidflow data ref-stats --protocol {cfg.protocol}`")
+    if cfg.teacher_row:
+        _teacher_row(cfg, prompts.fingerprint, reference.fingerprint)
+
+
+def _teacher_row(cfg: EvaluateConfig, prompts_fingerprint: str, reference_fingerprint: str) -> dict:
+    """Return the metrics.json of cfg.teacher_row; raise a one-line error unless it is a teacher's evaluation on
+    this evaluation's prompts, reference and protocol (the features and scorer are compared once they are loaded)."""
+    uri = storage.join(cfg.teacher_row, METRICS)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"teacher_row={cfg.teacher_row!r} has no {METRICS}: evaluate the teacher there first "
+                                "(`sidflow evaluate --model <teacher> --sampler ddim` with this run's prompts and "
+                                "reference)")
+    row = json.loads(storage.read_text(uri))
+    if row.get("sampler", {}).get("kind") != "teacher":
+        raise ValueError(f"teacher_row={cfg.teacher_row!r} is the evaluation of a generator, not of a teacher")
+    for name, ours in (("prompts_fingerprint", prompts_fingerprint), ("reference_fingerprint", reference_fingerprint),
+                       ("protocol", cfg.protocol)):
+        if row.get(name) != ours:
+            raise ValueError(f"teacher_row={cfg.teacher_row!r} was evaluated with another {name.split('_')[0]} "
+                             f"({row.get(name)!r}, here {ours!r}): its numbers would not compare")
+    return row
 
 
 def _check_model(cfg: EvaluateConfig) -> None:
@@ -285,8 +311,7 @@ def _write_results(cfg, prompts, reference, extractor, scorer, about, key, n_sha
     if tiles:
         grid = np.concatenate(tiles)
         storage.write_bytes(storage.join(out, "grid.png"), captioned_grid(grid, prompts.captions[: len(grid)]))
-        if cfg.teacher_grid and cfg.sampler == "generator":
-            metrics["teacher_grid"] = _write_teacher_grid(cfg, prompts, len(grid), extractor.device)
+    metrics.update(_teacher_beside(cfg, prompts, reference, extractor, scorer, len(grid) if tiles else 0))
     storage.write_text(storage.join(out, "row.md"), markdown_row(metrics))
     storage.write_text(storage.join(out, METRICS), json.dumps(metrics, indent=2))  # last: readers wait for it
     return metrics
@@ -307,6 +332,27 @@ def teacher_kappa(info: dict, default: float) -> float:
     except (KeyError, TypeError, ValueError):  # a hand-made sidflow.json without a recipe
         return default
     return k4 if k4 > 1 else default
+
+
+def _teacher_beside(cfg: EvaluateConfig, prompts, reference, extractor, scorer, n_grid: int) -> dict:
+    """What metrics.json says of the teacher beside this model: `teacher_row`, its metrics from cfg.teacher_row when
+    that was scored alike; `teacher_grid`, what teacher_grid.png shows (the row's grid.png, else sampled here)."""
+    out = {}
+    row = _teacher_row(cfg, prompts.fingerprint, reference.fingerprint) if cfg.teacher_row else None
+    if row is not None and (row["features"], row["scorer"]) != (extractor.fingerprint, scorer.fingerprint):
+        print(f"teacher_row={cfg.teacher_row!r} was scored with other features or another scorer: not shown")
+        row = None
+    if row is not None:
+        out["teacher_row"] = {k: row[k] for k in ("model", "sampler", "fid", "clip", "images")}
+    if n_grid and cfg.teacher_grid and cfg.sampler == "generator":
+        row_grid = storage.join(cfg.teacher_row, "grid.png") if row is not None else None
+        if row_grid and storage.exists(row_grid):  # the same first prompts and seeds, already sampled
+            storage.write_bytes(storage.join(cfg.output, TEACHER_GRID), storage.read_bytes(row_grid))
+            out["teacher_grid"] = {"teacher": row["model"], **{k: row["sampler"][k] for k in ("sampler", "steps",
+                                                                                              "kappa")}}
+        else:
+            out["teacher_grid"] = _write_teacher_grid(cfg, prompts, n_grid, extractor.device)
+    return out
 
 
 def _write_teacher_grid(cfg: EvaluateConfig, prompts, n: int, device) -> dict | None:
