@@ -43,14 +43,13 @@ class PlacementConfig:
         'node labels the GPU pods must carry, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}; {} = any')})
     gpu_tolerations: list = field(default_factory=list, metadata={"help": (
         'tolerations of the GPU pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]')})
-    distill_cpu: str = param(AUTO, "CPUs of each distill pod: the one-pod distill, or each TrainJob node; auto = "
-                                   "8 per GPU of `gpus` (in the pipeline: the teacher type's preset, docs/sizing.md)")
+    distill_cpu: str = param(AUTO, "CPUs of each distill pod: the one-pod distill, or each TrainJob node (a "
+                                   "manifest by hand: auto = 8 per GPU of `gpus`)")
     gpu_resource: str = param("nvidia.com/gpu", "Kubernetes resource name the GPU pods request `gpus` of: "
                                                 "nvidia.com/gpu, a MIG profile (nvidia.com/mig-3g.40gb) or another "
                                                 "vendor's device (amd.com/gpu)")
-    distill_memory: str = param(AUTO, "memory of each distill pod (one pod, or each TrainJob node); auto = 64G per "
-                                      "GPU of `gpus` (in the pipeline: the teacher type's preset, 96G per GPU for "
-                                      "SDXL: every process loads the teacher)")
+    distill_memory: str = param(AUTO, "memory of each distill pod: the one-pod distill, or each TrainJob node; every "
+                                      "process loads the teacher (a manifest by hand: auto = 64G per GPU of `gpus`)")
 
 
 def job_name(output: str) -> str:
