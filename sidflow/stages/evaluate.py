@@ -366,6 +366,7 @@ def _write_teacher_grid(cfg: EvaluateConfig, prompts, n: int, device) -> dict | 
     from sidflow.evaluate.report import captioned_grid
     from sidflow.evaluate.resize import protocol_resize
     from sidflow.generator import INFO_FILE
+
     info = json.loads(storage.read_text(storage.join(cfg.model, INFO_FILE)))
     teacher = info.get("teacher") or ""
     row = {"teacher": teacher, "sampler": "ddim", "steps": cfg.teacher_steps, "kappa": teacher_kappa(info, cfg.kappa)}
