@@ -246,11 +246,11 @@ def run_page(cfg, metrics: dict, info: dict | None, model_name: str, grid_png: b
         teacher = cfg.model
     fid_name, score_name = _metric_names(cfg)
     t = metrics.get("teacher_row")  # the teacher's own evaluation on the same prompts and reference, when given
-    cells = lambda m: [f"{m['fid']:.3f}", f"{m['clip']:.4f}", m.get("images", "")]  # noqa: E731
-    columns = [cells(metrics) + [f"{metrics.get('images_per_s', 0):.1f}"]]
+    columns = [[f"{m['fid']:.3f}", f"{m['clip']:.4f}", m.get("images", "")] for m in ([metrics, t] if t else [metrics])]
+    columns[0].append(f"{metrics.get('images_per_s', 0):.1f}")  # the teacher row's rate is another run's
     head = ""
     if t:
-        columns.append(cells(t) + [""])
+        columns[1].append("")
         how = t["sampler"]  # {"kind": "teacher", "sampler", "steps", "kappa", ...}
         head = (f"<tr><th></th><th>this model</th><th>its teacher: {escape(str(how['sampler']))} {how['steps']} "
                 f"steps, CFG κ {how['kappa']:g}</th></tr>")

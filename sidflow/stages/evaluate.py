@@ -377,10 +377,10 @@ def _write_teacher_grid(cfg: EvaluateConfig, prompts, n: int, device) -> dict | 
         print(f"no teacher_grid.png: the teacher {teacher!r} does not load ({str(exc).splitlines()[0]})")
         return None
     size = PROTOCOLS[cfg.protocol].clip_size  # grid.png's tiles are the scorer's input size
-    images = np.concatenate([sampler(prompts.captions[i:min(i + cfg.batch, n)], prompts.seeds[i:min(i + cfg.batch, n)])
-                             for i in range(0, n, cfg.batch)])
+    captions, seeds, b = prompts.captions[:n], prompts.seeds[:n], cfg.batch
+    images = np.concatenate([sampler(captions[i:i + b], seeds[i:i + b]) for i in range(0, n, b)])
     tiles = np.stack([protocol_resize(image, size) for image in images])
-    storage.write_bytes(storage.join(cfg.output, TEACHER_GRID), captioned_grid(tiles, prompts.captions[:n]))
+    storage.write_bytes(storage.join(cfg.output, TEACHER_GRID), captioned_grid(tiles, captions))
     return row
 
 
