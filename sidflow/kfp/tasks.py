@@ -256,14 +256,16 @@ def run_page(cfg, metrics: dict, info: dict | None, model_name: str, grid_png: b
                 f"steps, CFG κ {how['kappa']:g}</th></tr>")
     rows = head + "".join(f"<tr><th>{escape(name)}</th>" + "".join(f"<td>{c[i]}</td>" for c in columns) + "</tr>"
                           for i, name in enumerate([fid_name, score_name, "images", "images/s"]))
+
     def img(png: bytes, alt: str) -> str:
         return f'<img alt="{escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
     grid = img(grid_png, "samples: the first prompts, captioned") if grid_png else "<p>no grid (grid = 0)</p>"
     if grid_png and teacher_png and metrics.get("teacher_grid"):
-        t = metrics["teacher_grid"]
+        sampled = metrics["teacher_grid"]
         grid = ("<table><tr><th>this model</th><th>its teacher: "
-                f"{escape(t['sampler'])} {t['steps']} steps, CFG κ {t['kappa']:g}, same prompts and seeds</th></tr>"
+                f"{escape(sampled['sampler'])} {sampled['steps']} steps, CFG κ {sampled['kappa']:g}, same prompts and "
+                "seeds</th></tr>"
                 f"<tr><td>{grid}</td><td>{img(teacher_png, 'the teacher: the same prompts and seeds')}</td></tr>"
                 "</table>")
     title = model_name or "sidflow model"
