@@ -8,15 +8,16 @@ teacher and fake forward·input-backward (×2 batch when guided), with a backwar
 input-only backward), and the forward FLOPs counted by torch.utils.flop_counter. The split generator backward's
 extra forward is not counted: TFLOP/s stays the useful work, comparable across the options.
 
-A list of values for --precisions, --micro-batches, --compile or --generator-backward sweeps every combination in
-one command (--runs names a chosen few instead, in order: 'bf16/12/off/joint;bf16/12/off/split;fp32/8/off/joint'),
+A list of values for --precisions, --micro-batches, --compile, --generator-backward or --norms sweeps every
+combination in one command (--runs names a chosen few instead, in order:
+'bf16/12/off/joint;bf16/12/off/joint/autocast;fp32/8/off/joint'),
 each run its own `sidflow distill` process (accelerate fixes the precision per process, and every run starts with
 empty GPU memory and reports its own peak). A run that exhausts GPU memory is recorded as "oom" and the
 sweep goes on. The record is rewritten after each run, so a sweep cut short keeps what it measured; --time-limit
 ends one in time to write its last record. It adds the bf16/fp32 ratio of each setting and each setting's speed-up
-over the plain one (eager, joint) at the same precision and micro-batch. --torch-profile runs one more iteration
-after the timed ones under torch.profiler and records where its GPU time goes: the top ops and the share of each
-kind of kernel (before and after an option, side by side).
+over the plain one (eager, joint, fp32 norms) at the same precision and micro-batch. --torch-profile runs one more
+iteration after the timed ones under torch.profiler and records where its GPU time goes: the top ops and the share
+of each kind of kernel (before and after an option, side by side).
 
   python benchmarks/throughput.py --model sd15 --micro-batch 8 --rounds 2 --iters 6
   python benchmarks/throughput.py --model sd15 --precisions bf16,fp32 --micro-batches 12,16,24 --compile off,on \\
@@ -42,7 +43,8 @@ import torch  # noqa: E402
 from common import MODELS, RESULTS, record, synthetic_run  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 peak of the SXM parts
-AXES = {"precision": ("bf16", "fp32"), "compile": ("off", "on"), "generator_backward": ("joint", "split")}
+AXES = {"precision": ("bf16", "fp32"), "compile": ("off", "on"), "generator_backward": ("joint", "split"),
+        "norms": ("fp32", "autocast")}
 # The kind of a kernel (GPU) or op (CPU): the first entry whose pattern its lower-case name contains. Attention and
 # convolution come before matmul (cuDNN's kernels are implicit GEMMs), compiled kernels before the ops they fuse.
 KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")),
@@ -154,29 +156,36 @@ def grid(args) -> list[dict]:
                              + (f" of {', '.join(AXES[name])}" if name in AXES else ""))
         return out
 
-    if args.runs:  # an explicit list: precision/micro-batch/compile/backward per run, e.g. bf16/12/on/split
+    if args.runs:  # an explicit list: precision/micro-batch/compile/backward[/norms] per run, e.g. bf16/12/on/split
         runs = []
         for item in filter(None, args.runs.split(";")):
             parts = item.split("/")
-            if len(parts) != 4:
+            if len(parts) not in (4, 5):
                 raise SystemExit(f"throughput.py: --runs item {item!r}: expected "
-                                 "precision/micro-batch/compile/backward")
+                                 "precision/micro-batch/compile/backward[/norms]")
             runs.append({"precision": values("precision", parts[0])[0],
                          "micro_batch": values("micro_batch", parts[1], int)[0],
                          "compile": values("compile", parts[2])[0],
-                         "generator_backward": values("generator_backward", parts[3])[0]})
+                         "generator_backward": values("generator_backward", parts[3])[0],
+                         "norms": values("norms", parts[4] if len(parts) == 5 else args.norms)[0]})
         return runs
     axes = {"precision": values("precision", args.precisions or args.precision),
             "micro_batch": values("micro_batch", args.micro_batches or str(args.micro_batch), int),
             "compile": values("compile", args.compile),
-            "generator_backward": values("generator_backward", args.generator_backward)}
+            "generator_backward": values("generator_backward", args.generator_backward),
+            "norms": values("norms", args.norms)}
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
 def label(run: dict) -> str:
-    """Return a run's name in the sweep's record, e.g. 'bf16 mb12 compile split'."""
+    """Return a run's name in the sweep's record, e.g. 'bf16 mb12 compile split' ('... autocast-norms' with norms
+    autocast under bf16; an fp32 run has no autocast, so its norms are fp32 whatever the setting)."""
     return (f"{run['precision']} mb{run['micro_batch']} {'compile' if run['compile'] == 'on' else 'eager'} "
-            f"{run['generator_backward']}")
+            f"{run['generator_backward']}" + (" autocast-norms" if _autocast_norms(run) else ""))
+
+
+def _autocast_norms(run: dict) -> bool:
+    return run["precision"] == "bf16" and run.get("norms") == "autocast"
 
 
 def main() -> None:
@@ -196,8 +205,9 @@ def main() -> None:
                    help="compile the UNets' repeated blocks (the stage's compile): on (the flag alone), off, off,on")
     p.add_argument("--generator-backward", default="joint", help="the stage's generator_backward: joint, split, "
                                                                  "or joint,split")
+    p.add_argument("--norms", default="fp32", help="the stage's norms: fp32, autocast, or fp32,autocast")
     p.add_argument("--runs", default=None, help="instead of every combination: ';'-separated runs, each "
-                   "precision/micro-batch/compile/backward, e.g. 'bf16/12/off/joint;bf16/24/on/split'")
+                   "precision/micro-batch/compile/backward[/norms], e.g. 'bf16/12/off/joint;bf16/24/on/split/autocast'")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--ema", type=float, default=50.0, help="EMA half-life kimg (0 = off)")
     p.add_argument("--torch-profile", action="store_true",
@@ -246,11 +256,11 @@ def single(args, run: dict) -> None:
                         kappa=args.kappa, batch=batch, micro_batch=mb, kimg=batch * iterations / 1000,
                         precision=run["precision"], grad_checkpointing=args.grad_checkpointing,
                         compile=run["compile"] == "on", generator_backward=run["generator_backward"],
-                        ema_halflife_kimg=args.ema, checkpoints=False, profile=True, gpus=str(args.gpus),
-                        sharding=args.sharding, resume=False)
+                        norms=run["norms"], ema_halflife_kimg=args.ema, checkpoints=False, profile=True,
+                        gpus=str(args.gpus), sharding=args.sharding, resume=False)
     prof: dict = {}
     metrics = {"micro_batch": mb, "precision": run["precision"], "compile": run["compile"] == "on",
-               "generator_backward": run["generator_backward"]}
+               "generator_backward": run["generator_backward"], "norms": run["norms"]}
     try:
         with profiled(args.warmup + args.iters, prof) if args.torch_profile else contextlib.nullcontext():
             launch(cfg)
@@ -264,7 +274,7 @@ def single(args, run: dict) -> None:
             metrics["torch_profile"] = prof or None
     name = f"throughput_{args.model.replace('-', '_')}" + "".join(
         s for s, on in (("_fp32", run["precision"] == "fp32"), ("_compile", run["compile"] == "on"),
-                        ("_split", run["generator_backward"] == "split")) if on)
+                        ("_split", run["generator_backward"] == "split"), ("_norms", _autocast_norms(run))) if on)
     file = args.file or f"{name}_{_tag()}.json"
     config = {**vars(args), **run, "batch": batch, "weights": "random (published config, no download)"}
     record(name, file, args.gpus, metrics, config, Path(args.out))
@@ -326,7 +336,8 @@ def sweep(args, runs: list[dict]) -> None:
         out, log = work / "runs" / name, work / "runs" / f"{name}.log"
         cmd = [sys.executable, __file__, *keep, "--precision", run["precision"],
                "--micro-batch", str(run["micro_batch"]), "--compile", run["compile"],
-               "--generator-backward", run["generator_backward"], "--out", str(out), "--file", "result.json"]
+               "--generator-backward", run["generator_backward"], "--norms", run["norms"],
+               "--out", str(out), "--file", "result.json"]
         left = None if args.time_limit is None else args.time_limit - (time.monotonic() - start)
         rc = None
         if left is None or left > 0:
@@ -343,26 +354,28 @@ def sweep(args, runs: list[dict]) -> None:
         else:  # an OOM outside the training (loading) or a crash: the log says which
             text = log.read_text(errors="replace")
             metrics = {"error": "oom" if oom(text) else f"exit code {rc}", "log_tail": text.splitlines()[-5:]}
-        done.append({"run": label(run), **metrics})
+        done.append({"run": label(run), "setting": run, **metrics})
         print(f"throughput [{i + 1}/{len(runs)}] {label(run)}: "
               f"{metrics.get('error') or str(metrics['images_per_s_per_gpu']) + ' images/s/GPU'}", file=sys.stderr)
         _record_sweep(args, done, final=i == len(runs) - 1)
 
 
 def _record_sweep(args, done: list[dict], final: bool) -> None:
-    ok = {r["run"]: r for r in done if "error" not in r}
-    ips = {k: r["images_per_s_per_gpu"] for k, r in ok.items()}
-    ratios = {}
-    for key in ips:
-        prec, mb, comp, back = key.split(" ")
-        if prec == "bf16" and f"fp32 {mb} {comp} {back}" in ips:
-            ratios[f"{mb} {comp} {back}"] = round(ips[key] / ips[f"fp32 {mb} {comp} {back}"], 3)
-    speedups = {key: round(ips[key] / ips[base], 3) for key in ips
-                if (base := " ".join(key.split(" ")[:2] + ["eager", "joint"])) in ips and base != key}
+    ok = [r for r in done if "error" not in r]
+    ips = {r["run"]: r["images_per_s_per_gpu"] for r in ok}
+
+    def key(r: dict, **change) -> str:  # the label of r's setting with some of it changed
+        return label({**r["setting"], **change})
+
+    # bf16 over fp32 at the same micro-batch, compile and backward (an fp32 run's norms are fp32 whatever asked).
+    ratios = {r["run"].removeprefix("bf16 "): round(r["images_per_s_per_gpu"] / ips[key(r, precision="fp32")], 3)
+              for r in ok if r["setting"]["precision"] == "bf16" and key(r, precision="fp32") in ips}
+    plain = {"compile": "off", "generator_backward": "joint", "norms": "fp32"}
+    speedups = {r["run"]: round(r["images_per_s_per_gpu"] / ips[base], 3) for r in ok
+                if (base := key(r, **plain)) in ips and base != r["run"]}
     best: dict[str, dict] = {}
-    for key, r in ok.items():
-        prec, _, comp, back = key.split(" ")
-        setting = f"{prec} {comp} {back}"
+    for r in ok:
+        setting = key(r, micro_batch=0).replace(" mb0", "")
         if setting not in best or r["images_per_s_per_gpu"] > best[setting]["images_per_s_per_gpu"]:
             best[setting] = {"micro_batch": r["micro_batch"], "images_per_s_per_gpu": r["images_per_s_per_gpu"],
                              "peak_mem_gib": r["peak_mem_gib"]}

@@ -266,6 +266,58 @@ REPEATED_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")
 RECOMPILE_LIMIT = 256
 
 
+class _AutocastGroupNorm(torch.nn.GroupNorm):
+    """GroupNorm that, under autocast, runs in the autocast dtype (see autocast_norms)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = _autocast_dtype(x)
+        if dtype is None:
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.group_norm(x.to(dtype), self.num_groups, _cast(self.weight, dtype),
+                                                  _cast(self.bias, dtype), self.eps)
+
+
+class _AutocastLayerNorm(torch.nn.LayerNorm):
+    """LayerNorm that, under autocast, runs in the autocast dtype (see autocast_norms)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = _autocast_dtype(x)
+        if dtype is None:
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.layer_norm(x.to(dtype), self.normalized_shape, _cast(self.weight, dtype),
+                                                  _cast(self.bias, dtype), self.eps)
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    # The dtype autocast would run a matmul in on x's device, or None where autocast is off.
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def _cast(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    # A differentiable cast: G's and the fake's fp32 master weights still receive their gradients.
+    return None if p is None else p.to(dtype)
+
+
+def autocast_norms(unet: torch.nn.Module) -> int:
+    """Make the GroupNorms and LayerNorms of `unet` run in the autocast dtype (bf16) under autocast; return how many.
+
+    Autocast runs these norms in fp32: each casts its bf16 input up and returns fp32, so the SiLU after it runs in
+    fp32 and the next convolution casts back, three full passes over the activation per norm and twice the memory
+    for what the backward keeps. In bf16 the kernels still accumulate mean and variance in fp32, as the reference's
+    fp16 mode runs them. Outside autocast (fp32 runs, the exported model) a norm computes what it did. The modules
+    keep their class's parameters and state_dict keys; a deepcopy keeps the change."""
+    swapped = 0
+    for m in unet.modules():
+        for base, cls in ((torch.nn.GroupNorm, _AutocastGroupNorm), (torch.nn.LayerNorm, _AutocastLayerNorm)):
+            if type(m) is base:
+                m.__class__ = cls
+                swapped += 1
+    return swapped
+
+
 def compile_blocks(unet: torch.nn.Module, **options) -> int:
     """Compile each repeated block of `unet` in place with torch.compile(**options); return how many.
 

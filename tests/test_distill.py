@@ -307,15 +307,17 @@ def test_the_loop_passes_each_kappa_to_its_network_and_drops_prompts_in_the_fake
     assert len(drops) == dropped and all(p == 0.1 for p in drops)
 
 
-def test_in_bf16_the_frozen_teacher_and_the_fake_start_as_the_same_function(prompts, tmp_path):
+@pytest.mark.parametrize("norms", ["fp32", "autocast"])
+def test_in_bf16_the_frozen_teacher_and_the_fake_start_as_the_same_function(prompts, tmp_path, norms):
     # The teacher is stored in bf16 (no master copy) while the fake keeps fp32 weights that autocast casts at each
     # forward; the norms, which autocast runs in fp32, keep the teacher's fp32 weights, so both agree bit for bit at
     # step 0 (with bf16-rounded norm weights they did not). The bundled toy teacher is trained: its norm weights are
-    # not the 1s and 0s of a fresh init, which bf16 holds exactly.
+    # not the 1s and 0s of a fresh init, which bf16 holds exactly. With norms=autocast both cast them alike.
     from sidflow.demo import TOY_TEACHER
     from sidflow.stages.distill import networks
 
-    nets, data = networks(_cfg(str(TOY_TEACHER), prompts, tmp_path / "run", precision="bf16"), torch.device("cpu"))
+    nets, data = networks(_cfg(str(TOY_TEACHER), prompts, tmp_path / "run", precision="bf16", norms=norms),
+                          torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     x, t, c = torch.randn(2, *nets.shape, generator=g), torch.tensor([100, 800]), data.encode(torch.tensor([0, 1]))
     with torch.autocast("cpu", dtype=torch.bfloat16):

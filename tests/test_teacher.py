@@ -229,6 +229,68 @@ def test_guided_eps_kappa_one_and_zero_are_single_forwards(shared_teacher, unet_
     assert not torch.allclose(cond, uncond, atol=1e-4)
 
 
+# Norms under autocast -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda: torch.nn.GroupNorm(4, 8), lambda: torch.nn.LayerNorm(8),
+                                  lambda: torch.nn.LayerNorm(8, elementwise_affine=False)])
+def test_autocast_norms_compute_the_norm_in_bf16_and_train_the_fp32_weights(make):
+    import copy
+
+    from sidflow.teacher import autocast_norms
+
+    g = torch.Generator().manual_seed(0)
+    plain = make()
+    for p in plain.parameters():  # trained-looking affine parameters, not the 1s and 0s of an init
+        p.data = torch.randn(p.shape, generator=g)
+    norm = copy.deepcopy(plain)
+    assert autocast_norms(norm) == 1 and type(copy.deepcopy(norm)) is type(norm)
+    assert norm.state_dict().keys() == plain.state_dict().keys()
+    x = (3 * torch.randn(2, 8, 4, 4, generator=g) + 1).bfloat16()
+    if isinstance(plain, torch.nn.LayerNorm):
+        x = x.transpose(1, 3)  # [2, 4, 4, 8]: normalised over the last dim
+    # Outside autocast it is the module it was (fp32 runs, the exported generator).
+    assert torch.equal(norm(x.float()), plain(x.float()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(x.float()).dtype == torch.bfloat16  # an fp32 input too: what the next layer reads is bf16
+        xg = x.clone().requires_grad_(True)
+        y = norm(xg)
+    assert y.dtype == torch.bfloat16
+    ref = plain(x.float())  # the same normalisation in fp32: bf16 rounding apart, the same values
+    torch.testing.assert_close(y.detach().float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+    w = torch.randn(y.shape, generator=g)
+    (y.float() * w).sum().backward()
+    ref_in = x.float().requires_grad_(True)
+    (plain(ref_in) * w).sum().backward()
+    torch.testing.assert_close(xg.grad.float(), ref_in.grad, rtol=5e-2, atol=5e-2 * float(ref_in.grad.abs().max()))
+    for mine, theirs in zip(norm.parameters(), plain.parameters()):  # the fp32 masters get their gradients
+        assert mine.dtype == torch.float32 and mine.grad is not None and mine.grad.dtype == torch.float32
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=5e-2, atol=5e-2 * float(theirs.grad.abs().max()))
+
+
+def test_autocast_norms_leave_no_fp32_activation_in_the_unet(shared_teacher, unet_inputs):
+    # CUDA autocast runs group_norm and layer_norm in fp32 and returns fp32 (PyTorch's AMP docs, autocast op
+    # reference: "CUDA Ops that can autocast to float32"); CPU autocast does not, so this checks the swapped norms
+    # themselves: every one hands bf16 on, whatever dtype reaches it, and the UNet computes what it did in fp32.
+    import copy
+
+    from sidflow.teacher import autocast_norms
+
+    x_t, t, c, _ = unet_inputs
+    unet = copy.deepcopy(shared_teacher.unet)
+    norms = [m for m in unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+    assert autocast_norms(unet) == len(norms) > 0
+    dtypes = set()
+    for m in norms:
+        m.register_forward_hook(lambda m, args, out: dtypes.add(out.dtype))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = score_net(unet)(x_t, t, c)
+        assert dtypes == {torch.bfloat16}
+        want = score_net(shared_teacher.unet)(x_t, t, c)
+    torch.testing.assert_close(got, want, rtol=0.1, atol=0.05 * float(want.abs().max()))
+
+
 # S3 -------------------------------------------------------------------------------------------------------------
 
 

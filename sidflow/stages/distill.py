@@ -54,6 +54,10 @@ class DistillConfig:
     grad_checkpointing: bool = param(False, "gradient checkpointing in the generator, fake and teacher UNets")
     compile: bool = param(False, "torch.compile the repeated blocks of the generator, fake and teacher UNets (resnet "
                                  "and transformer blocks, in place); the first iterations pay the compile time")
+    norms: Literal["fp32", "autocast"] = param(
+        "fp32", "GroupNorm/LayerNorm under precision bf16: fp32 = autocast's rule (the norm and the activation after "
+                "it in fp32); autocast = in bf16, statistics accumulated in fp32 (less memory traffic and activation "
+                "memory); fp32 runs are unaffected (method.md §8.1)")
     generator_backward: Literal["joint", "split"] = param(
         "joint", "joint = one backward through teacher and fake; split = one network's graph at a time, the same "
                  "gradient for less activation memory and one more forward of the cheaper network (method.md §4)")
@@ -246,7 +250,7 @@ def networks(cfg: DistillConfig, device, teacher=None):
     from sidflow.generator import export_generator, generator_info
     from sidflow.method.vp import VP
     from sidflow.prompts import read_prompts
-    from sidflow.teacher import compile_blocks, fingerprint, load_teacher, score_net
+    from sidflow.teacher import autocast_norms, compile_blocks, fingerprint, load_teacher, score_net
     from sidflow.train.loop import Conditions, Networks
 
     teacher = teacher or load_teacher(cfg.teacher, device, null=cfg.null_prompt)
@@ -265,6 +269,9 @@ def networks(cfg: DistillConfig, device, teacher=None):
         for m in (G, fake, teacher.unet):
             m.enable_gradient_checkpointing()
             m.train()
+    if cfg.norms == "autocast":  # teacher, G and the fake alike, so that at step 0 teacher and fake still agree
+        for m in (G, fake, teacher.unet):
+            autocast_norms(m)
     if cfg.compile:  # after the copies: a deepcopy comes out uncompiled (so does G's EMA, which never runs)
         for m in (G, fake, teacher.unet):
             compile_blocks(m)
