@@ -156,32 +156,36 @@ def grid(args) -> list[dict]:
                              + (f" of {', '.join(AXES[name])}" if name in AXES else ""))
         return out
 
+    fixed = dict(x.split("=", 1) for x in getattr(args, "set", None) or [])
     if args.runs:  # an explicit list: precision/micro-batch/compile/backward[/norms] per run, e.g. bf16/12/on/split
         runs = []
         for item in filter(None, args.runs.split(";")):
-            parts = item.split("/")
+            parts = [x for x in item.split("/") if "=" not in x]
+            extra = dict(x.split("=", 1) for x in item.split("/") if "=" in x)
             if len(parts) not in (4, 5):
                 raise SystemExit(f"throughput.py: --runs item {item!r}: expected "
-                                 "precision/micro-batch/compile/backward[/norms]")
+                                 "precision/micro-batch/compile/backward[/norms][/key=value...]")
             runs.append({"precision": values("precision", parts[0])[0],
                          "micro_batch": values("micro_batch", parts[1], int)[0],
                          "compile": values("compile", parts[2])[0],
                          "generator_backward": values("generator_backward", parts[3])[0],
-                         "norms": values("norms", parts[4] if len(parts) == 5 else args.norms)[0]})
+                         "norms": values("norms", parts[4] if len(parts) == 5 else args.norms)[0],
+                         "set": {**fixed, **extra}})
         return runs
     axes = {"precision": values("precision", args.precisions or args.precision),
             "micro_batch": values("micro_batch", args.micro_batches or str(args.micro_batch), int),
             "compile": values("compile", args.compile),
             "generator_backward": values("generator_backward", args.generator_backward),
             "norms": values("norms", args.norms)}
-    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+    return [dict(zip(axes, combo), set=fixed) for combo in itertools.product(*axes.values())]
 
 
 def label(run: dict) -> str:
     """Return a run's name in the sweep's record, e.g. 'bf16 mb12 compile split' ('... autocast-norms' with norms
     autocast under bf16; an fp32 run has no autocast, so its norms are fp32 whatever the setting)."""
     return (f"{run['precision']} mb{run['micro_batch']} {'compile' if run['compile'] == 'on' else 'eager'} "
-            f"{run['generator_backward']}" + (" autocast-norms" if _autocast_norms(run) else ""))
+            f"{run['generator_backward']}" + (" autocast-norms" if _autocast_norms(run) else "")
+            + "".join(f" {k}={v}" for k, v in sorted(run.get("set", {}).items())))
 
 
 def _autocast_norms(run: dict) -> bool:
@@ -206,8 +210,11 @@ def main() -> None:
     p.add_argument("--generator-backward", default="joint", help="the stage's generator_backward: joint, split, "
                                                                  "or joint,split")
     p.add_argument("--norms", default="fp32", help="the stage's norms: fp32, autocast, or fp32,autocast")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a DistillConfig override for every run (repeatable), e.g. channels_last=false")
     p.add_argument("--runs", default=None, help="instead of every combination: ';'-separated runs, each "
-                   "precision/micro-batch/compile/backward[/norms], e.g. 'bf16/12/off/joint;bf16/24/on/split/autocast'")
+                   "precision/micro-batch/compile/backward[/norms][/key=value...] (DistillConfig overrides of that "
+                   "run), e.g. 'bf16/12/off/joint;bf16/24/on/split/autocast/channels_last=false'")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--ema", type=float, default=50.0, help="EMA half-life kimg (0 = off)")
     p.add_argument("--torch-profile", action="store_true",
@@ -245,6 +252,7 @@ def _tag() -> str:
 
 def single(args, run: dict) -> None:
     """Measure one run in this process (one GPU: the stage trains here) and record it."""
+    from sidflow.config import override
     from sidflow.stages.distill import DistillConfig, launch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -258,6 +266,7 @@ def single(args, run: dict) -> None:
                         compile=run["compile"] == "on", generator_backward=run["generator_backward"],
                         norms=run["norms"], ema_halflife_kimg=args.ema, checkpoints=False, profile=True,
                         gpus=str(args.gpus), sharding=args.sharding, resume=False)
+    cfg = override(cfg, run["set"])
     prof: dict = {}
     metrics = {"micro_batch": mb, "precision": run["precision"], "compile": run["compile"] == "on",
                "generator_backward": run["generator_backward"], "norms": run["norms"]}
@@ -337,6 +346,7 @@ def sweep(args, runs: list[dict]) -> None:
         cmd = [sys.executable, __file__, *keep, "--precision", run["precision"],
                "--micro-batch", str(run["micro_batch"]), "--compile", run["compile"],
                "--generator-backward", run["generator_backward"], "--norms", run["norms"],
+               *(a for k, v in run["set"].items() for a in ("--set", f"{k}={v}")),
                "--out", str(out), "--file", "result.json"]
         left = None if args.time_limit is None else args.time_limit - (time.monotonic() - start)
         rc = None
@@ -370,7 +380,7 @@ def _record_sweep(args, done: list[dict], final: bool) -> None:
     # bf16 over fp32 at the same micro-batch, compile and backward (an fp32 run's norms are fp32 whatever asked).
     ratios = {r["run"].removeprefix("bf16 "): round(r["images_per_s_per_gpu"] / ips[key(r, precision="fp32")], 3)
               for r in ok if r["setting"]["precision"] == "bf16" and key(r, precision="fp32") in ips}
-    plain = {"compile": "off", "generator_backward": "joint", "norms": "fp32"}
+    plain = {"compile": "off", "generator_backward": "joint", "norms": "fp32", "set": {}}
     speedups = {r["run"]: round(r["images_per_s_per_gpu"] / ips[base], 3) for r in ok
                 if (base := key(r, **plain)) in ips and base != r["run"]}
     best: dict[str, dict] = {}

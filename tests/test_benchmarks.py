@@ -51,17 +51,20 @@ def test_throughput_sweep_compares_runs_that_differ_in_one_setting(tmp_path):
 
     tp = _script("throughput")
     runs = tp.grid(argparse.Namespace(runs="bf16/8/off/joint;bf16/8/off/joint/autocast;fp32/8/off/joint/autocast;"
-                                           "bf16/16/off/split/autocast", norms="fp32"))
-    ips = (10.0, 12.0, 2.0, 13.0)
+                                           "bf16/16/off/split/autocast;bf16/8/off/joint/channels_last=false",
+                                      norms="fp32", set=[]))
+    ips = (10.0, 12.0, 2.0, 13.0, 11.0)
     done = [{"run": tp.label(r), "setting": r, "micro_batch": r["micro_batch"], "images_per_s_per_gpu": v,
              "peak_mem_gib": 1.0} for r, v in zip(runs, ips)]
     assert [d["run"] for d in done] == ["bf16 mb8 eager joint", "bf16 mb8 eager joint autocast-norms",
-                                        "fp32 mb8 eager joint", "bf16 mb16 eager split autocast-norms"]
+                                        "fp32 mb8 eager joint", "bf16 mb16 eager split autocast-norms",
+                                        "bf16 mb8 eager joint channels_last=false"]
     args = argparse.Namespace(model="tiny", file="sweep.json", gpus=1, out=str(tmp_path), forward_tflop=1.0)
     tp._record_sweep(args, done, final=True)
     m = json.loads((tmp_path / "sweep.json").read_text())["metrics"]
     assert m["bf16_over_fp32"] == {"mb8 eager joint": 5.0, "mb8 eager joint autocast-norms": 6.0}
-    assert m["speedup_over_eager_joint"] == {"bf16 mb8 eager joint autocast-norms": 1.2}
+    assert m["speedup_over_eager_joint"] == {"bf16 mb8 eager joint autocast-norms": 1.2,
+                                             "bf16 mb8 eager joint channels_last=false": 1.1}
     assert m["best_micro_batch"]["bf16 eager joint autocast-norms"]["micro_batch"] == 8
 
 

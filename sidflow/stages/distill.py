@@ -54,6 +54,8 @@ class DistillConfig:
     grad_checkpointing: bool = param(False, "gradient checkpointing in the generator, fake and teacher UNets")
     compile: bool = param(False, "torch.compile the repeated blocks of the generator, fake and teacher UNets (resnet "
                                  "and transformer blocks, in place); the first iterations pay the compile time")
+    channels_last: bool = param(True, "keep the UNets' convolution weights and activations NHWC on a GPU; false = "
+                                      "NCHW (a CUDA GroupNorm without an NHWC kernel converts the layout both ways)")
     norms: Literal["fp32", "autocast"] = param(
         "fp32", "GroupNorm/LayerNorm under precision bf16: fp32 = autocast's rule (the norm and the activation after "
                 "it in fp32); autocast = in bf16, statistics accumulated in fp32 (less memory traffic and activation "
@@ -83,10 +85,11 @@ KAPPA_RANGE = (0.0, 20.0)
 MAX_SEED = 999_999  # the loop's RNG keys multiply the seed by ~4e12: larger seeds overflow torch's 64-bit seed
 # Fields that change what a run computes: a checkpoint written under other values belongs to another run. The rest
 # (length, logging, placement, and how the same gradients are computed: grad_checkpointing, compile,
-# generator_backward) may change between a run and its resume: kimg extends a run, gpus re-shards it (the draws are
-# keyed by global micro-batch index, so 1 and N GPUs see the same ones, and micro_batch is kept).
+# generator_backward, channels_last) may change between a run and its resume: kimg extends a run, gpus re-shards it
+# (the draws are keyed by global micro-batch index, so 1 and N GPUs see the same ones, and micro_batch is kept).
 NOT_IDENTITY = ("teacher", "output", "kimg", "checkpoint_kimg", "keep_checkpoints", "log_every", "checkpoints",
-                "profile", "gpus", "resume", "sharding", "grad_checkpointing", "compile", "generator_backward")
+                "profile", "gpus", "resume", "sharding", "grad_checkpointing", "compile", "generator_backward",
+                "channels_last")
 
 
 def validate(cfg: DistillConfig, world_size: int = 1, fetch_teacher: bool = True) -> None:
@@ -255,7 +258,7 @@ def networks(cfg: DistillConfig, device, teacher=None):
 
     teacher = teacher or load_teacher(cfg.teacher, device, null=cfg.null_prompt)
     prompts = read_prompts(cfg.prompts)
-    if device.type == "cuda":  # NHWC convolutions run on the tensor cores without layout transposes
+    if device.type == "cuda" and cfg.channels_last:  # NHWC convolutions need no layout transposes
         teacher.unet.to(memory_format=torch.channels_last)
     G, fake = copy.deepcopy(teacher.unet), copy.deepcopy(teacher.unet)
     if cfg.precision == "bf16":  # frozen, so no master copy: autocast would cast it to bf16 at every forward
