@@ -38,10 +38,17 @@ def device_tag(device, smoke: bool = False) -> str:
 
 
 def git_sha() -> str:
+    """HEAD's sha, with "-dirty" when tracked files differ from it: a GPU box's copy of the working tree can come
+    with the history of an older commit, whose sha alone would name code that did not run."""
+    here = Path(__file__).parent
     try:
         out = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent).stdout.strip()
-        return out if len(out) == 40 else "unknown"  # a copy without history (the GPU box) answers "HEAD"
+                             cwd=here).stdout.strip()
+        if len(out) != 40:  # a copy without history answers "HEAD"
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here).stdout.strip()
+        return out + ("-dirty" if dirty else "")
     except OSError:
         return "unknown"
 

@@ -54,12 +54,13 @@ class DistillConfig:
     grad_checkpointing: bool = param(False, "gradient checkpointing in the generator, fake and teacher UNets")
     compile: bool = param(False, "torch.compile the repeated blocks of the generator, fake and teacher UNets (resnet "
                                  "and transformer blocks, in place); the first iterations pay the compile time")
-    channels_last: bool = param(True, "keep the UNets' convolution weights and activations NHWC on a GPU; false = "
-                                      "NCHW (a CUDA GroupNorm without an NHWC kernel converts the layout both ways)")
+    channels_last: bool = param(False, "keep the UNets' convolution weights and activations NHWC on a GPU; off = NCHW, "
+                                       "faster with torch's CUDA GroupNorm, which has no NHWC kernel and converts "
+                                       "the layout both ways (docs/benchmarks.md)")
     norms: Literal["fp32", "autocast"] = param(
-        "fp32", "GroupNorm/LayerNorm under precision bf16: fp32 = autocast's rule (the norm and the activation after "
-                "it in fp32); autocast = in bf16, statistics accumulated in fp32 (less memory traffic and activation "
-                "memory); fp32 runs are unaffected (method.md §8.1)")
+        "autocast", "GroupNorm/LayerNorm under precision bf16: autocast = in bf16, statistics accumulated in fp32 "
+                    "(less memory traffic and activation memory); fp32 = autocast's own rule (the norm and the "
+                    "activation after it in fp32); fp32 runs are unaffected (method.md §8.1)")
     generator_backward: Literal["joint", "split"] = param(
         "joint", "joint = one backward through teacher and fake; split = one network's graph at a time, the same "
                  "gradient for less activation memory and one more forward of the cheaper network (method.md §4)")
