@@ -27,7 +27,8 @@ from sidflow.toy import evaluator, shapes  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="examples/toy-teacher")
-    p.add_argument("--evaluator", default=None, help="default: <teacher>/evaluator")
+    p.add_argument("--evaluators", default=None, help="comma-separated evaluator directories (default: "
+                   "<teacher>/evaluator, the demo's)")
     p.add_argument("--runs", required=True, help="'name:key=value,...;name2:...' DistillConfig overrides")
     p.add_argument("--milestones", default="25,50,100,200", help="kimg at which each run is scored")
     p.add_argument("--n", type=int, default=2000, help="images per score")
@@ -39,7 +40,8 @@ def main() -> None:
     from sidflow.stages.distill import DistillConfig, run
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = evaluator.load(args.evaluator or Path(args.teacher) / "evaluator", device)
+    paths = args.evaluators.split(",") if args.evaluators else [str(Path(args.teacher) / "evaluator")]
+    models = [evaluator.load(path, device) for path in paths]
     prompts, reference, seeds = eval_set(args.n)
     work = Path(tempfile.mkdtemp(prefix="sidflow-sweep-"))
     (work / "prompts.txt").write_text("\n".join(sorted({shapes.caption(*c) for c in shapes.combos("train")})))
@@ -57,7 +59,7 @@ def main() -> None:
                 break
             minutes = (time.time() - start) / 60
             gen, info = load_generator(result.model_uri, device)
-            scores, _ = evaluate(model, lambda caps: sample(gen, info, caps, seeds, batch=512), prompts, reference)
+            scores, _ = evaluate(models, lambda caps: sample(gen, info, caps, seeds, batch=512), prompts, reference)
             point = {"kimg": result.kimg, "minutes": round(minutes, 2), **scores,
                      "loss_g": result.metrics.get("loss_g"), "loss_fake": result.metrics.get("loss_fake"),
                      "images_per_s": result.metrics.get("images_per_s")}

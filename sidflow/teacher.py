@@ -266,39 +266,30 @@ REPEATED_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")
 RECOMPILE_LIMIT = 256
 
 
-class _AutocastGroupNorm(torch.nn.GroupNorm):
-    """GroupNorm that, under autocast, runs in the autocast dtype (see autocast_norms)."""
+class _AutocastNorm:
+    """Mixin for a norm module that, under autocast, runs in the autocast dtype (see autocast_norms).
+
+    A subclass names the functional norm and the module fields it takes after the input."""
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = _autocast_dtype(x)
-        if dtype is None:
+        kind = x.device.type
+        if not torch.is_autocast_enabled(kind):
             return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return torch.nn.functional.group_norm(x.to(dtype), self.num_groups, _cast(self.weight, dtype),
-                                                  _cast(self.bias, dtype), self.eps)
+        dtype = torch.get_autocast_dtype(kind)  # the dtype autocast would run a matmul in on x's device
+        # A differentiable cast: G's and the fake's fp32 master weights still receive their gradients.
+        weight, bias = (None if p is None else p.to(dtype) for p in (self.weight, self.bias))
+        with torch.autocast(kind, enabled=False):
+            return self._norm(x.to(dtype), weight, bias)
 
 
-class _AutocastLayerNorm(torch.nn.LayerNorm):
-    """LayerNorm that, under autocast, runs in the autocast dtype (see autocast_norms)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        dtype = _autocast_dtype(x)
-        if dtype is None:
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return torch.nn.functional.layer_norm(x.to(dtype), self.normalized_shape, _cast(self.weight, dtype),
-                                                  _cast(self.bias, dtype), self.eps)
+class _AutocastGroupNorm(_AutocastNorm, torch.nn.GroupNorm):
+    def _norm(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        return torch.nn.functional.group_norm(x, self.num_groups, weight, bias, self.eps)
 
 
-def _autocast_dtype(x: Tensor) -> torch.dtype | None:
-    # The dtype autocast would run a matmul in on x's device, or None where autocast is off.
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-
-
-def _cast(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    # A differentiable cast: G's and the fake's fp32 master weights still receive their gradients.
-    return None if p is None else p.to(dtype)
+class _AutocastLayerNorm(_AutocastNorm, torch.nn.LayerNorm):
+    def _norm(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        return torch.nn.functional.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 def autocast_norms(unet: torch.nn.Module) -> int:

@@ -146,6 +146,16 @@ def test_toy_quality_sid_rows_and_merge(tmp_path):
     assert all(c["git_sha"] == again["git_sha"] for c in again["config"]["parts"])
 
 
+def test_toy_sweep_scores_each_milestone_of_each_run(tmp_path):
+    env = {**__import__("os").environ, "SIDFLOW_NO_BAR": "1"}
+    subprocess.run([sys.executable, "benchmarks/toy_sweep.py", "--n", "8", "--milestones", "0.016,0.032", "--runs",
+                    "a:batch=16,micro_batch=16,precision=fp32,ema_halflife_kimg=0", "--out", str(tmp_path)],
+                   check=True, cwd=ROOT, capture_output=True, env=env)
+    points = json.loads((tmp_path / "toy_sweep.json").read_text())["metrics"]["curves"]["a"]["points"]
+    assert [p["kimg"] for p in points] == [0.016, 0.032]
+    assert all(p["shapes_fid"] > 0 and 0 <= p["prompt_acc_seen"] <= 1 for p in points)
+
+
 def test_scaling_script_measures_a_placement_against_one_process(tmp_path):
     # 2 CPU processes over gloo stand in for 2 GPUs; the 1-process run is the reference. FSDP, the placement with the
     # most to get wrong; both placements' numerics against one process are test_distill's (two_processes_match_one).
