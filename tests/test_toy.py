@@ -121,7 +121,7 @@ def test_demo_scores_the_generators_start_as_the_teacher_fed_at_t_init(tmp_path)
     from sidflow.teacher import load_teacher
 
     captions, seeds = shapes.sample(4, 1, "train")[1], [0, 1, 2, 3]
-    gen, info = load_generator(export_start(str(tmp_path / "start"), 2.0))
-    assert info["nimg"] == 0 and info["config"]["t_init"] == 625
-    expected = sample(load_teacher(str(TOY)), {"config": {"steps": 1, "t_init": 625}}, captions, seeds)
+    gen, info = load_generator(export_start(str(tmp_path / "start"), 2.0, 800))
+    assert info["nimg"] == 0 and info["config"]["t_init"] == 800
+    expected = sample(load_teacher(str(TOY)), {"config": {"steps": 1, "t_init": 800}}, captions, seeds)
     np.testing.assert_array_equal(sample(gen, info, captions, seeds), expected)
