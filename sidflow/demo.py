@@ -4,7 +4,8 @@ watch_teachers → download_teacher → distill (real SiD-LSG iterations on the 
 accuracy with the bundled evaluator) → register (champion if it passes the gate). The teacher rows go through the
 same evaluate stage (DDIM, CFG κ) with the same prompts, seeds and reference, and so does the one-step generator
 as distillation starts (the teacher's weights at t_init), so the table shows what distillation changed. Every
-number printed is measured in this run. A second demo in the same directory finds the teacher already registered:
+number printed is measured in this run; the pipeline's evaluate task shows the teacher's 25-step row beside the
+distilled model's on its run page. A second demo in the same directory finds the teacher already registered:
 watch_teachers skips it.
 
 The terminal gets one line per pipeline stage (name, seconds, what it produced), the table and the grid's path;
@@ -253,11 +254,26 @@ def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> d
     eval_set = toy_eval_set(str(root / "eval-set"), evaluator, n=n)
     reg = str(root / "registry")
     before = registry.champion(reg, MODEL_NAME)
-    params = demo_parameters(root, kimg, kappa, eval_set)
     log = root / "pipeline.log"
     log.write_text("")  # this run's log only: a failure's tail is this run's
-    print(f"[1/3] sid-distill under kfp.local: artifacts in {root / 'artifacts'}, registry {reg}\n"
-          f"      full log: {log}", flush=True)
+    # The teacher and the generator's start first, so the pipeline's evaluate task can put the teacher's 25-step row
+    # (its metrics and samples for the same prompts and seeds) beside the distilled model's on the run page.
+    print("[1/3] the teacher (1 and 25 DDIM steps) and the generator's starting point through the evaluate stage "
+          f"(same prompts, seeds, reference); full log: {log}", flush=True)
+    common = {"prompts": eval_set["prompts"], "reference": eval_set["reference"], "protocol": "native",
+              "features": f"toy:{evaluator}", "scorer": f"toy:{evaluator}", "batch": 128}
+    rows = {}
+    with logged(log):  # the evaluate stage's own output, as in the pipeline's task
+        for steps in (1, 25):
+            result = evaluate.run(evaluate.EvaluateConfig(
+                model=str(TOY_TEACHER), sampler="ddim", teacher_steps=steps, kappa=kappa,
+                output=str(root / f"eval-teacher-{steps}"), **common))
+            rows[f"teacher, {steps} DDIM step{'s' if steps > 1 else ''}, CFG {kappa:g}"] = result.metrics
+        start_uri = export_start(str(root / "generator-start"), kappa, DEMO_T_INIT)
+        start = evaluate.run(evaluate.EvaluateConfig(model=start_uri, output=str(root / "eval-generator-start"),
+                                                     **common))
+    params = demo_parameters(root, kimg, kappa, eval_set) | {"eval_teacher_row": str(root / "eval-teacher-25")}
+    print(f"[2/3] sid-distill under kfp.local: artifacts in {root / 'artifacts'}, registry {reg}", flush=True)
     t0 = time.time()
     try:
         with logged(log):
@@ -272,22 +288,7 @@ def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> d
         return None
     if before is not None and before.version == champion.version:
         print(f"      teacher already distilled (registry v{champion.version}); delete {root} to distill again")
-    print(f"[2/3] registry: {MODEL_NAME} v{champion.version} is champion: {champion.model_uri}")
-
-    print("[3/3] the teacher and the generator's starting point through the same evaluate stage (same prompts, seeds, "
-          "reference)", flush=True)
-    common = {"prompts": eval_set["prompts"], "reference": eval_set["reference"], "protocol": "native",
-              "features": f"toy:{evaluator}", "scorer": f"toy:{evaluator}", "batch": 128}
-    rows = {}
-    with logged(log):  # the evaluate stage's own output, as in the pipeline's task
-        for steps in (1, 25):
-            result = evaluate.run(evaluate.EvaluateConfig(
-                model=str(TOY_TEACHER), sampler="ddim", teacher_steps=steps, kappa=kappa,
-                output=str(root / f"eval-teacher-{steps}"), **common))
-            rows[f"teacher, {steps} DDIM step{'s' if steps > 1 else ''}, CFG {kappa:g}"] = result.metrics
-        start_uri = export_start(str(root / "generator-start"), kappa, params["t_init"])
-        start = evaluate.run(evaluate.EvaluateConfig(model=start_uri, output=str(root / "eval-generator-start"),
-                                                     **common))
+    print(f"[3/3] registry: {MODEL_NAME} v{champion.version} is champion: {champion.model_uri}")
     rows["one-step generator before distillation"] = start.metrics
     rows[f"distilled SiD-LSG, one step, κ {kappa:g}"] = champion.metrics
     print(f"\n| sampler | shapes-FID ↓ | prompt accuracy ↑ |   ({n} prompts, same seeds)\n|---|---|---|")
