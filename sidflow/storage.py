@@ -222,12 +222,15 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def parquet_table(data: bytes):
-    """The pyarrow Table of parquet bytes, read on this thread: Arrow's own thread pools, once started,
-    can abort the process at exit (exit code 134, "terminate called without an active exception") when torch was
-    imported first; sidflow's tables (prompts, captions, shapes) are small enough to read without them."""
+    """The pyarrow Table of parquet bytes, read on this thread. Arrow's thread pools, once started, can abort the
+    process at exit (exit code 134, "terminate called without an active exception") when a worker is still winding
+    down as the interpreter tears down. `pq.read_table` goes through Arrow's dataset scanner, which starts a worker
+    even with use_threads=False; `ParquetFile.read` starts none. sidflow's tables (prompts, captions, shapes) are
+    small enough to read without threads."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(io.BytesIO(data), use_threads=False, pre_buffer=False)
+    return pq.ParquetFile(pa.BufferReader(data), pre_buffer=False).read(use_threads=False)
 
 
 def read_text(uri: str) -> str:
