@@ -222,10 +222,8 @@ def export_start(uri: str, kappa: float, t_init: int) -> str:
     return uri
 
 
-def verdict(rows: dict) -> str:
-    """One line on the table: the distilled one-step row (the last) against the teacher's 1 and 25 DDIM steps."""
-    names = list(rows)
-    one, many, ours = rows[names[0]], rows[names[1]], rows[names[-1]]
+def verdict(one: dict, many: dict, ours: dict) -> str:
+    """One line on the table: the distilled one-step metrics `ours` against the teacher's 1 and 25 DDIM steps."""
     beats = ours["fid"] < one["fid"] and ours["clip"] > one["clip"]
     return (f"distilled one step {'beats' if beats else 'does not yet beat'} the teacher's single step: shapes-FID "
             f"{ours['fid'] / one['fid']:.2f}× its 1 step's and {ours['fid'] / many['fid']:.2f}× its 25 steps'; prompt "
@@ -262,12 +260,13 @@ def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> d
           f"(same prompts, seeds, reference); full log: {log}", flush=True)
     common = {"prompts": eval_set["prompts"], "reference": eval_set["reference"], "protocol": "native",
               "features": f"toy:{evaluator}", "scorer": f"toy:{evaluator}", "batch": 128}
-    rows = {}
+    rows, teacher = {}, {}
     with logged(log):  # the evaluate stage's own output, as in the pipeline's task
         for steps in (1, 25):
             result = evaluate.run(evaluate.EvaluateConfig(
                 model=str(TOY_TEACHER), sampler="ddim", teacher_steps=steps, kappa=kappa,
                 output=str(root / f"eval-teacher-{steps}"), **common))
+            teacher[steps] = result.metrics
             rows[f"teacher, {steps} DDIM step{'s' if steps > 1 else ''}, CFG {kappa:g}"] = result.metrics
         start_uri = export_start(str(root / "generator-start"), kappa, DEMO_T_INIT)
         start = evaluate.run(evaluate.EvaluateConfig(model=start_uri, output=str(root / "eval-generator-start"),
@@ -294,7 +293,7 @@ def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> d
     print(f"\n| sampler | shapes-FID ↓ | prompt accuracy ↑ |   ({n} prompts, same seeds)\n|---|---|---|")
     for name, m in rows.items():
         print(f"| {name} | {m['fid']:.1f} | {m['clip']:.3f} |")
-    print("\n" + verdict(rows))
+    print("\n" + verdict(teacher[1], teacher[25], champion.metrics))
     grid = newest_grid(root)
     if grid:
         print(f"\nsample grid (distilled, one step, captioned): {grid}")

@@ -128,9 +128,9 @@ def test_the_grid_printed_is_the_one_the_evaluate_task_wrote(tmp_path):
 
 
 def test_demo_verdict_compares_the_distilled_row_with_the_teachers_steps():
-    rows = {"teacher, 1 DDIM step": {"fid": 800.0, "clip": 0.39}, "teacher, 25 DDIM steps": {"fid": 400.0, "clip": 0.6},
-            "start": {"fid": 5000.0, "clip": 0.1}, "distilled": {"fid": 600.0, "clip": 0.5}}
-    assert verdict(rows) == ("distilled one step beats the teacher's single step: shapes-FID 0.75× its 1 step's and "
-                             "1.50× its 25 steps'; prompt accuracy +0.110 and -0.100")
-    rows["distilled"] = {"fid": 600.0, "clip": 0.3}  # better FID, worse accuracy: not a win
-    assert verdict(rows).startswith("distilled one step does not yet beat")
+    one, many = {"fid": 800.0, "clip": 0.39}, {"fid": 400.0, "clip": 0.6}
+    assert verdict(one, many, {"fid": 600.0, "clip": 0.5}) == (
+        "distilled one step beats the teacher's single step: shapes-FID 0.75× its 1 step's and "
+        "1.50× its 25 steps'; prompt accuracy +0.110 and -0.100")
+    # better FID, worse accuracy: not a win
+    assert verdict(one, many, {"fid": 600.0, "clip": 0.3}).startswith("distilled one step does not yet beat")

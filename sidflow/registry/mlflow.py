@@ -216,27 +216,28 @@ def register(registry_uri: str, name: str, model_uri: str, metrics: dict, teache
 _DUPLICATE = ("IntegrityError", "UniqueViolation", "duplicate key", "Duplicate entry")
 
 
-def _set_alias(registry_uri: str, name: str, version: str) -> None:
+def _lost_insert(exc: RegistryError) -> bool:
     # MLflow's SQL store sets an alias by a lookup, then an insert when none exists: two promoters setting a model's
     # first alias at once can both insert, and the loser gets a 400 naming the IntegrityError (seen with the sqlite
     # store under concurrent promotions). The alias then exists, so setting it again is an update.
-    for attempt in range(3):
-        try:
-            _call(registry_uri, "POST", "/registered-models/alias", {"name": name, "alias": ALIAS, "version": version})
-            return
-        except RegistryError as exc:
-            if not any(sign in str(exc) for sign in _DUPLICATE) or attempt == 2:
-                raise
+    return any(sign in str(exc) for sign in _DUPLICATE)
 
 
 def _sync_alias(registry_uri: str, name: str) -> None:
     # Set the alias to the fold's champion until the ledger stops growing under us: the promoter that appended
-    # last writes last, and writes the final champion (module docstring).
+    # last writes last, and writes the final champion (module docstring). A lost first insert goes round again.
     entries = _versions(registry_uri, name + LEDGER)
     for _ in range(_TRIES):
         held, _ = _fold(entries)
         if held is not None:
-            _set_alias(registry_uri, name, _tags(held)["sidflow.version"])
+            try:
+                _call(registry_uri, "POST", "/registered-models/alias",
+                      {"name": name, "alias": ALIAS, "version": _tags(held)["sidflow.version"]})
+            except RegistryError as exc:
+                if not _lost_insert(exc):
+                    raise
+                entries = _versions(registry_uri, name + LEDGER)
+                continue
         again = _versions(registry_uri, name + LEDGER)
         if len(again) == len(entries):
             return
