@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test install lint clean pipeline docs
+.PHONY: demo test install lint clean pipeline docs results-table
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ lint: $(STAMP)
 # docs/parameters.md, from the stage configs (a test fails when it is stale).
 docs: $(STAMP)
 	$(PY) -m sidflow.paramdocs
+
+# README's throughput table, from the committed result files (a test fails when it is stale).
+results-table: $(STAMP)
+	$(PY) benchmarks/results_table.py --write
 
 # The compiled IR (sidflow/kfp/sid_distill.yaml, pipeline/sid-distill.yaml) and components/<name>.yaml.
 pipeline: $(STAMP)

@@ -53,3 +53,21 @@ def test_relative_links_resolve():
             if not dest.exists() or (anchor and anchor not in _anchors(dest)):
                 broken.append(f"{doc.relative_to(ROOT)}: {target}")
     assert broken == []
+
+
+def test_the_throughput_table_is_rendered_from_the_result_files(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("results_table", ROOT / "benchmarks" / "results_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    assert table.block(README) == table.render(), "README's throughput table is stale: run `make results-table`"
+    # each figure comes from its file and run: a changed record changes the row
+    file, name = table.ROWS[0][2], table.ROWS[0][3]
+    record = json.loads((table.RESULTS / file).read_text())
+    next(r for r in record["metrics"]["runs"] if r["run"] == name)["images_per_s_per_gpu"] = 99.5
+    for _, _, f, _ in table.ROWS:
+        (tmp_path / f).write_text((table.RESULTS / f).read_text())
+    (tmp_path / file).write_text(json.dumps(record))
+    assert "| 99.50 |" in table.render(tmp_path).splitlines()[2]
