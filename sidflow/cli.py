@@ -69,11 +69,20 @@ def _train(args, cls, validate, launch) -> int:
 def _distill_trainjob(args) -> int:
     import yaml
 
-    from sidflow import trainjob
+    from sidflow import sizing, trainjob
     from sidflow.stages import distill
 
     cfg = config.from_args(distill.DistillConfig, args)
-    job = trainjob.manifest(cfg, config.from_args(trainjob.PlacementConfig, args), args.image)
+    placement = config.from_args(trainjob.PlacementConfig, args)
+    kind = "sd15"
+    if sizing.AUTO in (placement.distill_cpu, placement.distill_memory):  # sized by the teacher's type, as in a run
+        try:
+            kind = sizing.read_type(cfg.teacher)
+        except (OSError, ValueError) as exc:  # a hub id, or storage this machine cannot reach
+            print(f"sidflow distill-trainjob: sized with the sd15 preset: the teacher's configs could not be read "
+                  f"({str(exc).splitlines()[0]}); give --distill-cpu and --distill-memory for another type",
+                  file=sys.stderr)
+    job = trainjob.manifest(cfg, placement, args.image, kind=kind)
     print(yaml.safe_dump(job, sort_keys=False, width=120), end="")
     return 0
 

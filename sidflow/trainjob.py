@@ -14,10 +14,9 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from sidflow import __version__, storage
+from sidflow import __version__, sizing, storage
 from sidflow.config import param, to_args
 from sidflow.launch import CHECKED_ENV
-from sidflow.sizing import AUTO
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Kubeflow Trainer installs
@@ -27,8 +26,9 @@ MANAGER = "sidflow.kubeflow.org/distill"  # key of sidflow's entry in spec.runti
 RBAC_VERBS = ("create", "delete", "get")  # every call `run` makes; manifests/base/rbac-trainjobs.yaml grants these
 S3_SECRET = "sidflow-s3"  # the Kubernetes secret every stage reads its S3 settings from (manifests/base)
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION")
-# Per GPU, the same share the single-pod distill gets (sidflow/kfp/sid_distill.py: 1 GPU, 8 CPU, 64G, 16Gi /dev/shm).
-CPU_PER_GPU, MEMORY_G_PER_GPU, SHM_GI_PER_GPU = 8, 64, 16
+# /dev/shm per GPU, the single-pod distill's (sidflow/kfp/sid_distill.py: 16Gi for its one GPU). CPU and memory per
+# GPU are the teacher type's preset (sidflow.sizing.PRESETS).
+SHM_GI_PER_GPU = 16
 TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
 TOLERATION_OPERATORS, TAINT_EFFECTS = ("Equal", "Exists"), ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
@@ -43,13 +43,14 @@ class PlacementConfig:
         'node labels the GPU pods must carry, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}; {} = any')})
     gpu_tolerations: list = field(default_factory=list, metadata={"help": (
         'tolerations of the GPU pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]')})
-    distill_cpu: str = param(AUTO, "CPUs of each distill pod: the one-pod distill, or each TrainJob node (a "
-                                   "manifest by hand: auto = 8 per GPU of `gpus`)")
+    distill_cpu: str = param(sizing.AUTO, "CPUs of each distill pod: the one-pod distill, or each TrainJob "
+                                          "node; auto = the teacher type's preset (docs/sizing.md)")
     gpu_resource: str = param("nvidia.com/gpu", "Kubernetes resource name the GPU pods request `gpus` of: "
                                                 "nvidia.com/gpu, a MIG profile (nvidia.com/mig-3g.40gb) or another "
                                                 "vendor's device (amd.com/gpu)")
-    distill_memory: str = param(AUTO, "memory of each distill pod: the one-pod distill, or each TrainJob node; every "
-                                      "process loads the teacher (a manifest by hand: auto = 64G per GPU of `gpus`)")
+    distill_memory: str = param(sizing.AUTO, "memory of each distill pod: the one-pod distill, or each TrainJob "
+                                             "node (every process loads the teacher); auto = the teacher type's "
+                                             "preset (docs/sizing.md)")
 
 
 def job_name(output: str) -> str:
@@ -94,15 +95,17 @@ def check(cfg, placement: PlacementConfig) -> int:
 TIMEOUT_S = 7 * 24 * 3600
 
 
-def manifest(cfg, placement: PlacementConfig, image: str, checked: bool = False, stage: str = "distill") -> dict:
+def manifest(cfg, placement: PlacementConfig, image: str, checked: bool = False, stage: str = "distill",
+             kind: str = "sd15") -> dict:
     """Return the TrainJob that runs `sidflow <stage>` with `cfg` on distill_nodes nodes × cfg.gpus GPUs each.
     `checked`: the caller validated cfg for all of them (distill.check), so the ranks do not, each fetching the
-    prompts and probing the output again; a manifest applied by hand (`sidflow distill-trainjob`) leaves it off."""
+    prompts and probing the output again; a manifest applied by hand (`sidflow distill-trainjob`) leaves it off.
+    `kind`: the teacher type whose preset sizes a distill_cpu or distill_memory left "auto"."""
     gpus = check(cfg, placement)
-    # Each node gets what the run sized for a distill pod: in the pipeline the teacher type's preset (size_teacher
-    # resolves "auto" per teacher), so an SDXL node gets SDXL's host memory, not SD1.5's.
-    cpu = placement.distill_cpu if placement.distill_cpu not in (AUTO, "") else str(CPU_PER_GPU * gpus)
-    memory = placement.distill_memory if placement.distill_memory not in (AUTO, "") else f"{MEMORY_G_PER_GPU * gpus}G"
+    # Each node gets what the run sized for a distill pod. In the pipeline size_teacher has resolved "auto" per
+    # teacher already, so an SDXL node gets SDXL's host memory, not SD1.5's; by hand the caller names the type.
+    sized = sizing.resolve(kind, str(gpus), cfg.sharding, placement.distill_cpu, placement.distill_memory, "1")
+    cpu, memory = sized["distill_cpu"], sized["distill_memory"]
     resources = {"cpu": cpu, "memory": memory, placement.gpu_resource: str(gpus)}
     # optional, as on the pipeline's tasks: with workload identity the secret holds no keys, or does not exist
     env = [{"name": k, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": k, "optional": True}}} for k in S3_KEYS]

@@ -96,6 +96,36 @@ def test_each_node_gets_the_cpu_and_memory_the_run_sized_for_its_teacher():
     assert job["spec"]["trainer"]["resourcesPerNode"]["requests"] == {"cpu": "64", "memory": "768G",
                                                                       "nvidia.com/gpu": "8"}
     assert PLACEMENT.distill_cpu == PLACEMENT.distill_memory == "auto"  # by hand: 8 CPU and 64G per GPU (above)
+    # "auto" itself takes the preset of the type the caller names, from the same table as the pipeline
+    auto = trainjob.manifest(CFG, PLACEMENT, "img", kind="sdxl")["spec"]["trainer"]["resourcesPerNode"]["requests"]
+    assert auto == job["spec"]["trainer"]["resourcesPerNode"]["requests"]
+
+
+def test_a_manifest_by_hand_is_sized_by_its_teachers_type(tmp_path, capsys):
+    from sidflow.cli import main
+    from sidflow.toy.tiny import build_sd, tiny_sdxl_configs
+
+    sdxl = build_sd(tmp_path / "sdxl", tiny_sdxl_configs(), seed=0)
+    capsys.readouterr()  # the build's progress bars
+    argv = ["distill-trainjob", "--distill-nodes", "2", "--gpus", "8", "--prompts", "s3://b/p.txt",
+            "--output", "s3://b/runs/r1"]
+
+    def requests(teacher: str) -> tuple[dict, str]:
+        assert main([*argv, "--teacher", teacher]) == 0
+        out = capsys.readouterr()
+        return yaml.safe_load(out.out)["spec"]["trainer"]["resourcesPerNode"]["requests"], out.err
+
+    assert requests(sdxl) == ({"cpu": "64", "memory": "768G", "nvidia.com/gpu": "8"}, "")  # SDXL's 96G per GPU
+    # a teacher this machine cannot read (a hub id here) is sized as SD1.5, and the command says so on one line
+    sized, err = requests("stabilityai/stable-diffusion-xl-base-1.0")
+    assert sized == {"cpu": "64", "memory": "512G", "nvidia.com/gpu": "8"}
+    (note,) = err.splitlines()
+    assert "sd15 preset" in note and "--distill-memory" in note
+    # given values are taken as they are, and nothing is read
+    assert main([*argv, "--teacher", "nowhere", "--distill-cpu", "12", "--distill-memory", "100G"]) == 0
+    out = capsys.readouterr()
+    assert yaml.safe_load(out.out)["spec"]["trainer"]["resourcesPerNode"]["requests"]["memory"] == "100G"
+    assert out.err == ""
 
 
 def test_the_command_carries_the_config_through_the_real_parsers(monkeypatch):
@@ -188,8 +218,10 @@ def test_trainer_image_is_the_distill_components():
 
 def test_per_gpu_share_is_the_single_pods():
     from sidflow.kfp import sid_distill as p
+    from sidflow.sizing import PRESETS
 
-    assert (str(trainjob.CPU_PER_GPU), f"{trainjob.MEMORY_G_PER_GPU}G", f"{trainjob.SHM_GI_PER_GPU}Gi") == (
+    sd15 = PRESETS["sd15"]  # a one-pod distill's default is one GPU's share of the SD1.5 preset
+    assert (str(sd15.cpu_per_gpu), f"{sd15.memory_g_per_gpu}G", f"{trainjob.SHM_GI_PER_GPU}Gi") == (
         p.DISTILL_CPU, p.DISTILL_MEMORY, p.DISTILL_SHM)
 
 

@@ -26,7 +26,9 @@ def _sized() -> list[declare.Param]:
     # "auto" as their pipeline default and one of their choices.
     fields = {p.name: p for p in declare.params(DistillConfig) + declare.params(PlacementConfig)}
     fields["eval_gpus"] = {p.name: p for p in declare.params(EvaluateConfig)}["gpus"]
-    return [dataclasses.replace(p, name=name, type=str, default=sizing.AUTO, help=p.help + AUTO_HELP,
+    # (PlacementConfig's CPU and memory say it themselves: a manifest by hand is sized by the same presets)
+    return [dataclasses.replace(p, name=name, type=str, default=sizing.AUTO,
+                                help=p.help if p.help.endswith(AUTO_HELP[2:]) else p.help + AUTO_HELP,
                                 choices=p.choices and (*p.choices, sizing.AUTO))
             for name, p in ((name, fields[name]) for name in sizing.SIZED)]
 
