@@ -33,7 +33,7 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m sidflow.paramdocs
 
-# README's throughput table, from the committed result files (a test fails when it is stale).
+# README's throughput table and docs/benchmarks.md's profile table, from the committed result files (a test fails when stale).
 results-table: $(STAMP)
 	$(PY) benchmarks/results_table.py --write
 

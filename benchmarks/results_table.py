@@ -1,11 +1,13 @@
-"""The README's throughput table, rendered from the committed result files (no model runs).
+"""The README's throughput table and docs/benchmarks.md's GPU-time profile, rendered from the committed result files
+(no model runs).
 
-Each row names a result file and the run in it (a sweep's `metrics.runs[*].run`, or none for a one-run record);
-images/s, peak memory, MFU and the device come from the file, so the table cannot drift from what was measured.
-`make results-table` rewrites the block between the README's markers; a test fails when the block is stale.
+Each row (profile column) names a result file and the run in it (a sweep's `metrics.runs[*].run`, or none for a
+one-run record); images/s, peak memory, MFU, the device and the kernel times come from the file, so the tables
+cannot drift from what was measured. `make results-table` rewrites the blocks between their markers; a test fails
+when one is stale.
 
-    python benchmarks/results_table.py            # print the table
-    python benchmarks/results_table.py --write    # rewrite README.md's block
+    python benchmarks/results_table.py            # print both tables
+    python benchmarks/results_table.py --write    # rewrite the blocks in README.md and docs/benchmarks.md
 """
 
 import argparse
@@ -16,7 +18,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
+BENCHMARKS = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- throughput-table:start (benchmarks/results_table.py) -->", "<!-- throughput-table:end -->"
+PROFILE_START, PROFILE_END = ("<!-- profile-table:start (benchmarks/results_table.py) -->",
+                              "<!-- profile-table:end -->")
 
 # (model, what the row runs, result file, run name in its sweep or None). One-step SiD-LSG κ 1.5, EMA on, random
 # weights from the published configs; rows of one file were measured in one command.
@@ -41,6 +46,19 @@ ROWS = [
     ("SDXL", "bf16, micro-batch 4 × 2 rounds, gradient checkpointing", "throughput_sdxl_h200.json",
      "bf16 mb4 eager joint autocast-norms"),
 ]
+
+
+# One SD1.5 joint iteration at micro-batch 12 (bf16, EMA on) under torch.profiler (`--torch-profile`), before and
+# after the norms and layout defaults: (column, result file, run). The last two ran in one command.
+PROFILES = [
+    ("fp32 norms, NHWC (before)", "throughput_sd15_norms_h200.json", "bf16 mb12 eager joint"),
+    ("bf16 norms, NHWC", "throughput_sd15_layout_h200.json", "bf16 mb12 eager joint autocast-norms"),
+    ("bf16 norms, NCHW (the defaults)", "throughput_sd15_layout_h200.json",
+     "bf16 mb12 eager joint autocast-norms channels_last=false"),
+]
+KINDS = ("convolution", "matmul", "attention", "norm", "elementwise and reduction", "copy and layout",
+         "optimizer and EMA", "other")
+STEP_RANGE = "ProfilerStep*"  # the step's own range, which records before 3614f23 counted as a kernel
 
 
 def run_of(record: dict, name: str | None) -> dict:
@@ -70,25 +88,53 @@ def render(results: Path = RESULTS) -> str:
     return "\n".join(lines) + "\n"
 
 
-def block(readme: str) -> str:
-    """The README's current table block (between the markers, exclusive)."""
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md has no {START} … {END} block")
-    return readme.split(START, 1)[1].split(END, 1)[0].strip("\n") + "\n"
+def kernel_ms(profile: dict) -> dict[str, float]:
+    """GPU milliseconds per kernel kind of one profiled iteration, the step's own range left out of "other"."""
+    step = sum(k["pct"] for k in profile.get("top_other", []) if k["kernel"] == STEP_RANGE)
+    ms = {kind: profile["total_ms"] * profile["kinds_pct"].get(kind, 0.0) / 100 for kind in KINDS}
+    ms["other"] -= profile["total_ms"] * step / 100
+    return ms
+
+
+def render_profile(results: Path = RESULTS) -> str:
+    """Return the markdown table of kernel time per kind (ms, and % of the column's total), one column per PROFILES."""
+    columns = [kernel_ms(run_of(json.loads((results / f).read_text()), name)["torch_profile"])
+               for _, f, name in PROFILES]
+    totals = [sum(c.values()) for c in columns]
+    lines = ["| kernel kind | " + " | ".join(label for label, _, _ in PROFILES) + " |",
+             "|---|" + "---|" * len(PROFILES)]
+    for kind in KINDS:
+        lines.append(f"| {kind} | " + " | ".join(f"{c[kind]:.0f} ms ({100 * c[kind] / t:.1f}%)"
+                                                 for c, t in zip(columns, totals)) + " |")
+    lines.append("| **all kernels** | " + " | ".join(f"**{t:.0f} ms**" for t in totals) + " |")
+    lines.append("| result | " + " | ".join(f"`{f}`" for _, f, _ in PROFILES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def block(text: str, start: str = START, end: str = END) -> str:
+    """A document's current table block (between the markers, exclusive)."""
+    if start not in text or end not in text:
+        raise SystemExit(f"no {start} … {end} block")
+    return text.split(start, 1)[1].split(end, 1)[0].strip("\n") + "\n"
+
+
+def _write(path: Path, start: str, end: str, table: str) -> None:
+    text = path.read_text()
+    block(text, start, end)  # refuses a document without the markers
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + "\n" + table + end + rest.split(end, 1)[1])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--write", action="store_true", help="rewrite README.md's block instead of printing")
+    p.add_argument("--write", action="store_true", help="rewrite the blocks instead of printing")
     args = p.parse_args()
-    table = render()
+    table, profile = render(), render_profile()
     if not args.write:
-        sys.stdout.write(table)
+        sys.stdout.write(table + "\n" + profile)
         return
-    text = README.read_text()
-    block(text)  # refuses a README without the markers
-    head, rest = text.split(START, 1)
-    README.write_text(head + START + "\n" + table + END + rest.split(END, 1)[1])
+    _write(README, START, END, table)
+    _write(BENCHMARKS, PROFILE_START, PROFILE_END, profile)
 
 
 if __name__ == "__main__":
