@@ -161,12 +161,15 @@ def _generate(args) -> int:
 
     from sidflow.generator import image_grid, load_generator, sample
 
+    if args.n < 1:
+        raise ValueError(f"-n {args.n}: the number of images must be at least 1")
     gen, info = load_generator(args.model, args.device)
-    images = sample(gen, info, [args.prompt] * args.n, list(range(args.seed, args.seed + args.n)))
+    steps = info["config"]["steps"] if args.steps is None else args.steps
+    images = sample(gen, info, [args.prompt] * args.n, list(range(args.seed, args.seed + args.n)), steps=steps)
     grid = images[0] if args.n == 1 else image_grid(images)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     Image.fromarray(grid).save(args.out)
-    print(json.dumps({"out": args.out, "images": args.n, "steps": info["config"]["steps"]}))
+    print(json.dumps({"out": args.out, "images": args.n, "steps": steps, "trained_steps": info["config"]["steps"]}))
     return 0
 
 
@@ -340,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True, help="PNG path; a grid when -n > 1")
     p.add_argument("-n", type=int, default=1, help="number of images (seeds seed..seed+n-1)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the K the generator was trained "
+                   "with); the same schedule as the exported pipeline's num_inference_steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.set_defaults(fn=_generate)

@@ -135,11 +135,18 @@ def load_generator(uri: str, device="cpu") -> tuple[Teacher, dict]:
 
 
 @torch.no_grad()
-def sample(gen: Teacher, info: dict, prompts: list[str], seeds: list[int], batch: int = 8) -> np.ndarray:
-    """Return uint8 images [N, H, W, 3]; image i starts from z drawn with seed seeds[i] (method.md §2, §7.1)."""
+def sample(gen: Teacher, info: dict, prompts: list[str], seeds: list[int], batch: int = 8,
+           steps: int | None = None) -> np.ndarray:
+    """Return uint8 images [N, H, W, 3]; image i starts from z drawn with seed seeds[i] (method.md §2, §7.1).
+    `steps`: sample with k steps at t_j = ⌊t_init (k − j)/k⌋, as the exported pipeline's num_inference_steps=k does;
+    None = the K the generator was trained with."""
     from sidflow.evaluate.sampling import Sampler  # the one sampler: evaluate, generate and the benchmarks share it
 
-    run = Sampler(gen, info["config"]["steps"], info["config"]["t_init"])
+    t_init = info["config"]["t_init"]
+    if steps is not None and not 1 <= steps <= t_init:
+        raise ValueError(f"steps={steps} must be between 1 and t_init={t_init} (the generator was trained with "
+                         f"{info['config']['steps']})")
+    run = Sampler(gen, steps or info["config"]["steps"], t_init)
     return np.concatenate([run(prompts[i : i + batch], seeds[i : i + batch]) for i in range(0, len(prompts), batch)])
 
 

@@ -110,9 +110,11 @@ def test_a_k_step_export_samples_in_diffusers_as_generate_does(tiny_teacher, pro
     one = pipe(["a red cat"], num_inference_steps=1, guidance_scale=1.0, generator=torch.Generator().manual_seed(7),
                output_type="np").images
     assert np.abs(ours[:1] - one).max() > 4 / 255
+    # Another step count samples the pipeline's schedule for it, in both (`sidflow generate --steps 1`)
+    assert np.abs(sample(gen, info, ["a red cat"], [7], steps=1).astype(np.float32) / 255 - one).max() <= 2 / 255
 
 
-def test_generate_cli_writes_png(tiny_teacher, prompts, tmp_path):
+def test_generate_cli_writes_png(tiny_teacher, prompts, tmp_path, capsys):
     from PIL import Image
 
     from sidflow.cli import main
@@ -122,6 +124,11 @@ def test_generate_cli_writes_png(tiny_teacher, prompts, tmp_path):
     assert main(["generate", "--model", str(tmp_path / "run" / "model"), "--prompt", "a red cat", "--out", str(out),
                  "-n", "4", "--device", "cpu"]) == 0
     assert Image.open(out).size == (32, 32)  # 2×2 grid of 16² images
+    for bad, match in ((["--steps", "0"], "steps=0 must be between 1 and t_init=625"), (["-n", "0"], "-n 0")):
+        assert main(["generate", "--model", str(tmp_path / "run" / "model"), "--prompt", "x", "--out",
+                     str(tmp_path / "bad.png"), "--device", "cpu", *bad]) == 2
+        (line,) = [e for e in capsys.readouterr().err.splitlines() if e.startswith("sidflow generate: error:")]
+        assert match in line and not (tmp_path / "bad.png").exists()
 
 
 def test_resume_after_sigterm_equals_uninterrupted_run(tiny_teacher, prompts, tmp_path):
@@ -197,6 +204,9 @@ def test_fsdp_resumes_a_single_process_checkpoint(tiny_teacher, prompts, tmp_pat
 @pytest.mark.parametrize("change, error, match", [
     (dict(teacher="/nonexistent/teacher"), ValueError, "does not exist"),
     (dict(batch=5, micro_batch=2), ValueError, "not divisible by GPUs × micro_batch"),
+    (dict(batch=0), ValueError, "batch=0 and micro_batch=1 must be at least 1"),  # 0 and -2 divide by anything
+    (dict(batch=-2, micro_batch=1), ValueError, "batch=-2 and micro_batch=1 must be at least 1"),
+    (dict(micro_batch=0), ValueError, "micro_batch=0 must be at least 1"),
     (dict(kappa=25.0), ValueError, "kappa_1=25.0 is outside"),
     (dict(kappa_4=-1.0), ValueError, "kappa_4=-1.0 is outside"),
     (dict(guidance="anti_cfg", kappa=0.5), ValueError, "must be negative"),

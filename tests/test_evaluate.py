@@ -258,6 +258,8 @@ def test_prompt_parquet_without_caption_is_one_clear_line(tmp_path, assets):
     (dict(protocol="sdxl10k"), ValueError, "computed for protocol 'coco30k', not 'sdxl10k'"),
     (dict(features="dinov2"), ValueError, "features='dinov2' is not"),
     (dict(batch=0), ValueError, "batch=0 must be at least 1"),
+    (dict(grid=-1), ValueError, "grid=-1 must be at least 0"),
+    (dict(workers=-2), ValueError, "workers=-2 must be at least 1"),
     (dict(clip_model="/nonexistent/clip"), FileNotFoundError, "has no open_clip_config.json"),
     (dict(clip_model="ViT-g-14", clip_weights="/nonexistent/open_clip_pytorch_model.bin"), FileNotFoundError,
      "neither a pretrained tag of ViT-g-14"),

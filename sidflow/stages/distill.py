@@ -117,7 +117,9 @@ def validate(cfg: DistillConfig, world_size: int = 1, fetch_teacher: bool = True
                          "0 ≤ t_min < t_max ≤ 1000 and 0 < t_init < 1000")
     if cfg.steps < 1 or cfg.steps > cfg.t_init:
         raise ValueError(f"steps={cfg.steps} must be between 1 and t_init={cfg.t_init}")
-    if cfg.micro_batch < 1 or cfg.batch % (world_size * cfg.micro_batch):
+    if cfg.batch < 1 or cfg.micro_batch < 1:  # 0 % n is 0 too: without this a run would load, then divide by zero
+        raise ValueError(f"batch={cfg.batch} and micro_batch={cfg.micro_batch} must be at least 1")
+    if cfg.batch % (world_size * cfg.micro_batch):
         raise ValueError(f"batch={cfg.batch} is not divisible by GPUs × micro_batch = {world_size} × {cfg.micro_batch}")
     if not 0 <= cfg.fake_dropout < 1:
         raise ValueError(f"fake_dropout={cfg.fake_dropout} must be in [0, 1)")

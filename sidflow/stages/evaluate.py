@@ -104,6 +104,10 @@ def validate(cfg: EvaluateConfig) -> None:
             raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1")
     if cfg.limit is not None and cfg.limit < 1:
         raise ValueError(f"limit={cfg.limit} must be at least 1 (or None: all prompts)")
+    if cfg.grid < 0:
+        raise ValueError(f"grid={cfg.grid} must be at least 0 (0: no grid.png)")
+    if cfg.workers is not None and cfg.workers < 0:  # else the thread pool refuses it after the models load
+        raise ValueError(f"workers={cfg.workers} must be at least 1 (None or 0: the default)")
     if cfg.features != "inception" and not cfg.features.startswith("toy:"):
         raise ValueError(f"features={cfg.features!r} is not 'inception' or 'toy:<evaluator URI>'")
     if cfg.scorer != "openclip" and not cfg.scorer.startswith("toy:"):
