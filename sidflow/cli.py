@@ -260,12 +260,13 @@ def _pipeline(args) -> int:
     if args.pipeline_command == "run-local":
         from google.protobuf import json_format
 
-        from sidflow.kfp.sid_distill import sid_distill
+        from sidflow.kfp.sid_distill import check_run, sid_distill
 
         params = submit.parameters(json_format.MessageToDict(sid_distill.pipeline_spec))
         arguments = submit.parse_overrides(args.set or [], params)
         for name in ("teachers", "registry", "artifact_root", "prompts"):
             arguments[name] = getattr(args, name)
+        check_run(arguments)
         kfp_pipeline.run_local(args.pipeline_root, **arguments)
         return 0
     if any(images.values()):  # the run uses the team's images: compile a package that names them

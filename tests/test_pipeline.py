@@ -449,7 +449,8 @@ def test_run_local_refuses_unknown_parameters_in_one_line(tmp_path, capsys):
                        ("kappa_4=2", "kappa_4 defaults to None and has no parameter of its own: pass it in overrides, "
                                      "e.g. overrides='{\"kappa_4\": <value>}'"),
                        ('overrides={"kapa_4": 2}', "overrides: 'kapa_4' is not one of"),
-                       ('overrides={"kappa_4": "x"}', "kappa_4='x' is not a valid float")]:
+                       ('overrides={"kappa_4": "x"}', "kappa_4='x' is not a valid float"),
+                       ("batch=0", "batch=0 and micro_batch=1 must be at least 1")]:  # a value out of range
         assert main(base + [pair]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"sidflow pipeline: error: {line}") and err.count("\n") == 1, err

@@ -145,6 +145,29 @@ def test_bad_overrides_stop_before_any_request(kfp_api, capsys):
     assert api.requests == []
 
 
+@pytest.mark.parametrize("pairs, message", [
+    (["batch=0"], "batch=0 and micro_batch=1 must be at least 1"),
+    (["kimg=-1"], "kimg=-1.0 must be a positive finite number"),
+    (["t_init=0"], "t_init=0 must satisfy"),
+    (["gpus=3"], "batch=512 is not divisible by GPUs × micro_batch = 3 × 1"),  # the given GPU count, not a preset's
+    (["distill_nodes=2", "gpus=8", "micro_batch=64"], "= 16 × 64"),
+    (["eval_batch=0"], "eval_batch=0 must be at least 1"),  # evaluate's field batch, named as the run names it
+    (['overrides={"kappa_4": 99}'], "kappa_4=99.0 is outside"),
+    (["finetune=true", "finetune_data=s3://b/pairs", "finetune_steps=9"], "finetune_steps=9 must be between 1 and 8"),
+    (["finetune=true", "finetune_data=s3://b/pairs", "adv_weight=-1"], "adv_weight=-1.0 must be a finite number ≥ 0"),
+])
+def test_values_out_of_range_stop_before_any_request(kfp_api, capsys, pairs, message):
+    # the stages' own value checks, on the run's parameters: found here, not in the distill pod after the download
+    api = kfp_api()
+    assert main(["pipeline", "submit", "--host", api.url, *REQUIRED, *pairs]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("sidflow pipeline: error: ") and message in line
+    assert api.requests == []
+    if pairs[0] == "finetune=true":  # a finetune value is checked only when the finetune stage runs
+        assert main(["pipeline", "submit", "--dry-run", *REQUIRED, *pairs[2:]]) == 0
+        capsys.readouterr()
+
+
 def test_dry_run_prints_the_typed_parameters(capsys):
     assert main(["pipeline", "submit", "--dry-run", *REQUIRED, "lr_fake=2e-6", "profile=true"]) == 0
     out = json.loads(capsys.readouterr().out)

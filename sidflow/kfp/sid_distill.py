@@ -15,6 +15,7 @@ once, with its type, default and help.
 """
 
 import dataclasses
+import re
 
 from kfp import dsl, kubernetes
 from kfp.dsl import pipeline_channel
@@ -107,6 +108,41 @@ def checked_overrides(given: dict) -> dict:
         cls, name = OVERRIDABLE[key]
         out[key] = coerce(key, typing.get_type_hints(cls)[name], value)
     return out
+
+
+def check_run(arguments: dict) -> None:
+    """Raise a one-line ValueError for a run parameter out of range, before the run starts: each stage's value checks
+    (its check_values, which read nothing) on the configs its tasks would build from `arguments` and the defaults.
+    Without it a bad value (batch=0, kimg=-1) is found in the distill pod, after the watch and the download."""
+    from sidflow.config import override
+    from sidflow.kfp.tasks import optional_values
+    from sidflow.sizing import AUTO
+    from sidflow.stages import distill as distill_stage
+    from sidflow.stages import evaluate as evaluate_stage
+    from sidflow.stages import finetune as finetune_stage
+
+    a = {p.name: p.default for p in PARAMS} | arguments
+    a = {k: v for k, v in a.items() if v is not declare.REQUIRED and v != AUTO}  # URIs, sizing: known per teacher
+    given = a.get("overrides", {})
+    # GPUs per run where they are given (else the teacher's preset decides, and its task checks the split)
+    world = int(a["gpus"]) * a.get("distill_nodes", 1) if str(a.get("gpus", "")).isdigit() else 1
+    hyper = {p.name: a[p.name] for p in DISTILL if p.name in a}
+    checks = [(distill_stage.check_values, DistillConfig, hyper, {}, (world,))]
+    scoring = {p.name: a[EVAL_NAMES.get(p.name, p.name)] for p in EVALUATE if EVAL_NAMES.get(p.name, p.name) in a}
+    checks.append((evaluate_stage.check_values, EvaluateConfig, scoring, EVAL_NAMES, ()))
+    if a.get("finetune"):
+        tuned = {**hyper, **{name: a[FINETUNE_NAMES.get(name, name)] for name in TUNED
+                             if FINETUNE_NAMES.get(name, name) in a}}
+        checks.append((finetune_stage.check_values, FinetuneConfig, tuned, FINETUNE_NAMES, (world,)))
+    for check, cls, fields, names, extra in checks:
+        try:
+            check(override(cls(), {**fields, **optional_values(cls, given, names if cls is EvaluateConfig else None)}),
+                  *extra)
+        except ValueError as e:  # the message names the stage's field: name the run parameter instead
+            message = str(e)
+            for field, name in names.items():
+                message = re.sub(rf"\b{field}=", f"{name}=", message)
+            raise ValueError(message) from None
 
 
 SUMMARY = "Distill every teacher whose current version has no registered generator yet."

@@ -105,6 +105,20 @@ def validate(cfg: DistillConfig, world_size: int = 1, fetch_teacher: bool = True
     for name in ("teacher", "prompts", "output"):
         if not getattr(cfg, name):
             raise ValueError(f"{name} is empty: it must be a URI")
+    check_values(cfg, world_size)
+    if fetch_teacher or not storage.is_s3(cfg.teacher):
+        check_teacher_dir(materialize(cfg.teacher))
+    elif storage.read_manifest(cfg.teacher) is None:
+        raise TeacherError(f"teacher {cfg.teacher} has no manifest.json: publish it with `sidflow download-teacher`")
+    from sidflow.prompts import read_prompts
+
+    read_prompts(cfg.prompts)
+    _check_writable(cfg.output)
+
+
+def check_values(cfg: DistillConfig, world_size: int = 1) -> None:
+    """The part of `validate` that reads nothing: a one-line error for any value out of range. `sidflow pipeline
+    submit` runs it on a run's parameters, so a bad value is refused before the run starts, not in its distill pod."""
     k = resolved_kappas(cfg)
     lo = -5.0 if cfg.guidance == "anti_cfg" else KAPPA_RANGE[0]
     for name, value in k.items():
@@ -142,14 +156,6 @@ def validate(cfg: DistillConfig, world_size: int = 1, fetch_teacher: bool = True
         raise ValueError(f"log_every={cfg.log_every} and keep_checkpoints={cfg.keep_checkpoints} must be at least 1")
     if not 0 <= cfg.seed <= MAX_SEED:
         raise ValueError(f"seed={cfg.seed} must be in [0, {MAX_SEED}] (it is mixed into per-iteration RNG keys)")
-    if fetch_teacher or not storage.is_s3(cfg.teacher):
-        check_teacher_dir(materialize(cfg.teacher))
-    elif storage.read_manifest(cfg.teacher) is None:
-        raise TeacherError(f"teacher {cfg.teacher} has no manifest.json: publish it with `sidflow download-teacher`")
-    from sidflow.prompts import read_prompts
-
-    read_prompts(cfg.prompts)
-    _check_writable(cfg.output)
 
 
 def _positive(cfg: DistillConfig, name: str) -> None:

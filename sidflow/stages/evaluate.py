@@ -99,19 +99,7 @@ def validate(cfg: EvaluateConfig) -> None:
     for name in ("model", "prompts", "reference", "output"):
         if not getattr(cfg, name):
             raise ValueError(f"{name} is empty: {EvaluateConfig.__dataclass_fields__[name].metadata['help']}")
-    for name in ("batch", "shard_size", "teacher_steps"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise ValueError(f"limit={cfg.limit} must be at least 1 (or None: all prompts)")
-    if cfg.grid < 0:
-        raise ValueError(f"grid={cfg.grid} must be at least 0 (0: no grid.png)")
-    if cfg.workers is not None and cfg.workers < 0:  # else the thread pool refuses it after the models load
-        raise ValueError(f"workers={cfg.workers} must be at least 1 (None or 0: the default)")
-    if cfg.features != "inception" and not cfg.features.startswith("toy:"):
-        raise ValueError(f"features={cfg.features!r} is not 'inception' or 'toy:<evaluator URI>'")
-    if cfg.scorer != "openclip" and not cfg.scorer.startswith("toy:"):
-        raise ValueError(f"scorer={cfg.scorer!r} is not 'openclip' or 'toy:<evaluator URI>'")
+    check_values(cfg)
     if cfg.features == "inception":
         from sidflow.evaluate.features import INCEPTION_FILE, INCEPTION_URL
 
@@ -131,6 +119,24 @@ def validate(cfg: EvaluateConfig) -> None:
                          f"{cfg.protocol!r}: recompute it with `sidflow data ref-stats --protocol {cfg.protocol}`")
     if cfg.teacher_row:
         _teacher_row(cfg, prompts.fingerprint, reference.fingerprint)
+
+
+def check_values(cfg: EvaluateConfig) -> None:
+    """The part of `validate` that reads nothing: a one-line error for any value out of range (`sidflow pipeline
+    submit` runs it on a run's parameters)."""
+    for name in ("batch", "shard_size", "teacher_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be at least 1")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ValueError(f"limit={cfg.limit} must be at least 1 (or None: all prompts)")
+    if cfg.grid < 0:
+        raise ValueError(f"grid={cfg.grid} must be at least 0 (0: no grid.png)")
+    if cfg.workers is not None and cfg.workers < 0:  # else the thread pool refuses it after the models load
+        raise ValueError(f"workers={cfg.workers} must be at least 1 (None or 0: the default)")
+    if cfg.features != "inception" and not cfg.features.startswith("toy:"):
+        raise ValueError(f"features={cfg.features!r} is not 'inception' or 'toy:<evaluator URI>'")
+    if cfg.scorer != "openclip" and not cfg.scorer.startswith("toy:"):
+        raise ValueError(f"scorer={cfg.scorer!r} is not 'openclip' or 'toy:<evaluator URI>'")
 
 
 def _teacher_row(cfg: EvaluateConfig, prompts_fingerprint: str, reference_fingerprint: str) -> dict:

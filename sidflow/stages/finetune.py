@@ -40,6 +40,17 @@ def validate(cfg: FinetuneConfig, world_size: int = 1, fetch_teacher: bool = Tru
     """Raise a one-line error for any user mistake, before a model is loaded or a GPU touched."""
     from sidflow.pairs import check_shards
 
+    if not cfg.data:
+        raise ValueError("data is empty: it must be the URI of real text-image pairs (sidflow data pack)")
+    check_values(cfg, world_size)
+    distill.validate(cfg, world_size, fetch_teacher)
+    check_shards(cfg.data)
+    if cfg.init:
+        _check_init(cfg)
+
+
+def check_values(cfg: FinetuneConfig, world_size: int = 1) -> None:
+    """The part of `validate` that reads nothing (see distill.check_values)."""
     if not 1 <= cfg.steps <= MAX_STEPS:
         raise ValueError(f"steps={cfg.steps} must be between 1 and {MAX_STEPS}")
     for name in ("adv_weight", "disc_weight", "gan_start_kimg", "adv_rampup_kimg"):
@@ -48,12 +59,7 @@ def validate(cfg: FinetuneConfig, world_size: int = 1, fetch_teacher: bool = Tru
             raise ValueError(f"{name}={value} must be a finite number ≥ 0")
     if not (math.isfinite(cfg.gan_clip) and cfg.gan_clip > 0):
         raise ValueError(f"gan_clip={cfg.gan_clip} must be a positive finite number")
-    if not cfg.data:
-        raise ValueError("data is empty: it must be the URI of real text-image pairs (sidflow data pack)")
-    distill.validate(cfg, world_size, fetch_teacher)
-    check_shards(cfg.data)
-    if cfg.init:
-        _check_init(cfg)
+    distill.check_values(cfg, world_size)
 
 
 def init_run(init: str) -> str:
