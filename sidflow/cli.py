@@ -36,7 +36,13 @@ def _parser(sub, name: str, help: str, example: str | None = None, description: 
 def _stage_parser(sub, name: str, cls, help: str, example: str | None = None) -> argparse.ArgumentParser:
     p = _parser(sub, name, help, example)
     config.add_arguments(p, cls)
+    if any("§" in f.metadata.get("help", "") for f in dataclasses.fields(cls)):  # say where the § numbers point
+        p.epilog = (p.epilog + "\n\n" if p.epilog else "") + SECTIONS
     return p
+
+
+SECTIONS = ("§N: section N of docs/method.md (the method's equations, each with the code that implements it), or of "
+            "the docs/ file named before it")
 
 
 def _distill(args) -> int:

@@ -277,5 +277,7 @@ def test_every_subcommand_help_has_an_example_and_cites_nothing_the_user_lacks(m
         assert "\nexample:\n  sidflow " + " ".join(path) in text, path
         for bad in ("run_sid", "../" + "shared", "shared" + "/docs"):  # split: the repo's own path check
             assert bad not in text, (path, bad)
+        if "§" in text:  # a section number the help cites says which document it is in
+            assert cli.SECTIONS in " ".join(text.split()), path
     distill = dict(commands)[("distill",)].format_help()
     assert "--tf32, --no-tf32" in distill and "--resume, --no-resume" in distill
