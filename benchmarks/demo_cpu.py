@@ -1,7 +1,8 @@
 """`make demo` measured: wall time of the whole pipeline under kfp.local on this machine's CPU, and its table.
 
 Runs `sidflow.demo.run_demo` in a fresh directory (so the teacher is distilled, not skipped) and records the
-seconds it took, the shapes-FID / prompt accuracy of each row it printed and the number of lines it printed.
+seconds it took, the shapes-FID / prompt accuracy of each row it printed and the number of lines it printed; its
+comparison.png (teacher 1 step | distilled one step | teacher 25 steps, captioned) becomes demo_comparison.png.
 
   python benchmarks/demo_cpu.py            # writes benchmarks/results/demo_cpu.json
 """
@@ -59,6 +60,9 @@ def main() -> None:
     metrics = {"seconds": round(seconds, 1), "minutes": round(seconds / 60, 2), "rows": rows,
                "lines_printed": tee.lines, "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     record("demo_cpu", args.file, 0, metrics, vars(args), Path(args.out))
+    picture = Path(work) / "comparison.png"  # the README's picture: teacher 1 step | distilled | teacher 25 steps
+    if picture.exists():
+        (Path(args.out) / "demo_comparison.png").write_bytes(picture.read_bytes())
 
 
 if __name__ == "__main__":

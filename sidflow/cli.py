@@ -381,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_train_evaluator)
     p = _parser(sub, "demo", "the whole job on the bundled teacher, on this machine: one line per pipeline stage, the "
-                "before/after table and the sample grid; kfp.local's full log goes to <out>/pipeline.log",
+                "before/after table and <out>/comparison.png (teacher 1 step | distilled | teacher 25 steps); "
+                "kfp.local's full log goes to <out>/pipeline.log",
                 "sidflow demo --out demo-out")
     p.add_argument("--out", default="demo-out")
     p.set_defaults(fn=_demo)

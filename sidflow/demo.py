@@ -8,7 +8,7 @@ number printed is measured in this run; the pipeline's evaluate task shows the t
 distilled model's on its run page. A second demo in the same directory finds the teacher already registered:
 watch_teachers skips it.
 
-The terminal gets one line per pipeline stage (name, seconds, what it produced), the table and the grid's path;
+The terminal gets one line per pipeline stage (name, seconds, what it produced), the table and comparison.png's path;
 kfp.local's own log (each task's streamed output, its executor inputs and outputs) goes to <out>/pipeline.log, whose
 last lines are printed when a stage fails.
 """
@@ -209,6 +209,19 @@ def newest_grid(root: Path) -> Path | None:
     return grids[-1] if grids else None
 
 
+def write_comparison(root: Path, grid: Path, kappa: float) -> Path:
+    """Write <root>/comparison.png: the teacher's 1-step grid, the distilled model's and the teacher's 25-step grid
+    side by side (the evaluate stage wrote each for the same prompts and seeds); return its path."""
+    from sidflow.evaluate.report import side_by_side
+
+    panels = [(f"teacher, 1 DDIM step, CFG {kappa:g}", root / "eval-teacher-1" / "grid.png"),
+              (f"sidflow: distilled, ONE step, kappa {kappa:g}", grid),
+              (f"teacher, 25 DDIM steps, CFG {kappa:g}", root / "eval-teacher-25" / "grid.png")]
+    out = root / "comparison.png"
+    out.write_bytes(side_by_side([(label, path.read_bytes()) for label, path in panels]))
+    return out
+
+
 def export_start(uri: str, kappa: float, t_init: int) -> str:
     """Publish the one-step generator as distillation starts (the teacher's UNet fed at t_init) at `uri`, so the
     evaluate stage scores the starting point like the distilled model."""
@@ -296,6 +309,8 @@ def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> d
     print("\n" + verdict(teacher[1], teacher[25], champion.metrics))
     grid = newest_grid(root)
     if grid:
-        print(f"\nsample grid (distilled, one step, captioned): {grid}")
+        comparison = write_comparison(root, grid, kappa)
+        print(f"\nsamples, captioned, same prompts and seeds: {comparison} (teacher 1 step | distilled one step | "
+              f"teacher 25 steps; the distilled grid alone: {grid})")
     print(json.dumps({"champion": champion.version, "model": champion.model_uri}))
     return {"rows": rows, "champion": champion.version, "model": champion.model_uri}

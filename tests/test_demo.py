@@ -4,6 +4,7 @@ a CPU; these run its output plumbing on tiny stand-ins)."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +135,27 @@ def test_demo_verdict_compares_the_distilled_row_with_the_teachers_steps():
         "1.50× its 25 steps'; prompt accuracy +0.110 and -0.100")
     # better FID, worse accuracy: not a win
     assert verdict(one, many, {"fid": 600.0, "clip": 0.3}).startswith("distilled one step does not yet beat")
+
+
+def test_the_comparison_sets_the_three_grids_side_by_side_under_their_labels(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from sidflow.demo import write_comparison
+
+    def grid(path: Path, value: int, size: tuple[int, int]) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(path)
+        return path
+
+    grid(tmp_path / "eval-teacher-1" / "grid.png", 10, (40, 30))
+    grid(tmp_path / "eval-teacher-25" / "grid.png", 250, (40, 30))
+    ours = grid(tmp_path / "artifacts" / "grid.png", 128, (50, 20))
+    out = Image.open(io.BytesIO(write_comparison(tmp_path, ours, 2.0).read_bytes())).convert("RGB")
+    assert out.size == (40 + 50 + 40 + 2 * 12, 20 + 30)  # three panels and two gaps; a label band above
+    a = np.asarray(out)
+    # left to right: the teacher's single step, the distilled model, the teacher's 25 steps
+    assert [a[25, x].tolist() for x in (5, 60, 120)] == [[10] * 3, [128] * 3, [250] * 3]
+    assert a[:20].min() == 0  # each label is drawn in black above its panel

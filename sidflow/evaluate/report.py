@@ -49,6 +49,24 @@ def captioned_grid(images: np.ndarray, captions: list[str], cols: int = 4) -> by
     return buf.getvalue()
 
 
+def side_by_side(panels: list[tuple[str, bytes]], gap: int = 12) -> bytes:
+    """Return PNG bytes of PNG images (captioned grids of the same prompts) side by side, each headed by its label."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    images = [Image.open(io.BytesIO(png)).convert("RGB") for _, png in panels]
+    head = 20
+    sheet = Image.new("RGB", (sum(i.width for i in images) + gap * (len(images) - 1),
+                              head + max(i.height for i in images)), "white")
+    draw, font, x = ImageDraw.Draw(sheet), ImageFont.load_default(), 0
+    for (label, _), image in zip(panels, images):
+        draw.text((x + 3, 4), label, fill="black", font=font)
+        sheet.paste(image, (x, head))
+        x += image.width + gap
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def markdown_row(metrics: dict) -> str:
     """Return a header and one row for a results table, in the style of evaluation.md's anchor table."""
     s = metrics["sampler"]
