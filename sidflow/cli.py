@@ -282,6 +282,9 @@ def _pipeline(args) -> int:
     params = submit.package_parameters(args.package)  # submit, schedule: typed as the compiled pipeline declares
     arguments = submit.parse_overrides(args.params, params)
     submit.check_required(arguments, params)
+    from sidflow.kfp.sid_distill import check_run
+
+    check_run(arguments)  # the stages' value checks on what the run will see, as run-local does
     if args.pipeline_command == "schedule":
         submit.check_cron(args.cron)
     if args.dry_run:

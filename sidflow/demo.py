@@ -209,14 +209,19 @@ def newest_grid(root: Path) -> Path | None:
     return grids[-1] if grids else None
 
 
+def teacher_eval(root: Path, steps: int) -> Path:
+    """Where the demo evaluates the teacher at `steps` DDIM steps (metrics.json, grid.png)."""
+    return root / f"eval-teacher-{steps}"
+
+
 def write_comparison(root: Path, grid: Path, kappa: float) -> Path:
     """Write <root>/comparison.png: the teacher's 1-step grid, the distilled model's and the teacher's 25-step grid
     side by side (the evaluate stage wrote each for the same prompts and seeds); return its path."""
     from sidflow.evaluate.report import side_by_side
 
-    panels = [(f"teacher, 1 DDIM step, CFG {kappa:g}", root / "eval-teacher-1" / "grid.png"),
+    panels = [(f"teacher, 1 DDIM step, CFG {kappa:g}", teacher_eval(root, 1) / "grid.png"),
               (f"sidflow: distilled, ONE step, kappa {kappa:g}", grid),
-              (f"teacher, 25 DDIM steps, CFG {kappa:g}", root / "eval-teacher-25" / "grid.png")]
+              (f"teacher, 25 DDIM steps, CFG {kappa:g}", teacher_eval(root, 25) / "grid.png")]
     out = root / "comparison.png"
     out.write_bytes(side_by_side([(label, path.read_bytes()) for label, path in panels]))
     return out
@@ -278,13 +283,13 @@ def run_demo(out: str, kimg: float = 3.2, n: int = 256, kappa: float = 2.0) -> d
         for steps in (1, 25):
             result = evaluate.run(evaluate.EvaluateConfig(
                 model=str(TOY_TEACHER), sampler="ddim", teacher_steps=steps, kappa=kappa,
-                output=str(root / f"eval-teacher-{steps}"), **common))
+                output=str(teacher_eval(root, steps)), **common))
             teacher[steps] = result.metrics
             rows[f"teacher, {steps} DDIM step{'s' if steps > 1 else ''}, CFG {kappa:g}"] = result.metrics
         start_uri = export_start(str(root / "generator-start"), kappa, DEMO_T_INIT)
         start = evaluate.run(evaluate.EvaluateConfig(model=start_uri, output=str(root / "eval-generator-start"),
                                                      **common))
-    params = demo_parameters(root, kimg, kappa, eval_set) | {"eval_teacher_row": str(root / "eval-teacher-25")}
+    params = demo_parameters(root, kimg, kappa, eval_set) | {"eval_teacher_row": str(teacher_eval(root, 25))}
     print(f"[2/3] sid-distill under kfp.local: artifacts in {root / 'artifacts'}, registry {reg}", flush=True)
     t0 = time.time()
     try:

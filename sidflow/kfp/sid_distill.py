@@ -110,6 +110,15 @@ def checked_overrides(given: dict) -> dict:
     return out
 
 
+def stage_fields(a: dict) -> tuple[dict, dict, dict]:
+    """Return (distill, evaluate, finetune-own) fields from the run's values by parameter name `a` (the DAG's channels,
+    or the values submit checks): evaluate's by its field names; finetune takes distill's and its own on top."""
+    hyper = {p.name: a[p.name] for p in DISTILL}
+    scoring = {p.name: a[EVAL_NAMES.get(p.name, p.name)] for p in EVALUATE}
+    tuned = {name: a[FINETUNE_NAMES.get(name, name)] for name in TUNED}
+    return hyper, scoring, tuned
+
+
 def check_run(arguments: dict) -> None:
     """Raise a one-line ValueError for a run parameter out of range, before the run starts: each stage's value checks
     (its check_values, which read nothing) on the configs its tasks would build from `arguments` and the defaults.
@@ -122,21 +131,18 @@ def check_run(arguments: dict) -> None:
     from sidflow.stages import finetune as finetune_stage
 
     a = {p.name: p.default for p in PARAMS} | arguments
-    a = {k: v for k, v in a.items() if v is not declare.REQUIRED and v != AUTO}  # URIs, sizing: known per teacher
-    given = a.get("overrides", {})
+    given = a["overrides"]
     # GPUs per run where they are given (else the teacher's preset decides, and its task checks the split)
-    world = int(a["gpus"]) * a.get("distill_nodes", 1) if str(a.get("gpus", "")).isdigit() else 1
-    hyper = {p.name: a[p.name] for p in DISTILL if p.name in a}
-    checks = [(distill_stage.check_values, DistillConfig, hyper, {}, (world,))]
-    scoring = {p.name: a[EVAL_NAMES.get(p.name, p.name)] for p in EVALUATE if EVAL_NAMES.get(p.name, p.name) in a}
-    checks.append((evaluate_stage.check_values, EvaluateConfig, scoring, EVAL_NAMES, ()))
-    if a.get("finetune"):
-        tuned = {**hyper, **{name: a[FINETUNE_NAMES.get(name, name)] for name in TUNED
-                             if FINETUNE_NAMES.get(name, name) in a}}
-        checks.append((finetune_stage.check_values, FinetuneConfig, tuned, FINETUNE_NAMES, (world,)))
+    world = int(a["gpus"]) * a["distill_nodes"] if str(a["gpus"]).isdigit() else 1
+    hyper, scoring, own = stage_fields(a)
+    checks = [(distill_stage.check_values, DistillConfig, hyper, {}, (world,)),
+              (evaluate_stage.check_values, EvaluateConfig, scoring, EVAL_NAMES, ())]
+    if a["finetune"]:
+        checks.append((finetune_stage.check_values, FinetuneConfig, {**hyper, **own}, FINETUNE_NAMES, (world,)))
     for check, cls, fields, names, extra in checks:
+        known = {k: v for k, v in fields.items() if v is not declare.REQUIRED and v != AUTO}  # URIs, sizing: later
         try:
-            check(override(cls(), {**fields, **optional_values(cls, given, names if cls is EvaluateConfig else None)}),
+            check(override(cls(), known | optional_values(cls, given, names if cls is EvaluateConfig else None)),
                   *extra)
         except ValueError as e:  # the message names the stage's field: name the run parameter instead
             message = str(e)
@@ -195,8 +201,8 @@ _BUILD = {"max_parallel": MAX_PARALLEL}  # compile-time settings of build()
 def _dag(args: dict) -> None:
     """Build the DAG from the pipeline's arguments (channels), by parameter name."""
     a = args
-    watched, placement, hyper = ({p.name: a[p.name] for p in ps} for ps in (WATCH, PLACEMENT, DISTILL))
-    scoring = {p.name: a[EVAL_NAMES.get(p.name, p.name)] for p in EVALUATE}
+    watched, placement = ({p.name: a[p.name] for p in ps} for ps in (WATCH, PLACEMENT))
+    hyper, scoring, own = stage_fields(a)
     overrides, artifact_root, registry, model_name = a["overrides"], a["artifact_root"], a["registry"], a["model_name"]
     watch = watch_teachers(**watched)
     watch.set_display_name("Find new teachers")
@@ -230,7 +236,7 @@ def _dag(args: dict) -> None:
             _s3_env(job, DISTILL_TIMEOUT_S)  # reads the exported model's sidflow.json
         distilled = dsl.OneOf(train.outputs["Output"], job.outputs["Output"])
         with dsl.If(a["finetune"] == True, name="finetune"):  # noqa: E712 (a KFP condition, not a bool)
-            tuned = {**hyper, **{name: a[FINETUNE_NAMES.get(name, name)] for name in TUNED}}
+            tuned = {**hyper, **own}
             with dsl.If(a["distill_nodes"] == 1, name="finetune-one-pod"):
                 tune_pod = finetune(init=distilled, **ident, **tuned, overrides=overrides)
                 tune_pod.set_display_name("Fine-tune few-step generator (adversarial)")

@@ -109,9 +109,6 @@ def check_required(arguments: dict, params: dict[str, tuple[type, typing.Any]]) 
     if value("finetune") and "finetune_data" in params and not value("finetune_data"):
         raise ValueError("finetune_data is empty: finetune=true needs finetune_data=<URI of text-image pairs> "
                          "(sidflow data pack writes them)")
-    from sidflow.kfp.sid_distill import check_run
-
-    check_run(arguments)  # each stage's value checks on what the run will see: the given values over the defaults
 
 
 def check_cron(cron: str) -> None:

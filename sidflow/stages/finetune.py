@@ -42,8 +42,8 @@ def validate(cfg: FinetuneConfig, world_size: int = 1, fetch_teacher: bool = Tru
 
     if not cfg.data:
         raise ValueError("data is empty: it must be the URI of real text-image pairs (sidflow data pack)")
-    check_values(cfg, world_size)
-    distill.validate(cfg, world_size, fetch_teacher)
+    _check_own_values(cfg)
+    distill.validate(cfg, world_size, fetch_teacher)  # distill's value checks, then the teacher, prompts, output
     check_shards(cfg.data)
     if cfg.init:
         _check_init(cfg)
@@ -51,6 +51,11 @@ def validate(cfg: FinetuneConfig, world_size: int = 1, fetch_teacher: bool = Tru
 
 def check_values(cfg: FinetuneConfig, world_size: int = 1) -> None:
     """The part of `validate` that reads nothing (see distill.check_values)."""
+    _check_own_values(cfg)
+    distill.check_values(cfg, world_size)
+
+
+def _check_own_values(cfg: FinetuneConfig) -> None:
     if not 1 <= cfg.steps <= MAX_STEPS:
         raise ValueError(f"steps={cfg.steps} must be between 1 and {MAX_STEPS}")
     for name in ("adv_weight", "disc_weight", "gan_start_kimg", "adv_rampup_kimg"):
@@ -59,7 +64,6 @@ def check_values(cfg: FinetuneConfig, world_size: int = 1) -> None:
             raise ValueError(f"{name}={value} must be a finite number ≥ 0")
     if not (math.isfinite(cfg.gan_clip) and cfg.gan_clip > 0):
         raise ValueError(f"gan_clip={cfg.gan_clip} must be a positive finite number")
-    distill.check_values(cfg, world_size)
 
 
 def init_run(init: str) -> str:
