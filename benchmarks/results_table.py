@@ -26,11 +26,15 @@ PROFILE_START, PROFILE_END = ("<!-- profile-table:start (benchmarks/results_tabl
 # (model, what the row runs, result file, run name in its sweep or None). One-step SiD-LSG κ 1.5, EMA on, random
 # weights from the published configs; rows of one file were measured in one command.
 ROWS = [
-    ("SD1.5", "bf16, micro-batch 24, the defaults (bf16 norms, NCHW)", "throughput_sd15_mb24_nchw_h200.json",
+    ("SD1.5", "bf16, micro-batch 20, the defaults (fp32 norms, NCHW)", "throughput_sd15_norms_nchw_h200.json",
+     "bf16 mb20 eager joint channels_last=false"),
+    ("SD1.5", "bf16, micro-batch 20, `norms=autocast` (bf16 norms), NCHW", "throughput_sd15_norms_nchw_h200.json",
+     "bf16 mb20 eager joint autocast-norms channels_last=false"),
+    ("SD1.5", "bf16, micro-batch 24, `norms=autocast`, NCHW", "throughput_sd15_mb24_nchw_h200.json",
      "bf16 mb24 eager joint autocast-norms channels_last=false"),
-    ("SD1.5", "bf16, micro-batch 28, the defaults", "throughput_sd15_mb24_nchw_h200.json",
+    ("SD1.5", "bf16, micro-batch 28, `norms=autocast`, NCHW", "throughput_sd15_mb24_nchw_h200.json",
      "bf16 mb28 eager joint autocast-norms channels_last=false"),
-    ("SD1.5", "bf16, micro-batch 12, fp32 norms, NHWC (before the defaults)", "throughput_sd15_norms_h200.json",
+    ("SD1.5", "bf16, micro-batch 12, fp32 norms, NHWC", "throughput_sd15_norms_h200.json",
      "bf16 mb12 eager joint"),
     ("SD1.5", "bf16, micro-batch 12, bf16 norms, NHWC", "throughput_sd15_norms_h200.json",
      "bf16 mb12 eager joint autocast-norms"),
@@ -39,11 +43,14 @@ ROWS = [
     ("SD1.5", "fp32 (TF32 off), micro-batch 8", "throughput_sd15_norms_h200.json", "fp32 mb8 eager joint"),
     ("SD1.5", "bf16, micro-batch 12, split generator backward, fp32 norms, NHWC", "throughput_sd15_perf_h200.json",
      "bf16 mb12 eager split"),
-    ("SDXL", "bf16, micro-batch 12 × 2 rounds, gradient checkpointing", "throughput_sdxl_mb8_h200.json",
+    ("SDXL", "bf16, micro-batch 12 × 2 rounds, gradient checkpointing, `norms=autocast`",
+     "throughput_sdxl_mb8_h200.json",
      "bf16 mb12 eager joint autocast-norms"),
-    ("SDXL", "bf16, micro-batch 8 × 2 rounds, gradient checkpointing", "throughput_sdxl_mb8_h200.json",
+    ("SDXL", "bf16, micro-batch 8 × 2 rounds, gradient checkpointing, `norms=autocast`",
+     "throughput_sdxl_mb8_h200.json",
      "bf16 mb8 eager joint autocast-norms"),
-    ("SDXL", "bf16, micro-batch 4 × 2 rounds, gradient checkpointing", "throughput_sdxl_h200.json",
+    ("SDXL", "bf16, micro-batch 4 × 2 rounds, gradient checkpointing, `norms=autocast`",
+     "throughput_sdxl_h200.json",
      "bf16 mb4 eager joint autocast-norms"),
 ]
 
@@ -53,7 +60,7 @@ ROWS = [
 PROFILES = [
     ("fp32 norms, NHWC (before)", "throughput_sd15_norms_h200.json", "bf16 mb12 eager joint"),
     ("bf16 norms, NHWC", "throughput_sd15_layout_h200.json", "bf16 mb12 eager joint autocast-norms"),
-    ("bf16 norms, NCHW (the defaults)", "throughput_sd15_layout_h200.json",
+    ("bf16 norms, NCHW", "throughput_sd15_layout_h200.json",
      "bf16 mb12 eager joint autocast-norms channels_last=false"),
 ]
 KINDS = ("convolution", "matmul", "attention", "norm", "elementwise and reduction", "copy and layout",

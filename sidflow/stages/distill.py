@@ -58,9 +58,10 @@ class DistillConfig:
                                        "faster with torch's CUDA GroupNorm, which has no NHWC kernel and converts "
                                        "the layout both ways (docs/benchmarks.md)")
     norms: Literal["fp32", "autocast"] = param(
-        "autocast", "GroupNorm/LayerNorm under precision bf16: autocast = in bf16, statistics accumulated in fp32 "
-                    "(less memory traffic and activation memory); fp32 = autocast's own rule (the norm and the "
-                    "activation after it in fp32); fp32 runs are unaffected (method.md §8.1)")
+        "fp32", "GroupNorm/LayerNorm under precision bf16: fp32 = autocast's own rule (the norm and the activation "
+                "after it in fp32); autocast = in bf16, statistics accumulated in fp32: 1.14x the images/s and less "
+                "activation memory, but worse four-step toy FID in every pair measured (docs/benchmarks.md); "
+                "fp32 runs are unaffected (method.md §8.1)")
     generator_backward: Literal["joint", "split"] = param(
         "joint", "joint = one backward through teacher and fake; split = one network's graph at a time, the same "
                  "gradient for less activation memory and one more forward of the cheaper network (method.md §4)")
