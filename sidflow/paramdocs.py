@@ -17,9 +17,10 @@ Generated from the stage configs by `make docs` (`python -m sidflow.paramdocs`):
 is a `--flag-name` of its `sidflow` command (underscores become dashes; booleans take `true`/`false`) and a field of
 the stage's config dataclass; the pipeline's run parameters are the same fields under the same names, except
 evaluate's (`eval_` prefixed) and finetune's `steps`, `kimg`, `guidance`, `kappa` and `data` (`finetune_` prefixed).
-A field that defaults to None has no pipeline parameter of its own: it goes in the run's `overrides` dict.
-In the pipeline, `gpus`, `sharding`, `distill_cpu`, `distill_memory` and `eval_gpus` default to `auto` (the teacher
-type's preset, `sizing.md`), and the six required URIs have no default.
+A field that defaults to None, or an advanced setting the run form leaves out, has no pipeline parameter of its
+own: it goes in the run's `overrides` dict (the last section lists both sets). In the pipeline, `gpus`,
+`sharding`, `distill_cpu`, `distill_memory` and `eval_gpus` default to `auto` (the teacher type's preset,
+`sizing.md`), and the six required URIs have no default.
 """
 
 
@@ -57,11 +58,27 @@ def sections() -> list[tuple[str, str, str]]:
     ]
 
 
+def run_form() -> str:
+    """Return the section naming the pipeline's run parameters and the keys its `overrides` takes."""
+    from sidflow.kfp import sid_distill
+
+    names = lambda keys: ", ".join(f"`{k}`" for k in keys)  # noqa: E731
+    return ("## The pipeline's run form (`sid-distill`)\n\n"
+            f"The {len(sid_distill.PARAMS)} run parameters, which the KFP UI's form lists alphabetically with name "
+            f"and type: {names(sorted(p.name for p in sid_distill.PARAMS))}.\n\n"
+            "The keys of `overrides` (a JSON object, e.g. `overrides='{\"norms\": \"autocast\", \"log_every\": "
+            "10}'`; `sidflow pipeline submit`, `schedule` and `run-local` put a `KEY=VALUE` for one of them there "
+            "themselves). Each names a field in the tables above, evaluate's under its pipeline name (`eval_batch` "
+            "is evaluate's `batch`), and `max_fid` bounds the FID the registration gate lets through: "
+            f"{names(sid_distill.OVERRIDABLE)}.\n")
+
+
 def render() -> str:
     """Return the text of docs/parameters.md."""
     parts = [HEAD]
     for command, what, table in sections():
         parts.append(f"## `{command}`\n\n{what[0].upper() + what[1:]}.\n\n{table}\n")
+    parts.append(run_form())
     return "\n".join(parts)
 
 

@@ -156,8 +156,9 @@ def test_finetune_runs_under_its_switch_on_the_distilled_model(ir):
     params = tune["inputs"]["parameters"]
     for field in ("data", "steps", "kimg", "guidance", "kappa"):
         assert params[field] == {"componentInputParameter": f"pipelinechannel--finetune_{field}"}
-    for field in ("adv_weight", "disc_weight", "gan_start_kimg", "adv_rampup_kimg", "gan_clip", "lr_g", "batch"):
+    for field in ("adv_weight", "disc_weight", "lr_g", "batch"):
         assert params[field] == {"componentInputParameter": f"pipelinechannel--{field}"}
+    assert params["overrides"] == {"componentInputParameter": "pipelinechannel--overrides"}  # gan_clip and co.
     root = spec["root"]["inputDefinitions"]["parameters"]
     assert root["finetune"]["defaultValue"] is False and root["finetune_steps"]["defaultValue"] == 4
     # A GPU pod like distill's: resources from run parameters, retries, /dev/shm, the S3 secret.
@@ -292,7 +293,7 @@ PLACEMENT_FIELDS = tuple(_fields(PlacementConfig))
 def test_every_run_parameter_is_a_dataclass_field_and_reaches_its_task_by_name(ir):
     # The pipeline signature and each component's are generated from the dataclasses (sidflow.kfp.declare): what is
     # checked here is that a run parameter arrives where it is used, not that hand-made copies agree.
-    from sidflow.kfp.tasks import EVAL_NAMES
+    from sidflow.kfp.tasks import ADVANCED, EVAL_NAMES
 
     spec = ir[0]
     root = spec["root"]["inputDefinitions"]["parameters"]
@@ -309,14 +310,20 @@ def test_every_run_parameter_is_a_dataclass_field_and_reaches_its_task_by_name(i
                  "Check the registration gate", "Register (promote if better)"):
         assert tasks[task]["inputs"]["parameters"]["overrides"] == {"componentInputParameter":
                                                                     "pipelinechannel--overrides"}, task
-    for name, field in (("kappa", "kappa"), ("kimg", "kimg"), ("eval_batch", "batch")):
+    for name, field in (("kappa", "kappa"), ("kimg", "kimg"), ("eval_protocol", "protocol")):
         cls = EvaluateConfig if name.startswith("eval_") else DistillConfig
         f = _fields(cls)[field][0]
         assert root[name]["defaultValue"] == default(f)
         assert " ".join(root[name]["description"].split()) == f.metadata["help"]
-    assert set(pipeline_module.OVERRIDABLE) == {"kappa_1", "kappa_2", "kappa_4", "clip_grad_value", "eval_limit",
-                                                "eval_workers", "clip_floor", "max_fid"}
+    none = {"kappa_1", "kappa_2", "kappa_4", "clip_grad_value", "eval_limit", "eval_workers", "clip_floor", "max_fid"}
+    assert set(pipeline_module.OVERRIDABLE) == none | set(ADVANCED)
     assert not set(pipeline_module.OVERRIDABLE) & set(root)
+    # The run form keeps what a run is planned with; the components keep every field as an input (teams reuse them).
+    assert len(root) == 43 and {"teachers", "kappa", "kimg", "finetune", "adv_weight", "eval_protocol"} <= set(root)
+    component = {name: set(c["inputDefinitions"]["parameters"]) for name, c in spec["components"].items()}
+    assert {"norms", "compile", "t_init"} <= component["comp-distill"]
+    assert {"batch", "grid"} <= component["comp-evaluate"]
+    assert not {"norms", "compile", "t_init"} & set(distill_in) and not {"batch", "grid"} & set(eval_in)
 
 
 def test_a_field_added_to_a_dataclass_becomes_a_component_parameter():
@@ -344,21 +351,30 @@ def test_a_field_added_to_a_dataclass_becomes_a_component_parameter():
     assert [p.choices for p in declare.params(Toy)] == [None, ("a", "b"), None]
 
 
-def test_overrides_carry_the_none_default_fields_typed_and_checked():
-    from sidflow.kfp.sid_distill import checked_overrides
-    from sidflow.kfp.tasks import EVAL_NAMES, optional_values
+def test_overrides_carry_the_none_default_and_advanced_fields_typed_and_checked(tmp_path):
+    from sidflow.kfp.tasks import EVAL_NAMES, _distill_config, checked_overrides, overridden
     from sidflow.stages.distill import resolved_kappas
+    from sidflow.stages.finetune import FinetuneConfig
 
-    given = checked_overrides({"kappa_4": "3", "clip_grad_value": 5, "eval_limit": "100", "clip_floor": 0.2})
-    assert given == {"kappa_4": 3.0, "clip_grad_value": 5.0, "eval_limit": 100, "clip_floor": 0.2}
-    cfg = dataclasses.replace(DistillConfig(guidance="anti_cfg", kappa=-1.5), **optional_values(DistillConfig, given))
+    given = checked_overrides({"kappa_4": "3", "clip_grad_value": 5, "eval_limit": "100", "clip_floor": 0.2,
+                               "norms": "autocast", "log_every": "10", "eval_batch": 8, "gan_clip": "2"})
+    assert given == {"kappa_4": 3.0, "clip_grad_value": 5.0, "eval_limit": 100, "clip_floor": 0.2,
+                     "norms": "autocast", "log_every": 10, "eval_batch": 8, "gan_clip": 2.0}
+    cfg = dataclasses.replace(DistillConfig(guidance="anti_cfg", kappa=-1.5), **overridden(DistillConfig, given))
     assert resolved_kappas(cfg) == {"kappa_1": 1.0, "kappa_2": -1.5, "kappa_4": 3.0} and cfg.clip_grad_value == 5.0
-    assert optional_values(EvaluateConfig, given, EVAL_NAMES) == {"limit": 100}
-    assert optional_values(RegisterConfig, given) == {"clip_floor": 0.2}
+    assert (cfg.norms, cfg.log_every, cfg.batch) == ("autocast", 10, 512)  # eval_batch is evaluate's, not distill's
+    assert overridden(EvaluateConfig, given, EVAL_NAMES) == {"limit": 100, "batch": 8}
+    assert overridden(RegisterConfig, given) == {"clip_floor": 0.2}
+    assert overridden(FinetuneConfig, given)["gan_clip"] == 2.0
     with pytest.raises(ValueError, match=r"overrides: 'kappa_3' is not one of .* \(did you mean kappa_\d\?\)"):
         checked_overrides({"kappa_3": 1.0})
     with pytest.raises(ValueError, match="eval_limit='many' is not a valid int"):
         checked_overrides({"eval_limit": "many"})
+    with pytest.raises(ValueError, match="overrides: 'kimg' is not one of"):  # a run parameter: not in overrides
+        checked_overrides({"kimg": 1})
+    # A run started from the UI has not been through submit: the distill task refuses a bad key itself.
+    with pytest.raises(ValueError, match="overrides: 'norm' is not one of .*did you mean norms"):
+        _distill_config({"teacher": "t", "prompts": "p", "output": str(tmp_path)}, "", "", {"norm": "fp32"})
 
 
 RUN_IDENTITY = {"artifact_root", "run_id", "teacher_fingerprint"}  # the run's prefix is joined inside (kfp.paths)
@@ -446,12 +462,13 @@ def test_run_local_refuses_unknown_parameters_in_one_line(tmp_path, capsys):
     base = ["pipeline", "run-local", "--pipeline-root", str(tmp_path / "root"), "--teachers", "t", "--registry", "r",
             "--artifact-root", "a", "--prompts", "p", "--set"]
     for pair, line in [("kapa=2", "unknown sid-distill parameter(s): kapa (did you mean kappa?)"),
-                       ("kappa_4=2", "kappa_4 defaults to None and has no parameter of its own: pass it in overrides, "
-                                     "e.g. overrides='{\"kappa_4\": <value>}'"),
+                       ("norms=bf16", "norms='bf16' is not one of"),  # no run parameter: checked in overrides
+                       (("kappa_4=2", 'overrides={"kappa_4": 3}'), "kappa_4 is given twice"),
                        ('overrides={"kapa_4": 2}', "overrides: 'kapa_4' is not one of"),
                        ('overrides={"kappa_4": "x"}', "kappa_4='x' is not a valid float"),
                        ("batch=0", "batch=0 and micro_batch=1 must be at least 1")]:  # a value out of range
-        assert main(base + [pair]) == 2
+        first, *more = (pair,) if isinstance(pair, str) else pair  # more: each after another --set
+        assert main(base + [first] + [a for x in more for a in ("--set", x)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"sidflow pipeline: error: {line}") and err.count("\n") == 1, err
     assert not (tmp_path / "root").exists()

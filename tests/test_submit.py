@@ -81,8 +81,10 @@ def test_submit_sends_typed_parameters_and_pipeline_root(kfp_api, capsys):
     config = run["runtime_config"]
     assert config["pipeline_root"] == "s3://b/kfp-root"
     params = config["parameters"]
-    expected = {"tf32": False, "checkpoints": False, "lr_g": 1e-5, "batch": 1024, "kimg": 20.0, "gpus": "8",
-                "overrides": {"kappa_1": 2.0, "eval_limit": 100}, "distill_nodes": 2,
+    # tf32 and checkpoints have no run parameter of their own (the run form's advanced settings): into overrides
+    expected = {"lr_g": 1e-5, "batch": 1024, "kimg": 20.0, "gpus": "8",
+                "overrides": {"kappa_1": 2.0, "eval_limit": 100, "tf32": False, "checkpoints": False},
+                "distill_nodes": 2,
                 "gpu_node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
                 "gpu_tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                 **dict(kv.split("=", 1) for kv in REQUIRED)}
@@ -109,7 +111,7 @@ def test_schedule_creates_an_enabled_recurring_run_without_catchup(kfp_api, caps
     assert job["runtime_config"]["pipeline_root"] == "s3://b/kfp-root"
     params = job["runtime_config"]["parameters"]
     assert params["resume"] is True and params["seed"] == 7 and type(params["seed"]) is int
-    assert params["adam_eps"] == 1e-8 and type(params["adam_eps"]) is float
+    assert params["overrides"] == {"adam_eps": 1e-8} and type(params["overrides"]["adam_eps"]) is float
     assert job["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "sid-distill"
 
 
@@ -171,12 +173,13 @@ def test_values_out_of_range_stop_before_any_request(kfp_api, capsys, pairs, mes
 def test_dry_run_prints_the_typed_parameters(capsys):
     assert main(["pipeline", "submit", "--dry-run", *REQUIRED, "lr_fake=2e-6", "profile=true"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["parameters"]["lr_fake"] == 2e-6 and out["parameters"]["profile"] is True
+    assert out["parameters"]["lr_fake"] == 2e-6 and out["parameters"]["overrides"] == {"profile": True}
     assert out["package"] == DEFAULT_OUT
 
 
 @pytest.mark.parametrize("pair, value", [
-    ("tf32=false", False), ("tf32=False", False), ("tf32=0", False), ("checkpoints=true", True), ("resume=yes", True),
+    ("finetune=false", False), ("finetune=False", False), ("finetune=0", False), ("grad_checkpointing=true", True),
+    ("resume=yes", True),
     ("lr_g=1e-5", 1e-5), ("kimg=20", 20.0), ("kappa=-1.5", -1.5), ("batch=1024", 1024), ("batch=2.0", 2),
     ("seed=1e3", 1000), ("gpus=8", "8"), ("model_name=2024", "2024"), ('model_name="2024"', "2024"),
     ("model_name=null", "null"), ("registry=s3://b/k=v", "s3://b/k=v"), ("prompts=", ""),
@@ -185,6 +188,13 @@ def test_dry_run_prints_the_typed_parameters(capsys):
 def test_parser_types_values_as_the_pipeline_declares(pair, value):
     (parsed,) = submit.parse_overrides([pair], PARAMS).values()
     assert parsed == value and type(parsed) is type(value)
+
+
+def test_a_setting_without_a_run_parameter_goes_into_overrides_typed():
+    parsed = submit.parse_overrides(["tf32=false", 'overrides={"kappa_4": 3}', "norms=autocast", "eval_batch=8",
+                                     "kimg=20"], PARAMS)
+    assert parsed == {"kimg": 20.0, "overrides": {"kappa_4": 3.0, "tf32": False, "norms": "autocast", "eval_batch": 8}}
+    assert type(parsed["overrides"]["tf32"]) is bool and "tf32" not in PARAMS and "kimg" in PARAMS
 
 
 @pytest.mark.parametrize("pairs, message", [
@@ -202,6 +212,9 @@ def test_parser_types_values_as_the_pipeline_declares(pair, value):
     (["gpu_tolerations={bad"], "gpu_tolerations='{bad' is not a JSON array"),
     (["guidance=lgs"], "guidance='lgs' is not one of ['lsg', 'long', 'short', 'zero_cfg', 'anti_cfg']"),
     (["seed=1", "seed=2"], "seed is given twice"),
+    (["norms=fp32", "norms=autocast"], "norms is given twice"),
+    (["norms=bf16"], "norms='bf16' is not one of ['fp32', 'autocast']"),
+    (["t_init=1", 'overrides={"t_init": 2}'], "t_init is given twice: as t_init=... and in overrides"),
     (["gpus=all"], "gpus='all' must be a count or auto here: the pod requests that many GPUs"),
     (["gpus=0"], "gpus='0' must be a count or auto here: the pod requests that many GPUs"),
     (["eval_gpus=all"], "eval_gpus='all' must be a count or auto here: the pod requests that many GPUs"),
@@ -225,7 +238,7 @@ def test_cron_must_have_six_fields(cron, ok):
 
 
 def test_parameters_come_from_the_compiled_package():
-    assert PARAMS["tf32"] == (bool, False) and PARAMS["batch"][0] is int and PARAMS["lr_g"] == (float, 1e-6)
+    assert PARAMS["resume"] == (bool, True) and PARAMS["batch"][0] is int and PARAMS["lr_g"] == (float, 1e-6)
     assert PARAMS["gpu_node_selector"] == (dict, {}) and PARAMS["gpu_tolerations"] == (list, [])
     assert PARAMS["gpus"] == (str, "auto")  # the teacher type's preset (sidflow.sizing)
 

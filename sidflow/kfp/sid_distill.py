@@ -33,7 +33,7 @@ from sidflow.kfp.components.register import register
 from sidflow.kfp.components.report import report
 from sidflow.kfp.components.size_teacher import SIZED, size_teacher
 from sidflow.kfp.components.watch_teachers import watch_teachers
-from sidflow.kfp.tasks import EVAL_NAMES, FINETUNE_NAMES, Finetune, Gate
+from sidflow.kfp.tasks import ADVANCED, EVAL_NAMES, FINETUNE_NAMES, Finetune, override_keys
 from sidflow.stages.distill import DistillConfig
 from sidflow.stages.evaluate import EvaluateConfig
 from sidflow.stages.finetune import FinetuneConfig
@@ -58,15 +58,17 @@ MAX_PARALLEL = 1  # teachers distilled at once; `sidflow pipeline compile --max-
 DISTILL_TIMEOUT_S, EVAL_TIMEOUT_S, CPU_TIMEOUT_S = 7 * 24 * 3600, 24 * 3600, 6 * 3600
 EVAL_RETRIES = 2  # a retried evaluation keeps the shards already written; its pod requests eval_gpus GPUs
 # The run parameters: each is a field of a stage dataclass, declared there once (sidflow.kfp.declare).
-# Fields that default to None travel in `overrides` (sidflow.kfp.tasks says why).
+# Fields that default to None, and the ADVANCED settings, travel in `overrides` (sidflow.kfp.tasks says why).
 EVAL_SKIP = ("model", "output", "sampler", "teacher_steps", "kappa", "save_images")  # teacher comparison rows only
 # Each stage's run parameters by field name; the pipeline's names (EVAL_NAMES) differ only for evaluate.
 WATCH, PLACEMENT = declare.params(WatchTeachersConfig), declare.params(PlacementConfig)
-DISTILL = declare.params(DistillConfig, skip=("teacher", "output", *declare.none_fields(DistillConfig)))
-EVALUATE = declare.params(EvaluateConfig, skip=(*EVAL_SKIP, *declare.none_fields(EvaluateConfig)))
+DISTILL = declare.params(DistillConfig, skip=("teacher", "output", *declare.none_fields(DistillConfig), *ADVANCED))
+EVALUATE = declare.params(EvaluateConfig, skip=(*EVAL_SKIP, *declare.none_fields(EvaluateConfig),
+                                                *(f.name for f in dataclasses.fields(EvaluateConfig)
+                                                  if EVAL_NAMES.get(f.name, f.name) in ADVANCED)))
 # Finetune's own fields, and the distill fields it sets apart from distill (its K, length and guidance); the rest of
-# its hyperparameters (batch, learning rates, precision...) are distill's.
-TUNED = (*FINETUNE_NAMES, "adv_weight", "disc_weight", "gan_start_kimg", "adv_rampup_kimg", "gan_clip")
+# its hyperparameters (batch, learning rates, precision...) are distill's. Its advanced ones go in overrides.
+TUNED = (*FINETUNE_NAMES, "adv_weight", "disc_weight")
 FINETUNE = declare.params(Finetune) + declare.params(
     FinetuneConfig, skip=tuple(f.name for f in dataclasses.fields(FinetuneConfig) if f.name not in TUNED),
     rename=FINETUNE_NAMES)
@@ -84,30 +86,11 @@ PARAMS = [{p.name: p for p in SIZED}.get(p.name, p) for p in PARAMS]
 # finetune_data stays optional: it is needed only with finetune on (submit.check_required).
 NEEDED = [dataclasses.replace(p, default=declare.REQUIRED) for p in PARAMS if p.required and p not in FINETUNE]
 PARAMS = NEEDED + [p for p in PARAMS if not (p.required and p not in FINETUNE)]
-# overrides key -> (dataclass, field): every None-default field of the stages in the DAG
-OVERRIDABLE = {EVAL_NAMES.get(name, name) if cls is EvaluateConfig else name: (cls, name)
-               for cls in (DistillConfig, EvaluateConfig, RegisterConfig, Gate) for name in declare.none_fields(cls)}
-PARAMS.append(declare.Param("overrides", dict, {}, "values of the fields that default to None, which have no "
-                            f"parameter of their own: {', '.join(OVERRIDABLE)}; e.g. {{\"kappa_4\": 3.0}}"))
-
-
-def checked_overrides(given: dict) -> dict:
-    """Return `overrides` with each value typed as its field; an unknown key or a bad value is a one-line
-    ValueError."""
-    import difflib
-    import typing
-
-    from sidflow.config import coerce
-
-    out = {}
-    for key, value in given.items():
-        if key not in OVERRIDABLE:
-            close = difflib.get_close_matches(key, OVERRIDABLE, n=1)
-            raise ValueError(f"overrides: {key!r} is not one of {list(OVERRIDABLE)}"
-                             + (f" (did you mean {close[0]}?)" if close else ""))
-        cls, name = OVERRIDABLE[key]
-        out[key] = coerce(key, typing.get_type_hints(cls)[name], value)
-    return out
+# overrides key -> (dataclass, field): every None-default field of the stages in the DAG, and the ADVANCED ones
+OVERRIDABLE = override_keys()
+PARAMS.append(declare.Param("overrides", dict, {}, "settings without a run parameter of their own, by name: the "
+                            f"fields that default to None and the advanced ones: {', '.join(OVERRIDABLE)}; e.g. "
+                            "{\"kappa_4\": 3.0, \"norms\": \"autocast\"} (docs/parameters.md)"))
 
 
 def stage_fields(a: dict) -> tuple[dict, dict, dict]:
@@ -124,7 +107,7 @@ def check_run(arguments: dict) -> None:
     (its check_values, which read nothing) on the configs its tasks would build from `arguments` and the defaults.
     Without it a bad value (batch=0, kimg=-1) is found in the distill pod, after the watch and the download."""
     from sidflow.config import override
-    from sidflow.kfp.tasks import optional_values
+    from sidflow.kfp.tasks import overridden
     from sidflow.sizing import AUTO
     from sidflow.stages import distill as distill_stage
     from sidflow.stages import evaluate as evaluate_stage
@@ -142,7 +125,7 @@ def check_run(arguments: dict) -> None:
     for check, cls, fields, names, extra in checks:
         known = {k: v for k, v in fields.items() if v is not declare.REQUIRED and v != AUTO}  # URIs, sizing: later
         try:
-            check(override(cls(), known | optional_values(cls, given, names if cls is EvaluateConfig else None)),
+            check(override(cls(), known | overridden(cls, given, names if cls is EvaluateConfig else None)),
                   *extra)
         except ValueError as e:  # the message names the stage's field: name the run parameter instead
             message = str(e)

@@ -70,12 +70,17 @@ def parse_overrides(pairs: list[str], params: dict[str, tuple[type, typing.Any]]
         if not sep or not key.strip():
             raise ValueError(f"{pair!r} is not key=value")
         split.append((key.strip(), text))
-    unknown = [k for k, _ in split if k not in params]
-    from sidflow.kfp.sid_distill import OVERRIDABLE
+    from sidflow.kfp.tasks import checked_overrides, override_keys
 
-    if unknown and unknown[0] in OVERRIDABLE and "overrides" in params:
-        raise ValueError(f"{unknown[0]} defaults to None and has no parameter of its own: pass it in overrides, e.g. "
-                         f"overrides='{{\"{unknown[0]}\": <value>}}'")
+    # A setting without a run parameter of its own (None default, or left off the run form) goes into `overrides`.
+    keys, routed = (override_keys() if "overrides" in params else {}), {}
+    for key, text in split:
+        if key not in params and key in keys:
+            if key in routed:
+                raise ValueError(f"{key} is given twice")
+            routed[key] = text
+    split = [(k, text) for k, text in split if k not in routed]
+    unknown = [k for k, _ in split if k not in params]
     if unknown:
         close = difflib.get_close_matches(unknown[0], params, n=1)
         hint = f" (did you mean {close[0]}?)" if len(unknown) == 1 and close else ""
@@ -86,14 +91,17 @@ def parse_overrides(pairs: list[str], params: dict[str, tuple[type, typing.Any]]
             raise ValueError(f"{key} is given twice")
         out[key] = parse_value(key, params[key][0], text)
         if key == "overrides":
-            from sidflow.kfp.sid_distill import checked_overrides
-
             out[key] = checked_overrides(out[key])
         choices = _choices().get(key)
         if choices and out[key] not in choices:
             raise ValueError(f"{key}={out[key]!r} is not one of {list(choices)}")
         if key in POD_COUNTS and out[key] != AUTO and not (str(out[key]).isdigit() and int(out[key]) >= 1):
             raise ValueError(f"{key}={out[key]!r} must be a count or auto here: the pod requests that many GPUs")
+    if routed:
+        twice = sorted(set(routed) & set(out.get("overrides", {})))
+        if twice:
+            raise ValueError(f"{twice[0]} is given twice: as {twice[0]}=... and in overrides")
+        out["overrides"] = {**out.get("overrides", {}), **checked_overrides(routed)}
     return out
 
 

@@ -4,7 +4,7 @@ The component functions are generated from the stage dataclasses (sidflow.kfp.de
 Fields that default to None have no run parameter of their own: the KFP backend's driver handles an unset optional
 parameter inside a nested DAG such as a loop only from 2.14 (backend/src/v2/driver/resolve.go, "Handle omitted
 optional pipeline input parameters"), and kfp.local cannot run one at all. They travel in the one `overrides` dict,
-under their pipeline names.
+under their pipeline names, as do the ADVANCED settings the run form leaves out.
 """
 
 import dataclasses
@@ -46,10 +46,65 @@ class Gate:
                                         "most this; None: any finite FID")
 
 
-def optional_values(cls, given: dict, rename: dict[str, str] | None = None) -> dict[str, Any]:
-    """Return the values in `given` (the `overrides` parameter, by pipeline name) for cls's None-default fields."""
-    names = {(rename or {}).get(n, n): n for n in declare.none_fields(cls)}
+# The settings the pipeline's run form leaves out, by pipeline name. The KFP UI lists every run parameter in one
+# alphabetical list with its name and type only (frontend NewRunParametersV2.tsx), so the form holds what a run is
+# planned with: URIs, recipe, length, placement, the finetune switch and its weights, the evaluation protocol. These
+# keep defaults that fit nearly every run (the reference's hyperparameters, logging and checkpoint cadence, speed
+# switches, evaluation detail) and are given, when at all, in `overrides`; the components keep them all as inputs.
+ADVANCED = ("null_prompt", "alpha", "t_min", "t_max", "t_init", "fake_dropout", "adam_beta1", "adam_beta2",
+            "adam_eps", "tf32", "compile", "channels_last", "norms", "generator_backward", "ema_halflife_kimg",
+            "ema_rampup", "checkpoint_kimg", "keep_checkpoints", "log_every", "checkpoints", "profile",
+            "gan_start_kimg", "adv_rampup_kimg", "gan_clip",
+            "eval_scorer", "clip_model", "clip_precision", "unet_dtype", "vae_dtype", "compile_vae", "eval_batch",
+            "eval_shard_size", "eval_grid", "eval_teacher_grid", "eval_teacher_row")
+
+
+def overridable(cls, rename: dict[str, str] | None = None) -> dict[str, str]:
+    """Return {pipeline name: field} of cls's fields that travel in `overrides`: those that default to None and the
+    ADVANCED ones."""
+    names = {(rename or {}).get(f.name, f.name): f.name for f in dataclasses.fields(cls)}
+    return {k: n for k, n in names.items() if n in declare.none_fields(cls) or k in ADVANCED}
+
+
+def overridden(cls, given: dict, rename: dict[str, str] | None = None) -> dict[str, Any]:
+    """Return {field: value} of the values in `given` (the `overrides` parameter, by pipeline name) for cls's
+    overridable fields."""
+    names = overridable(cls, rename)
     return {names[k]: v for k, v in given.items() if k in names}
+
+
+def override_keys() -> dict[str, tuple[type, str]]:
+    """Return {overrides key: (dataclass, field)} over the stages of the pipeline's DAG."""
+    from sidflow.stages.distill import DistillConfig
+    from sidflow.stages.evaluate import EvaluateConfig
+    from sidflow.stages.finetune import FinetuneConfig
+    from sidflow.stages.register import RegisterConfig
+
+    keys: dict[str, tuple[type, str]] = {}
+    for cls, rename in ((DistillConfig, None), (FinetuneConfig, None), (EvaluateConfig, EVAL_NAMES),
+                        (RegisterConfig, None), (Gate, None)):
+        for key, name in overridable(cls, rename).items():
+            keys.setdefault(key, (cls, name))  # a distill field finetune shares is typed by distill's declaration
+    return keys
+
+
+def checked_overrides(given: dict) -> dict:
+    """Return `overrides` with each value typed as its field; an unknown key or a bad value is a one-line
+    ValueError. The distill task checks them too: a run started from the UI has not been through submit."""
+    import difflib
+    import typing
+
+    from sidflow.config import coerce
+
+    keys, out = override_keys(), {}
+    for key, value in given.items():
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            raise ValueError(f"overrides: {key!r} is not one of {list(keys)}"
+                             + (f" (did you mean {close[0]}?)" if close else ""))
+        cls, name = keys[key]
+        out[key] = coerce(key, typing.get_type_hints(cls)[name], value)
+    return out
 
 
 def _log(metrics, values: dict) -> None:
@@ -119,7 +174,7 @@ def _finetune_config(fields: dict, artifact_root: str, run_id: str, given: dict)
     from sidflow.kfp.paths import run_output
     from sidflow.stages.finetune import FinetuneConfig
 
-    fields = {**fields, **optional_values(FinetuneConfig, given)}
+    fields = {**fields, **overridden(FinetuneConfig, given)}
     fields["output"] = fields["output"] or storage.join(run_output(artifact_root, run_id, fields["teacher"]),
                                                         "finetune")
     return override(FinetuneConfig(), fields)
@@ -136,7 +191,7 @@ def _distill_config(fields: dict, artifact_root: str, run_id: str, given: dict):
     from sidflow.kfp.paths import run_output
     from sidflow.stages.distill import DistillConfig
 
-    fields = {**fields, **optional_values(DistillConfig, given)}
+    fields = {**fields, **overridden(DistillConfig, checked_overrides(given))}
     fields["output"] = fields["output"] or run_output(artifact_root, run_id, fields["teacher"])
     return override(DistillConfig(), fields)  # Literal values and types are checked as on the CLI
 
@@ -200,7 +255,7 @@ def evaluate(metrics, samples, artifact_root: str, run_id: str, teacher: str, ov
 
     output = fields["output"] or storage.join(run_output(artifact_root, run_id, teacher), "eval")
     cfg = override(stage.EvaluateConfig(), {**fields, "output": output,
-                                            **optional_values(stage.EvaluateConfig, overrides, EVAL_NAMES)})
+                                            **overridden(stage.EvaluateConfig, overrides, EVAL_NAMES)})
     result = stage.launch(cfg)
     print(stage.summary(result))
     _log(metrics, {k: result.metrics[k] for k in ("fid", "clip", "images", "images_per_s")})
@@ -282,7 +337,7 @@ EVAL_NAMES = {k: f"eval_{k}" for k in ("prompts", "reference", "protocol", "feat
 
 def passes_gate(metrics: str, overrides: dict) -> bool:
     """True when the evaluation's FID and score are finite and the FID is at most max_fid (if set)."""
-    max_fid = override(Gate(), optional_values(Gate, overrides)).max_fid
+    max_fid = override(Gate(), overridden(Gate, overrides)).max_fid
     m = json.loads(storage.read_text(metrics))
     passed = math.isfinite(m["fid"]) and math.isfinite(m["clip"]) and (max_fid is None or m["fid"] <= max_fid)
     print(f"fid {m['fid']:.4f}, score {m['clip']:.4f}: {'passes' if passed else 'fails'} the gate (max_fid={max_fid})")
@@ -293,7 +348,7 @@ def register(overrides: dict, **fields) -> dict:
     """Register the model; return {"version", "promoted", "champion_version"}."""
     from sidflow.stages import register as stage
 
-    cfg = override(stage.RegisterConfig(), {**fields, **optional_values(stage.RegisterConfig, overrides)})
+    cfg = override(stage.RegisterConfig(), {**fields, **overridden(stage.RegisterConfig, overrides)})
     result = stage.run(cfg)
     print(f"registered {cfg.model} as {cfg.model_name} v{result.version} (promoted={result.promoted})")
     return {"version": result.version, "promoted": result.promoted, "champion_version": result.champion_version}
