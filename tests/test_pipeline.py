@@ -373,8 +373,12 @@ def test_overrides_carry_the_none_default_and_advanced_fields_typed_and_checked(
     with pytest.raises(ValueError, match="overrides: 'kimg' is not one of"):  # a run parameter: not in overrides
         checked_overrides({"kimg": 1})
     # A run started from the UI has not been through submit: the distill task refuses a bad key itself.
+    fields = {"teacher": "t", "prompts": "p", "output": str(tmp_path)}
     with pytest.raises(ValueError, match="overrides: 'norm' is not one of .*did you mean norms"):
-        _distill_config({"teacher": "t", "prompts": "p", "output": str(tmp_path)}, "", "", {"norm": "fp32"})
+        _distill_config(fields, "", "", {"norm": "fp32"})
+    with pytest.raises(ValueError, match="^eval_batch=0 must be at least 1$"):  # evaluate's, before the distill
+        _distill_config(fields, "", "", {"eval_batch": 0})
+    assert _distill_config(fields, "", "", {"norms": "autocast", "eval_grid": 4}).norms == "autocast"
 
 
 RUN_IDENTITY = {"artifact_root", "run_id", "teacher_fingerprint"}  # the run's prefix is joined inside (kfp.paths)

@@ -15,7 +15,6 @@ once, with its type, default and help.
 """
 
 import dataclasses
-import re
 
 from kfp import dsl, kubernetes
 from kfp.dsl import pipeline_channel
@@ -107,7 +106,7 @@ def check_run(arguments: dict) -> None:
     (its check_values, which read nothing) on the configs its tasks would build from `arguments` and the defaults.
     Without it a bad value (batch=0, kimg=-1) is found in the distill pod, after the watch and the download."""
     from sidflow.config import override
-    from sidflow.kfp.tasks import overridden
+    from sidflow.kfp.tasks import named_as_run_parameters, overridden
     from sidflow.sizing import AUTO
     from sidflow.stages import distill as distill_stage
     from sidflow.stages import evaluate as evaluate_stage
@@ -128,10 +127,7 @@ def check_run(arguments: dict) -> None:
             check(override(cls(), known | overridden(cls, given, names if cls is EvaluateConfig else None)),
                   *extra)
         except ValueError as e:  # the message names the stage's field: name the run parameter instead
-            message = str(e)
-            for field, name in names.items():
-                message = re.sub(rf"\b{field}=", f"{name}=", message)
-            raise ValueError(message) from None
+            raise ValueError(named_as_run_parameters(str(e), names)) from None
 
 
 SUMMARY = "Distill every teacher whose current version has no registered generator yet."

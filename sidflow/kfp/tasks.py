@@ -191,9 +191,31 @@ def _distill_config(fields: dict, artifact_root: str, run_id: str, given: dict):
     from sidflow.kfp.paths import run_output
     from sidflow.stages.distill import DistillConfig
 
-    fields = {**fields, **overridden(DistillConfig, checked_overrides(given))}
+    given = checked_overrides(given)
+    _check_evaluate_overrides(given)
+    fields = {**fields, **overridden(DistillConfig, given)}
     fields["output"] = fields["output"] or run_output(artifact_root, run_id, fields["teacher"])
     return override(DistillConfig(), fields)  # Literal values and types are checked as on the CLI
+
+
+def _check_evaluate_overrides(given: dict) -> None:
+    # A run started from the UI has not been through submit's value checks: evaluate's settings in `overrides`
+    # (eval_batch, eval_grid, eval_scorer...) are checked here, before the distillation's GPU hours, not after them.
+    from sidflow.stages import evaluate as stage
+
+    try:
+        stage.check_values(override(stage.EvaluateConfig(), overridden(stage.EvaluateConfig, given, EVAL_NAMES)))
+    except ValueError as e:
+        raise ValueError(named_as_run_parameters(str(e), EVAL_NAMES)) from None
+
+
+def named_as_run_parameters(message: str, names: dict[str, str]) -> str:
+    """Return a stage's error message with its field names (`batch=`) as the pipeline's (`eval_batch=`)."""
+    import re
+
+    for stage_name, name in names.items():
+        message = re.sub(rf"\b{stage_name}=", f"{name}=", message)
+    return message
 
 
 def distill_trainjob(metrics, model, trainer_image: str, artifact_root: str, run_id: str, teacher_fingerprint: str,
