@@ -32,7 +32,7 @@ from sidflow.kfp.components.register import register
 from sidflow.kfp.components.report import report
 from sidflow.kfp.components.size_teacher import SIZED, size_teacher
 from sidflow.kfp.components.watch_teachers import watch_teachers
-from sidflow.kfp.tasks import ADVANCED, EVAL_NAMES, FINETUNE_NAMES, Finetune, override_keys
+from sidflow.kfp.tasks import EVAL_NAMES, FINETUNE_NAMES, Finetune, overridable, override_keys
 from sidflow.stages.distill import DistillConfig
 from sidflow.stages.evaluate import EvaluateConfig
 from sidflow.stages.finetune import FinetuneConfig
@@ -61,10 +61,8 @@ EVAL_RETRIES = 2  # a retried evaluation keeps the shards already written; its p
 EVAL_SKIP = ("model", "output", "sampler", "teacher_steps", "kappa", "save_images")  # teacher comparison rows only
 # Each stage's run parameters by field name; the pipeline's names (EVAL_NAMES) differ only for evaluate.
 WATCH, PLACEMENT = declare.params(WatchTeachersConfig), declare.params(PlacementConfig)
-DISTILL = declare.params(DistillConfig, skip=("teacher", "output", *declare.none_fields(DistillConfig), *ADVANCED))
-EVALUATE = declare.params(EvaluateConfig, skip=(*EVAL_SKIP, *declare.none_fields(EvaluateConfig),
-                                                *(f.name for f in dataclasses.fields(EvaluateConfig)
-                                                  if EVAL_NAMES.get(f.name, f.name) in ADVANCED)))
+DISTILL = declare.params(DistillConfig, skip=("teacher", "output", *overridable(DistillConfig).values()))
+EVALUATE = declare.params(EvaluateConfig, skip=(*EVAL_SKIP, *overridable(EvaluateConfig, EVAL_NAMES).values()))
 # Finetune's own fields, and the distill fields it sets apart from distill (its K, length and guidance); the rest of
 # its hyperparameters (batch, learning rates, precision...) are distill's. Its advanced ones go in overrides.
 TUNED = (*FINETUNE_NAMES, "adv_weight", "disc_weight")

@@ -62,8 +62,9 @@ ADVANCED = ("null_prompt", "alpha", "t_min", "t_max", "t_init", "fake_dropout", 
 def overridable(cls, rename: dict[str, str] | None = None) -> dict[str, str]:
     """Return {pipeline name: field} of cls's fields that travel in `overrides`: those that default to None and the
     ADVANCED ones."""
+    unset = declare.none_fields(cls)
     names = {(rename or {}).get(f.name, f.name): f.name for f in dataclasses.fields(cls)}
-    return {k: n for k, n in names.items() if n in declare.none_fields(cls) or k in ADVANCED}
+    return {k: n for k, n in names.items() if n in unset or k in ADVANCED}
 
 
 def overridden(cls, given: dict, rename: dict[str, str] | None = None) -> dict[str, Any]:

@@ -53,9 +53,9 @@ class DistillConfig:
     tf32: bool = param(False, "allow TF32 matmuls in fp32 mode (off in the reference code)")
     grad_checkpointing: bool = param(False, "gradient checkpointing in the generator, fake and teacher UNets")
     compile: bool = param(False, "torch.compile the repeated blocks of the generator, fake and teacher UNets (resnet "
-                                 "and transformer blocks, in place); the first iterations pay the compile time, "
-                                 "over 8 minutes for SD1.5 on an H200, and no speed-up is measured yet "
-                                 "(docs/benchmarks.md)")
+                                 "and transformer blocks, in place); the first iterations pay the compile time, which "
+                                 "for SD1.5 on an H200 outlasted a 560 s benchmark, so no speed-up is measured "
+                                 "yet (docs/benchmarks.md)")
     channels_last: bool = param(False, "keep the UNets' convolution weights and activations NHWC on a GPU; off = NCHW, "
                                        "faster with torch's CUDA GroupNorm, which has no NHWC kernel and converts "
                                        "the layout both ways (docs/benchmarks.md)")
