@@ -86,6 +86,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--micro-batch", type=int, default=1024)
     p.add_argument("--ema", type=float, default=20.0, help="EMA half-life kimg")
+    p.add_argument("--curve-kimg", type=float, default=None,
+                   help="also score each SiD run's EMA generator every this many kimg (its checkpoints), as `curve`")
     p.add_argument("--merge", default=None, help="comma-separated result files to merge into --file (no runs)")
     p.add_argument("--grid", default=None, help="write a sample grid PNG here (teacher 25 steps vs SiD one step)")
     p.add_argument("--file", default="toy_quality.json")
@@ -140,6 +142,8 @@ def main() -> None:
             base = dict(teacher=args.teacher, prompts=str(work / "prompts.txt"), output=str(work / f"run{i}"),
                         lr_g=args.lr, lr_fake=args.lr, batch=args.batch, micro_batch=args.micro_batch, kimg=args.kimg,
                         ema_halflife_kimg=args.ema, checkpoints=False)
+            if args.curve_kimg:  # a checkpoint at each curve point, all kept until they are scored
+                base |= dict(checkpoints=True, checkpoint_kimg=args.curve_kimg, keep_checkpoints=10_000)
             if stage is finetune:
                 base["data"] = real_pairs(work / "pairs", args.real_pairs)
                 if overrides.get("init", "").startswith("run"):  # init=run<i>: the i-th run of this command
@@ -160,12 +164,32 @@ def main() -> None:
             grids[f"{row}-{cfg.steps}-{cfg.kappa}"] = imgs[:16]
             print(json.dumps(rows[-1]), flush=True)
             save()
+            if args.curve_kimg:
+                rows[-1]["curve"] = curve(model, gen, info, cfg.output, prompts, reference, seeds)
+                save()
     if args.grid and grids:
         from PIL import Image
 
         strip = np.concatenate([image_grid(v, cols=16) for v in grids.values()])
         Image.fromarray(strip).resize((strip.shape[1] * 3, strip.shape[0] * 3), Image.NEAREST).save(args.grid)
     save(final=True)
+
+
+def curve(models: list, gen, info: dict, output: str, prompts: dict, reference: np.ndarray,
+          seeds: list[int]) -> list[dict]:
+    """Score the EMA generator of every checkpoint of a run, oldest first: the FID-against-kimg curve of one run
+    (the generator `gen` is reloaded with each checkpoint's weights; the run's exported model was scored already)."""
+    from sidflow.generator import sample
+    from sidflow.train import checkpoint
+
+    points = []
+    for uri in reversed(checkpoint.complete(output)):
+        state = checkpoint.load(uri)
+        gen.unet.load_state_dict((state["ema"] or state["G"])["model"])
+        metrics, _ = evaluate(models, lambda caps: sample(gen, info, caps, seeds, batch=512), prompts, reference)
+        points.append({"kimg": round(state["nimg"] / 1000, 3), **metrics})
+        print(json.dumps(points[-1]), flush=True)
+    return points
 
 
 def real_pairs(out: Path, n: int) -> str:
