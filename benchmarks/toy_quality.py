@@ -116,13 +116,24 @@ def main() -> None:
                config | {"grid_rows": list(grids)}, Path(args.out), final=final)
 
     training = json.loads((Path(args.teacher) / "training.json").read_text())
-    if "real" in args.rows:
-        metrics, _ = evaluate(model, lambda caps: np.stack([shapes.render(*shapes.parse(c).values(),
-                              np.random.default_rng(i)) for i, c in enumerate(caps)]), prompts, reference)
+    wanted = set(args.rows.split(","))
+
+    def real(caps):  # fresh renders of the captions, render i from seed i
+        return np.stack([shapes.render(*shapes.parse(c).values(), np.random.default_rng(i))
+                         for i, c in enumerate(caps)])
+
+    if "real" in wanted:
+        metrics, _ = evaluate(model, real, prompts, reference)
         rows.append({"row": "real", "steps": None, "kappa": None, **metrics, "images_seen": None,
                      "gpu_minutes": None})
     teacher = load_teacher(args.teacher, device)
-    if "teacher" in args.rows:
+    if "real-vae" in wanted:  # the same renders through the teacher's VAE: what a latent generator can reach at best
+        metrics, _ = evaluate(model, lambda caps: vae_round_trip(teacher, real(caps)), prompts, reference)
+        rows.append({"row": "real-vae", "steps": None, "kappa": None, **metrics, "images_seen": None,
+                     "gpu_minutes": None})
+        print(json.dumps(rows[-1]), flush=True)
+        save()
+    if "teacher" in wanted:
         for steps in [int(s) for s in args.teacher_steps.split(",")]:
             for g in [float(s) for s in args.teacher_cfg.split(",")]:
                 metrics, imgs = evaluate(model, lambda caps: sample_teacher(teacher, caps, seeds, steps, g),
@@ -133,7 +144,7 @@ def main() -> None:
                 grids[f"teacher-{steps}-{g}"] = imgs[:16]
                 print(json.dumps(rows[-1]), flush=True)
                 save()
-    if "sid" in args.rows:
+    if "sid" in wanted:
         work = Path(tempfile.mkdtemp(prefix="sidflow-toy-"))
         (work / "prompts.txt").write_text("\n".join(sorted({shapes.caption(*c) for c in shapes.combos("train")})))
         for i, (row, overrides) in enumerate(parse_runs(args.sid_runs)):
@@ -173,6 +184,20 @@ def main() -> None:
         strip = np.concatenate([image_grid(v, cols=16) for v in grids.values()])
         Image.fromarray(strip).resize((strip.shape[1] * 3, strip.shape[0] * 3), Image.NEAREST).save(args.grid)
     save(final=True)
+
+
+@torch.no_grad()
+def vae_round_trip(teacher, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Return uint8 images [N, H, W, 3]: each image encoded to its VAE latent mean (as the real pairs are) and
+    decoded as generated latents are."""
+    from sidflow.evaluate.sampling import Sampler
+
+    decoder, out = Sampler(teacher, 1, None), []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        mean = teacher.vae.encode(x.to(decoder.device, teacher.vae.dtype)).latent_dist.mean
+        out.append(decoder.decode(mean.float() * teacher.vae_scale))
+    return np.concatenate(out)
 
 
 def curve(models: list, gen, info: dict, output: str, prompts: dict, reference: np.ndarray,
