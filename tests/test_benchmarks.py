@@ -122,27 +122,32 @@ def test_toy_quality_sid_rows_and_merge(tmp_path):
     # A finetune row (real pairs, the GAN term) and the teacher at 25 steps, each scored by the three evaluators
     # shipped with the teacher; the merge marks the SiD row against the teacher at its κ.
     subprocess.run(common + ["--rows", "sid", "--sid-runs", "sid-adv:stage=finetune,kappa=2,steps=2,precision=fp32",
-                             "--real-pairs", "32", "--file", "a.json"], check=True, cwd=ROOT, capture_output=True,
-                   env=env)
-    subprocess.run(common + ["--rows", "real,teacher", "--teacher-steps", "25", "--teacher-cfg", "2", "--file",
-                             "b.json"], check=True, cwd=ROOT, capture_output=True, env=env)
+                             "--real-pairs", "32", "--curve-kimg", "0.016", "--file", "a.json"], check=True, cwd=ROOT,
+                   capture_output=True, env=env)
+    subprocess.run(common + ["--rows", "real,real-vae,teacher", "--teacher-steps", "25", "--teacher-cfg", "2",
+                             "--file", "b.json"], check=True, cwd=ROOT, capture_output=True, env=env)
     subprocess.run([sys.executable, "benchmarks/toy_quality.py", "--merge", f"{tmp_path}/b.json,{tmp_path}/a.json",
                     "--out", str(tmp_path)], check=True, cwd=ROOT, capture_output=True)
     rows = json.loads((tmp_path / "toy_quality.json").read_text())["metrics"]["rows"]
-    assert [r["row"] for r in rows] == ["real", "teacher", "sid-adv"]
-    adv = rows[2]
+    assert [r["row"] for r in rows] == ["real", "real-vae", "teacher", "sid-adv"]
+    assert rows[1]["shapes_fid"] != rows[0]["shapes_fid"]  # the same renders, changed by the VAE round trip
+    adv = rows[3]
+    # the curve: the run's EMA generator at each checkpoint, the last one the exported model the row scored
+    assert [p["kimg"] for p in adv["curve"]] == [0.016, 0.032]
+    assert adv["curve"][-1]["shapes_fid_by_evaluator"] == adv["shapes_fid_by_evaluator"]
+    assert adv["curve"][0]["shapes_fid_by_evaluator"] != adv["shapes_fid_by_evaluator"]
     assert (adv["steps"], adv["kappa"], adv["images_seen"], adv["config"]["stage"]) == (2, 2.0, 32, "finetune")
     assert 0 <= adv["prompt_acc_seen"] <= 1 and adv["shapes_fid"] > 0 and len(adv["shapes_fid_by_evaluator"]) == 3
     assert abs(adv["shapes_fid"] - sum(adv["shapes_fid_by_evaluator"]) / 3) < 1e-2
-    beats = all(a < b for a, b in zip(adv["shapes_fid_by_evaluator"], rows[1]["shapes_fid_by_evaluator"]))
+    beats = all(a < b for a, b in zip(adv["shapes_fid_by_evaluator"], rows[2]["shapes_fid_by_evaluator"]))
     assert adv["beats_teacher_25"] == beats and adv["fid_vs_teacher_25"] > 0
     # a merged table merges again flat, each part keeping the tree it ran on
     subprocess.run([sys.executable, "benchmarks/toy_quality.py", "--merge", f"{tmp_path}/toy_quality.json,"
                     f"{tmp_path}/a.json", "--out", str(tmp_path), "--file", "again.json"], check=True, cwd=ROOT,
                    capture_output=True)
     again = json.loads((tmp_path / "again.json").read_text())
-    assert [r["row"] for r in again["metrics"]["rows"]] == ["real", "teacher", "sid-adv", "sid-adv"]
-    assert [c["rows"] for c in again["config"]["parts"]] == ["real,teacher", "sid", "sid"]
+    assert [r["row"] for r in again["metrics"]["rows"]] == ["real", "real-vae", "teacher", "sid-adv", "sid-adv"]
+    assert [c["rows"] for c in again["config"]["parts"]] == ["real,real-vae,teacher", "sid", "sid"]
     assert all(c["git_sha"] == again["git_sha"] for c in again["config"]["parts"])
 
 

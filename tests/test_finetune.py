@@ -164,6 +164,19 @@ def test_each_guidance_mode_trains_with_the_gan_on(tiny_teacher, prompts, data, 
     assert all(np.isfinite(m[k]) for k in ("loss_fake", "loss_g", "loss_disc", "loss_adv")) and m["loss_disc"] > 0
 
 
+def test_a_finetune_with_both_weights_zero_is_few_step_distill(tiny_teacher, prompts, data, tmp_path):
+    # The control row of a GAN comparison: no adversarial compute and none of its clipping of the fake step, so
+    # the generator equals a K-step distill run's with the same settings (the GAN's clip alone would change it).
+    from sidflow.generator import load_generator
+
+    kw = dict(steps=2, checkpoints=False)
+    ctrl = run(_cfg(tiny_teacher, prompts, data, tmp_path / "ctrl", adv_weight=0.0, disc_weight=0.0, **kw))
+    plain = distill_run(DistillConfig(**_base(tiny_teacher, prompts), output=str(tmp_path / "plain"), **kw))
+    assert "loss_disc" not in ctrl.metrics and not (tmp_path / "ctrl" / "pairs").exists()
+    got, want = (load_generator(r.model_uri)[0].unet.state_dict() for r in (ctrl, plain))
+    assert all(torch.equal(v, want[k]) for k, v in got.items())
+
+
 def test_bad_inputs_are_one_line_errors_before_any_training(tiny_teacher, prompts, data, distilled, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -29,7 +29,8 @@ class FinetuneConfig(DistillConfig):
     data: str = param("", "real text-image pairs: parquet shards ('image' bytes, 'caption') at a URI, as "
                           "`sidflow data pack` writes them (§6.2)", required=True)
     adv_weight: float = param(0.01, "λ_adv: the generator loss is ½ L_SiD + ½ λ_adv L_adv; sweep 1e-3..1e-2 (§6.2)")
-    disc_weight: float = param(1.0, "λ_D: the fake step adds λ_D L_D to its score loss (§6.2)")
+    disc_weight: float = param(1.0, "λ_D: the fake step adds λ_D L_D to its score loss (§6.2); with adv_weight 0 "
+                                    "too, the run has no adversarial term (a control: few-step SiD alone)")
     gan_start_kimg: float = param(0.0, "the adversarial terms start after this many kimg (the fake first fits G; "
                                        "0 when init is a distill run whose fake already does)")
     adv_rampup_kimg: float = param(0.0, "λ_adv rises linearly from 0 over this many kimg after gan_start_kimg")
@@ -122,15 +123,19 @@ def run(cfg: FinetuneConfig) -> DistillResult:
         storage.write_text(storage.join(cfg.output, "config.json"), to_json(cfg))
     dev = device()
     teacher = load_teacher(cfg.teacher, dev, null=cfg.null_prompt)
-    key = cache_key(cfg.data, fingerprint(cfg.teacher), cfg.teacher)
-    pairs = encoded(teacher, cfg.data, storage.join(cfg.output, "pairs"), key, state.process_index,
-                    state.num_processes, state.wait_for_everyone)
+    gan = None
+    if cfg.adv_weight > 0 or cfg.disc_weight > 0:
+        key = cache_key(cfg.data, fingerprint(cfg.teacher), cfg.teacher)
+        pairs = encoded(teacher, cfg.data, storage.join(cfg.output, "pairs"), key, state.process_index,
+                        state.num_processes, state.wait_for_everyone)
+        gan = GAN(real=pairs.real, size=pairs.size, adv_weight=cfg.adv_weight, disc_weight=cfg.disc_weight,
+                  gan_start_kimg=cfg.gan_start_kimg, adv_rampup_kimg=cfg.adv_rampup_kimg, gan_clip=cfg.gan_clip)
+    elif state.is_main_process:  # a control: the same start and schedule, none of the GAN's compute or clipping
+        print("finetune: adv_weight and disc_weight are 0, so no adversarial term: few-step SiD alone")
     nets, conditions = distill.networks(cfg, dev, teacher)
     if cfg.init:
         _load_init(cfg, nets)
     nets.disc = unet_logits
-    gan = GAN(real=pairs.real, size=pairs.size, adv_weight=cfg.adv_weight, disc_weight=cfg.disc_weight,
-              gan_start_kimg=cfg.gan_start_kimg, adv_rampup_kimg=cfg.adv_rampup_kimg, gan_clip=cfg.gan_clip)
     return train(cfg, nets, conditions, gan)
 
 
