@@ -186,6 +186,11 @@ def test_kimg_plot_keeps_to_one_protocol_and_spans_the_seeds(tmp_path):
             {"row": "sid-fewstep", "steps": 4, "kappa": 2.0, "shapes_fid": 300.0, "images_seen": 100_352, **three},
             {"row": "sid-fewstep", "steps": 4, "kappa": 2.0, "shapes_fid": 99.0, "images_seen": 100_352, **three,
              "config": {"stage": "finetune"}}]
+    curves = [{"row": "sid-ctrl", "steps": 4, "kappa": 2.0, "shapes_fid": 80.0, "images_seen": 80_000, **three,
+               "config": {"stage": "finetune", "lr_g": lr, "seed": "0"},
+               "curve": [{"kimg": 40.0, "shapes_fid": 90.0}, {"kimg": 80.0, "shapes_fid": 80.0}]} for lr in ("1", "2")]
+    # a curve from another run's start (init) is not a line: its kimg do not count from the teacher
+    curves.append({**curves[0], "config": {"stage": "finetune", "init": "run0"}})
     source = tmp_path / "tq.json"
     source.write_text(json.dumps({"metrics": {"rows": rows}}))
     subprocess.run([sys.executable, "benchmarks/plot_toy_kimg.py", "--source", str(source), "--out", str(tmp_path)],
@@ -198,3 +203,9 @@ def test_kimg_plot_keeps_to_one_protocol_and_spans_the_seeds(tmp_path):
     series, teacher = _script("plot_toy_kimg").points(rows, 3)  # what --evaluators 3 plots
     assert teacher == {"κ2": 210.0}  # and the fine-tuned row (FID 99 at the same steps, κ and kimg) is not plotted:
     assert series == {"K4 κ2": [{"kimg": 100, "fid": 300.0, "low": 300.0, "high": 300.0, "runs": 1}]}
+    # Rows scored along their course are lines of their own, named by the settings that tell them apart.
+    series, _ = _script("plot_toy_kimg").points(rows + curves, 3)
+    line = [{"kimg": 40.0, "fid": 90.0, "low": 90.0, "high": 90.0, "runs": 1},
+            {"kimg": 80.0, "fid": 80.0, "low": 80.0, "high": 80.0, "runs": 1}]
+    assert series == {"K4 κ2": [{"kimg": 100, "fid": 300.0, "low": 300.0, "high": 300.0, "runs": 1}],
+                      "sid-ctrl K4 κ2 (lr_g=1)": line, "sid-ctrl K4 κ2 (lr_g=2)": line}
