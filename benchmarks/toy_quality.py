@@ -188,15 +188,15 @@ def main() -> None:
 
 @torch.no_grad()
 def vae_round_trip(teacher, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Return uint8 images [N, H, W, 3]: each image encoded to its VAE latent mean (as the real pairs are) and
-    decoded as generated latents are."""
+    """Return uint8 images [N, H, W, 3]: each image encoded as the real pairs are and decoded as generated latents
+    are."""
     from sidflow.evaluate.sampling import Sampler
+    from sidflow.pairs import latents
 
     decoder, out = Sampler(teacher, 1, None), []
     for i in range(0, len(images), batch):
         x = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        mean = teacher.vae.encode(x.to(decoder.device, teacher.vae.dtype)).latent_dist.mean
-        out.append(decoder.decode(mean.float() * teacher.vae_scale))
+        out.append(decoder.decode(latents(teacher, x.to(decoder.device))))
     return np.concatenate(out)
 
 

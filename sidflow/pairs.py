@@ -245,6 +245,13 @@ def _part(rank: int, world: int) -> str:
 
 
 @torch.no_grad()
+def latents(teacher, pixels: Tensor) -> Tensor:
+    """Return the fp32 latents [B, C, h, w] of images in [-1, 1] [B, 3, H, W] as real pairs are encoded: the VAE
+    posterior's mean (not a draw, so a re-encode is identical) times the teacher's latent scale."""
+    return (teacher.vae.encode(pixels.to(teacher.vae.dtype)).latent_dist.mean * teacher.vae_scale).float()
+
+
+@torch.no_grad()
 def _encode_part(teacher, data: str, cache_uri: str, key: dict, rank: int, world: int) -> None:
     # Shards rank, rank + world, ... as safetensors files named by shard, published at <cache>/<part>/ with PART_INFO.
     from tqdm import tqdm
@@ -263,9 +270,7 @@ def _encode_part(teacher, data: str, cache_uri: str, key: dict, rank: int, world
                 bar.update(len(decoded))
                 if not ok:
                     continue
-                pixels = torch.stack([_pixels(im, size) for im, _ in ok]).to(device, teacher.vae.dtype)
-                mean = teacher.vae.encode(pixels).latent_dist.mean  # the mean, not a draw: a re-encode is identical
-                lat.append((mean * teacher.vae_scale).float().cpu())
+                lat.append(latents(teacher, torch.stack([_pixels(im, size) for im, _ in ok]).to(device)).cpu())
                 cond.append(teacher.encode([c for _, c in ok]).float().cpu())
                 if sum(len(x) for x in lat) >= ROWS_PER_SHARD:
                     _save(tmp, s, lat, cond, files, counts)

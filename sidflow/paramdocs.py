@@ -62,7 +62,9 @@ def run_form() -> str:
     """Return the section naming the pipeline's run parameters and the keys its `overrides` takes."""
     from sidflow.kfp import sid_distill
 
-    names = lambda keys: ", ".join(f"`{k}`" for k in keys)  # noqa: E731
+    def names(keys) -> str:
+        return ", ".join(f"`{k}`" for k in keys)
+
     return ("## The pipeline's run form (`sid-distill`)\n\n"
             f"The {len(sid_distill.PARAMS)} run parameters, which the KFP UI's form lists alphabetically with name "
             f"and type: {names(sorted(p.name for p in sid_distill.PARAMS))}.\n\n"

@@ -135,7 +135,8 @@ def run(cfg: FinetuneConfig) -> DistillResult:
     nets, conditions = distill.networks(cfg, dev, teacher)
     if cfg.init:
         _load_init(cfg, nets)
-    nets.disc = unet_logits
+    if gan is not None:
+        nets.disc = unet_logits
     return train(cfg, nets, conditions, gan)
 
 
